@@ -1,0 +1,22 @@
+//! delete (DELETE /{type}/{id}): writes a tombstone version; deleting what is absent or already
+//! deleted succeeds without writing.
+
+use super::FhirResources;
+use super::write::{self, Attempt};
+use crate::error::FhirResult;
+use crate::service::{DeleteRequest, DeleteResult, RequestContext};
+
+pub(super) async fn delete(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    request: DeleteRequest,
+) -> FhirResult<DeleteResult> {
+    let written = write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {
+        Ok(match current {
+            Some(current) if !current.is_deleted() => Attempt::Delete,
+            _ => Attempt::Skip,
+        })
+    })
+    .await?;
+    Ok(DeleteResult { version_id: written.map(|w| w.version.version_id) })
+}

@@ -1,0 +1,32 @@
+//! read (GET /{type}/{id}).
+
+use fhirmesh_fhir::{LogicalId, ResourceType};
+
+use super::FhirResources;
+use crate::error::{ErrorCategory, FhirError, FhirResult};
+use crate::model::ResourceVersion;
+use crate::service::RequestContext;
+
+pub(super) async fn read(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    resource_type: ResourceType,
+    id: LogicalId,
+) -> FhirResult<ResourceVersion> {
+    match svc.store.read(&ctx.tenant, resource_type, &id).await? {
+        None => Err(not_found(resource_type, &id)),
+        Some(version) if version.is_deleted() => Err(gone(&version)),
+        Some(version) => Ok(version),
+    }
+}
+
+pub(super) fn not_found(resource_type: ResourceType, id: &LogicalId) -> FhirError {
+    FhirError::not_found(format!("{resource_type}/{id} is not known"))
+}
+
+pub(super) fn gone(tombstone: &ResourceVersion) -> FhirError {
+    FhirError::new(
+        ErrorCategory::Gone,
+        format!("{}/{} was deleted (version {})", tombstone.resource_type, tombstone.id, tombstone.version_id),
+    )
+}

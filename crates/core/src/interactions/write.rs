@@ -1,0 +1,118 @@
+//! The read–decide–commit loop every write to an existing id goes through (update, patch, delete):
+//! optimistic concurrency against the store, `If-Match` checks, and retries for unconditional
+//! writes that lose a race.
+
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use serde_json::Value;
+
+use super::FhirResources;
+use super::body::{self, IdRule};
+use crate::error::{ErrorCategory, FhirError, FhirResult};
+use crate::model::{Operation, ResourceVersion};
+use crate::ports::{Expected, StoreError, VersionWrite};
+use crate::service::{RequestContext, WriteResult};
+
+/// What a write decides to do, given the current version.
+pub(super) enum Attempt {
+    /// Write this resource as the next version.
+    Write(Value),
+    /// Write a delete tombstone.
+    Delete,
+    /// Write nothing.
+    Skip,
+}
+
+/// Runs `decide` against the current version and commits what it returns, re-reading and
+/// retrying when another writer got there first — unless the client pinned a version with
+/// `If-Match`, in which case losing the race is a 412.
+pub(super) async fn with_retries(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    resource_type: ResourceType,
+    id: &LogicalId,
+    if_match: Option<u64>,
+    mut decide: impl FnMut(Option<&ResourceVersion>) -> FhirResult<Attempt>,
+) -> FhirResult<Option<WriteResult>> {
+    for _ in 0..=svc.config.max_write_retries {
+        let current = svc.store.read(&ctx.tenant, resource_type, id).await?;
+        if let Some(expected) = if_match {
+            check_if_match(resource_type, id, expected, current.as_ref())?;
+        }
+        let (operation, body) = match decide(current.as_ref())? {
+            Attempt::Skip => return Ok(None),
+            Attempt::Delete => (Operation::Delete, None),
+            Attempt::Write(resource) => (Operation::Update, Some(resource)),
+        };
+        let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
+        let last_updated = body::now();
+        let body = match body {
+            Some(resource) => {
+                Some(body::prepare(resource, resource_type, id, IdRule::MustMatch, version_id, last_updated).await?)
+            }
+            None => None,
+        };
+        let created = operation == Operation::Update && current.as_ref().is_none_or(ResourceVersion::is_deleted);
+        let write = VersionWrite {
+            resource_type,
+            id: id.clone(),
+            expected: current.as_ref().map_or(Expected::Absent, |c| Expected::Version(c.version_id)),
+            version_id,
+            last_updated,
+            operation,
+            body: body.clone(),
+        };
+        match svc.store.commit(&ctx.tenant, vec![write]).await {
+            Ok(receipt) => {
+                let version = ResourceVersion {
+                    resource_type,
+                    id: id.clone(),
+                    version_id,
+                    last_updated,
+                    operation,
+                    body,
+                    sequence: receipt.first_sequence,
+                };
+                tracing::debug!(resource_type = %resource_type, version_id, operation = operation.as_str(), "resource written");
+                return Ok(Some(WriteResult { version, created, written: true }));
+            }
+            Err(StoreError::Conflict { actual, .. }) if if_match.is_some() => {
+                return Err(FhirError::new(
+                    ErrorCategory::PreconditionFailed,
+                    format!(
+                        "{resource_type}/{id} changed concurrently (now version {}); If-Match W/\"{}\" no longer holds",
+                        actual.unwrap_or(0),
+                        if_match.unwrap_or(0)
+                    ),
+                ));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(FhirError::new(
+        ErrorCategory::Conflict,
+        format!("{resource_type}/{id} is being changed by too many writers at once; retry the request"),
+    ))
+}
+
+fn check_if_match(
+    resource_type: ResourceType,
+    id: &LogicalId,
+    expected: u64,
+    current: Option<&ResourceVersion>,
+) -> FhirResult<()> {
+    match current {
+        None => Err(FhirError::new(
+            ErrorCategory::PreconditionFailed,
+            format!("{resource_type}/{id} does not exist, so If-Match W/\"{expected}\" cannot hold"),
+        )),
+        Some(current) if current.version_id != expected => Err(FhirError::new(
+            ErrorCategory::PreconditionFailed,
+            format!(
+                "{resource_type}/{id} is at version {}, not the version {expected} named in If-Match",
+                current.version_id
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}

@@ -1,0 +1,177 @@
+//! Port traits: what the domain needs from the outside world. Adapters (crates/store-*, crates/bus)
+//! implement them; only composition roots choose one.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use time::OffsetDateTime;
+
+use crate::error::{ErrorCategory, FhirError};
+use crate::events::ResourceChanged;
+use crate::model::{Operation, ResourceVersion, TenantId};
+
+/// What a write expects to find as the current version (optimistic concurrency, checked inside
+/// the store's atomic commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// No version of this resource exists (not even a tombstone).
+    Absent,
+    /// The current version (possibly a tombstone) is exactly this one.
+    Version(u64),
+}
+
+/// One new version to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionWrite {
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    pub expected: Expected,
+    pub version_id: u64,
+    pub last_updated: OffsetDateTime,
+    pub operation: Operation,
+    /// Stamped resource JSON; `None` for a delete.
+    pub body: Option<Bytes>,
+}
+
+/// The result of a successful commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// Change-log sequence of each write, in the order given.
+    pub first_sequence: u64,
+    pub last_sequence: u64,
+}
+
+/// Which versions a history query walks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryScope {
+    System,
+    Type(ResourceType),
+    Instance(ResourceType, LogicalId),
+}
+
+/// A page of history, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    /// Only versions with `last_updated >= since`.
+    pub since: Option<OffsetDateTime>,
+    /// Only versions that were current at some point in `[start, end)`.
+    pub at: Option<(OffsetDateTime, OffsetDateTime)>,
+    /// Only versions with a sequence strictly below this (the paging cursor).
+    pub before_sequence: Option<u64>,
+    /// Page size; the store returns at most `limit` versions.
+    pub limit: usize,
+}
+
+/// Store failures, as the domain sees them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on {resource_type}/{id}: expected {expected:?}, found {actual:?}")]
+    Conflict { resource_type: ResourceType, id: LogicalId, expected: Expected, actual: Option<u64> },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for FhirError {
+    fn from(err: StoreError) -> Self {
+        match &err {
+            StoreError::Conflict { .. } => FhirError::new(ErrorCategory::Conflict, err.to_string()),
+            StoreError::Unavailable(_) => FhirError::new(ErrorCategory::Unavailable, err.to_string()),
+            // Internal details go to the log, not to the client.
+            StoreError::Internal(detail) => {
+                tracing::error!(error = %detail, "store failure");
+                FhirError::internal("internal store failure")
+            }
+        }
+    }
+}
+
+/// Versioned resource storage. Every method is scoped by tenant.
+#[async_trait]
+pub trait ResourceStore: Send + Sync + 'static {
+    /// The current version (a tombstone if the resource was deleted), or `None` if it never existed.
+    async fn read(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Option<ResourceVersion>, StoreError>;
+
+    /// One specific version (live or tombstone).
+    async fn vread(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        version_id: u64,
+    ) -> Result<Option<ResourceVersion>, StoreError>;
+
+    /// Appends all writes atomically, with one change-log row each, durably. If any write's
+    /// `expected` does not hold, nothing is written and [`StoreError::Conflict`] is returned.
+    async fn commit(&self, tenant: &TenantId, writes: Vec<VersionWrite>) -> Result<CommitReceipt, StoreError>;
+
+    /// A page of history, newest (highest sequence) first.
+    async fn history(&self, tenant: &TenantId, query: HistoryQuery) -> Result<Vec<ResourceVersion>, StoreError>;
+
+    /// Live resources of a type having an `identifier` with this value (and system, if given).
+    /// Used by conditional operations until the search index serves them.
+    async fn find_by_identifier(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        system: Option<&str>,
+        value: &str,
+        limit: usize,
+    ) -> Result<Vec<ResourceVersion>, StoreError>;
+}
+
+/// One row of the store's change log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    pub tenant: TenantId,
+    pub version: ResourceVersion,
+}
+
+/// The store's change stream, read by the relay.
+#[async_trait]
+pub trait ChangeLog: Send + Sync + 'static {
+    /// Up to `limit` changes with `sequence > after`, in sequence order.
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<ChangeRecord>, StoreError>;
+
+    /// The highest committed sequence (0 when empty).
+    async fn latest_sequence(&self) -> Result<u64, StoreError>;
+
+    /// A consumer's durable checkpoint (0 when never saved).
+    async fn checkpoint(&self, consumer: &str) -> Result<u64, StoreError>;
+
+    async fn save_checkpoint(&self, consumer: &str, sequence: u64) -> Result<(), StoreError>;
+
+    /// Resolves when a commit may have appended changes after the last call (a hint, not a guarantee:
+    /// callers also poll on a timer).
+    async fn wait_for_changes(&self);
+}
+
+/// Event bus failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("event bus closed")]
+    Closed,
+}
+
+/// Publishes change events. Consumers are attached by the adapter (see crates/bus).
+#[async_trait]
+pub trait EventPublisher: Send + Sync + 'static {
+    /// Publishes in order; returns once the bus has accepted every event durably (for the
+    /// in-process bus: once it was handed to every subscriber).
+    async fn publish(&self, events: &[ResourceChanged]) -> Result<(), BusError>;
+}
+
+pub type DynResourceStore = Arc<dyn ResourceStore>;
+pub type DynChangeLog = Arc<dyn ChangeLog>;
+pub type DynEventPublisher = Arc<dyn EventPublisher>;

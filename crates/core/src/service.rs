@@ -1,0 +1,150 @@
+//! The `ResourceService` contract: what the gateway calls, in-process or over gRPC. The gRPC server
+//! wraps an `Arc<dyn ResourceService>`; the gRPC client implements this same trait.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fhirmesh_fhir::{LogicalId, ResourceType};
+
+use crate::error::FhirResult;
+use crate::model::{ResourceVersion, TenantId};
+use crate::ports::HistoryScope;
+
+/// Who is asking, and for which tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestContext {
+    pub tenant: TenantId,
+    /// Correlates logs across services.
+    pub request_id: Option<String>,
+    /// W3C trace context of the incoming request.
+    pub traceparent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateRequest {
+    pub resource_type: ResourceType,
+    /// The resource JSON as the client sent it.
+    pub body: Bytes,
+    /// `If-None-Exist` header: a search query string (`identifier=sys|val`, `_id=x`).
+    pub if_none_exist: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateRequest {
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    pub body: Bytes,
+    /// `If-Match` version, when the client sent one.
+    pub if_match: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PatchDocument {
+    /// `application/json-patch+json` (RFC 6902).
+    JsonPatch(Bytes),
+    /// FHIRPath Patch: a `Parameters` resource.
+    FhirPathPatch(Bytes),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchRequest {
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    pub patch: PatchDocument,
+    pub if_match: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteRequest {
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    pub if_match: Option<u64>,
+}
+
+/// The outcome of create, update and patch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteResult {
+    /// The version now current (for a conditional create that matched, the existing one).
+    pub version: ResourceVersion,
+    /// `true` when the write created the resource (HTTP 201).
+    pub created: bool,
+    /// `false` when nothing was written (conditional create matched an existing resource).
+    pub written: bool,
+}
+
+/// The outcome of a delete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteResult {
+    /// The tombstone version written, or `None` when there was nothing live to delete.
+    pub version_id: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRequest {
+    pub scope: HistoryScope,
+    /// Raw `_count`, `_since`, `_at` and page token values, validated by the service.
+    pub count: Option<String>,
+    pub since: Option<String>,
+    pub at: Option<String>,
+    pub page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// Newest first; tombstones included.
+    pub entries: Vec<ResourceVersion>,
+    /// Opaque token for the next (older) page.
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchRequest {
+    /// `None` for a system-level search.
+    pub resource_type: Option<ResourceType>,
+    /// Query parameters in request order, percent-decoded.
+    pub params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchPage {
+    /// Current versions of the matches.
+    pub entries: Vec<ResourceVersion>,
+    pub total: Option<u64>,
+    pub next_page_token: Option<String>,
+}
+
+/// FHIR interactions on resources.
+#[async_trait]
+pub trait ResourceService: Send + Sync + 'static {
+    async fn create(&self, ctx: &RequestContext, request: CreateRequest) -> FhirResult<WriteResult>;
+
+    /// The current version; `Gone` if deleted, `NotFound` if it never existed.
+    async fn read(
+        &self,
+        ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: LogicalId,
+    ) -> FhirResult<ResourceVersion>;
+
+    /// One version; `Gone` for a tombstone version, `NotFound` if it does not exist.
+    async fn vread(
+        &self,
+        ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: LogicalId,
+        version_id: u64,
+    ) -> FhirResult<ResourceVersion>;
+
+    async fn update(&self, ctx: &RequestContext, request: UpdateRequest) -> FhirResult<WriteResult>;
+
+    async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult>;
+
+    async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult>;
+
+    async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage>;
+
+    async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage>;
+}
+
+pub type DynResourceService = Arc<dyn ResourceService>;

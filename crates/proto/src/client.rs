@@ -1,0 +1,218 @@
+//! Client side: a [`ResourceService`] that calls a remote one over gRPC. Encode the request, call,
+//! decode the answer; a bad answer is an `Internal` error, an unreachable server `Unavailable`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fhirmesh_core::ports::HistoryScope;
+use fhirmesh_core::service::{
+    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage,
+    SearchRequest, UpdateRequest, WriteResult,
+};
+use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::{WireError, context_to_wire, required, versions_from_wire};
+use crate::pb;
+use crate::pb::resource_service_client::ResourceServiceClient;
+use crate::status::status_to_fhir_error;
+
+const SERVICE: &str = "resource";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// [`ResourceService`] over gRPC: the gateway's view of a remote resource service.
+///
+/// Cheap to clone (clones share one HTTP/2 channel).
+#[derive(Debug, Clone)]
+pub struct GrpcResourceClient {
+    client: ResourceServiceClient<Channel>,
+    /// Where the service lives, for error messages.
+    endpoint: Arc<str>,
+}
+
+impl GrpcResourceClient {
+    /// A client for the service at `endpoint` (`http://host:port`; a bare `host:port` means
+    /// `http://`). Connects lazily, on the first call, and reconnects after failures; must be
+    /// called inside a Tokio runtime. Fails only when `endpoint` is not a valid URI.
+    pub fn connect(endpoint: String) -> Result<Self, tonic::transport::Error> {
+        let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
+        let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+        Ok(Self::with_label(channel, endpoint))
+    }
+
+    /// A client over an existing channel.
+    pub fn new(channel: Channel) -> Self {
+        Self::with_label(channel, "(configured channel)".to_owned())
+    }
+
+    fn with_label(channel: Channel, endpoint: String) -> Self {
+        let client = ResourceServiceClient::new(channel)
+            .max_decoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE);
+        GrpcResourceClient { client, endpoint: endpoint.into() }
+    }
+
+    /// Caps sent and received messages at `max_message_size` bytes (default
+    /// [`crate::DEFAULT_MAX_MESSAGE_SIZE`]).
+    pub fn with_max_message_size(mut self, max_message_size: usize) -> Self {
+        self.client =
+            self.client.max_decoding_message_size(max_message_size).max_encoding_message_size(max_message_size);
+        self
+    }
+
+    /// The endpoint this client calls (for logs and error messages).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A FHIR transaction or batch: the Bundle JSON in, the response Bundle JSON out. Servers answer
+    /// `Unsupported` until transactions are implemented.
+    pub async fn bundle(&self, ctx: &RequestContext, bundle: Bytes) -> FhirResult<Bytes> {
+        let request = pb::BundleRequest { context: Some(context_to_wire(ctx)), bundle };
+        let response = self.client.clone().bundle(request).await.map_err(|s| self.status_error(&s))?;
+        Ok(response.into_inner().bundle)
+    }
+
+    fn status_error(&self, status: &Status) -> FhirError {
+        status_to_fhir_error(status, SERVICE, &self.endpoint)
+    }
+
+    fn decoded<T>(&self, value: Result<T, WireError>) -> FhirResult<T> {
+        value.map_err(|err| err.into_internal(SERVICE))
+    }
+
+    fn write_result(&self, result: Option<pb::WriteResult>) -> FhirResult<WriteResult> {
+        self.decoded(required(result, "result").and_then(WriteResult::try_from))
+    }
+
+    fn version(&self, version: Option<pb::ResourceVersion>) -> FhirResult<ResourceVersion> {
+        self.decoded(required(version, "version").and_then(ResourceVersion::try_from))
+    }
+}
+
+#[async_trait]
+impl ResourceService for GrpcResourceClient {
+    async fn create(&self, ctx: &RequestContext, request: CreateRequest) -> FhirResult<WriteResult> {
+        let request = pb::CreateRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            body: request.body,
+            if_none_exist: request.if_none_exist,
+        };
+        let response = self.client.clone().create(request).await.map_err(|s| self.status_error(&s))?;
+        self.write_result(response.into_inner().result)
+    }
+
+    async fn read(
+        &self,
+        ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: LogicalId,
+    ) -> FhirResult<ResourceVersion> {
+        let request = pb::ReadRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: resource_type.as_str().to_owned(),
+            id: id.into_string(),
+        };
+        let response = self.client.clone().read(request).await.map_err(|s| self.status_error(&s))?;
+        self.version(response.into_inner().version)
+    }
+
+    async fn vread(
+        &self,
+        ctx: &RequestContext,
+        resource_type: ResourceType,
+        id: LogicalId,
+        version_id: u64,
+    ) -> FhirResult<ResourceVersion> {
+        let request = pb::VreadRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: resource_type.as_str().to_owned(),
+            id: id.into_string(),
+            version_id,
+        };
+        let response = self.client.clone().vread(request).await.map_err(|s| self.status_error(&s))?;
+        self.version(response.into_inner().version)
+    }
+
+    async fn update(&self, ctx: &RequestContext, request: UpdateRequest) -> FhirResult<WriteResult> {
+        let request = pb::UpdateRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            id: request.id.into_string(),
+            body: request.body,
+            if_match: request.if_match,
+        };
+        let response = self.client.clone().update(request).await.map_err(|s| self.status_error(&s))?;
+        self.write_result(response.into_inner().result)
+    }
+
+    async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
+        let patch = match request.patch {
+            PatchDocument::JsonPatch(doc) => pb::patch_request::Patch::JsonPatch(doc),
+            PatchDocument::FhirPathPatch(doc) => pb::patch_request::Patch::FhirPathPatch(doc),
+        };
+        let request = pb::PatchRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            id: request.id.into_string(),
+            patch: Some(patch),
+            if_match: request.if_match,
+        };
+        let response = self.client.clone().patch(request).await.map_err(|s| self.status_error(&s))?;
+        self.write_result(response.into_inner().result)
+    }
+
+    async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {
+        let request = pb::DeleteRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            id: request.id.into_string(),
+            if_match: request.if_match,
+        };
+        let response = self.client.clone().delete(request).await.map_err(|s| self.status_error(&s))?;
+        Ok(DeleteResult { version_id: response.into_inner().version_id })
+    }
+
+    async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {
+        let (resource_type, id) = match request.scope {
+            HistoryScope::System => (None, None),
+            HistoryScope::Type(resource_type) => (Some(resource_type.as_str().to_owned()), None),
+            HistoryScope::Instance(resource_type, id) => {
+                (Some(resource_type.as_str().to_owned()), Some(id.into_string()))
+            }
+        };
+        let request = pb::HistoryRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type,
+            id,
+            count: request.count,
+            since: request.since,
+            at: request.at,
+            page_token: request.page_token,
+        };
+        let response = self.client.clone().history(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        Ok(HistoryPage {
+            entries: self.decoded(versions_from_wire(response.entries))?,
+            next_page_token: response.next_page_token,
+        })
+    }
+
+    async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage> {
+        let request = pb::SearchRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.map(|t| t.as_str().to_owned()),
+            params: request.params.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
+        };
+        let response = self.client.clone().search(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        Ok(SearchPage {
+            entries: self.decoded(versions_from_wire(response.entries))?,
+            total: response.total,
+            next_page_token: response.next_page_token,
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! Server side: any [`ResourceService`] served over gRPC. Decode the wire request (malformed input
+//! is `Invalid`), call the service, encode the answer; nothing else.
+
+use std::sync::Arc;
+
+use fhirmesh_core::ports::HistoryScope;
+use fhirmesh_core::service::{
+    CreateRequest, DeleteRequest, HistoryRequest, PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
+};
+use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService};
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{WireError, context_from_wire, id_from_wire, resource_type_from_wire};
+use crate::pb;
+use crate::pb::resource_service_server::{ResourceService as ResourceServiceRpc, ResourceServiceServer};
+use crate::status::fhir_error_to_status;
+
+/// Serves an [`Arc<dyn ResourceService>`] as the gRPC `fhirmesh.v1.ResourceService`.
+#[derive(Clone)]
+pub struct GrpcResourceAdapter(pub Arc<dyn ResourceService>);
+
+/// The tonic service for `svc`, with [`crate::DEFAULT_MAX_MESSAGE_SIZE`] as the message cap.
+pub fn resource_service_server(svc: Arc<dyn ResourceService>) -> ResourceServiceServer<GrpcResourceAdapter> {
+    resource_service_server_with_limit(svc, crate::DEFAULT_MAX_MESSAGE_SIZE)
+}
+
+/// The tonic service for `svc`, accepting and sending messages of at most `max_message_size` bytes.
+pub fn resource_service_server_with_limit(
+    svc: Arc<dyn ResourceService>,
+    max_message_size: usize,
+) -> ResourceServiceServer<GrpcResourceAdapter> {
+    ResourceServiceServer::new(GrpcResourceAdapter(svc))
+        .max_decoding_message_size(max_message_size)
+        .max_encoding_message_size(max_message_size)
+}
+
+/// Malformed request data is the caller's fault.
+fn decode<T>(value: Result<T, WireError>) -> FhirResult<T> {
+    value.map_err(WireError::into_invalid)
+}
+
+fn respond<T>(result: FhirResult<T>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(message) => Ok(Response::new(message)),
+        Err(err) => {
+            tracing::debug!(category = err.category.name(), "resource rpc failed");
+            Err(fhir_error_to_status(&err))
+        }
+    }
+}
+
+// Wire → core, one function per request. Every failure here is the caller's fault (`Invalid`).
+
+fn create_from_wire(req: pb::CreateRequest) -> Result<(RequestContext, CreateRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let request = CreateRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        body: req.body,
+        if_none_exist: req.if_none_exist,
+    };
+    Ok((ctx, request))
+}
+
+fn target_from_wire(
+    context: Option<pb::RequestContext>,
+    resource_type: &str,
+    id: &str,
+) -> Result<(RequestContext, ResourceType, LogicalId), WireError> {
+    Ok((context_from_wire(context)?, resource_type_from_wire(resource_type)?, id_from_wire(id)?))
+}
+
+fn update_from_wire(req: pb::UpdateRequest) -> Result<(RequestContext, UpdateRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let request = UpdateRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        id: id_from_wire(&req.id)?,
+        body: req.body,
+        if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn patch_from_wire(req: pb::PatchRequest) -> Result<(RequestContext, PatchRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let patch = match req.patch {
+        Some(pb::patch_request::Patch::JsonPatch(doc)) => PatchDocument::JsonPatch(doc),
+        Some(pb::patch_request::Patch::FhirPathPatch(doc)) => PatchDocument::FhirPathPatch(doc),
+        None => return Err(WireError::Missing("patch")),
+    };
+    let request = PatchRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        id: id_from_wire(&req.id)?,
+        patch,
+        if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn delete_from_wire(req: pb::DeleteRequest) -> Result<(RequestContext, DeleteRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let request = DeleteRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        id: id_from_wire(&req.id)?,
+        if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn history_from_wire(req: pb::HistoryRequest) -> Result<(RequestContext, HistoryRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let scope = match (req.resource_type.as_deref(), req.id.as_deref()) {
+        (None, None) => HistoryScope::System,
+        (Some(resource_type), None) => HistoryScope::Type(resource_type_from_wire(resource_type)?),
+        (Some(resource_type), Some(id)) => {
+            HistoryScope::Instance(resource_type_from_wire(resource_type)?, id_from_wire(id)?)
+        }
+        (None, Some(_)) => return Err(WireError::IdWithoutResourceType),
+    };
+    let request = HistoryRequest { scope, count: req.count, since: req.since, at: req.at, page_token: req.page_token };
+    Ok((ctx, request))
+}
+
+fn search_from_wire(req: pb::SearchRequest) -> Result<(RequestContext, SearchRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let resource_type = req.resource_type.as_deref().map(resource_type_from_wire).transpose()?;
+    let params = req.params.into_iter().map(|p| (p.name, p.value)).collect();
+    Ok((ctx, SearchRequest { resource_type, params }))
+}
+
+#[tonic::async_trait]
+impl ResourceServiceRpc for GrpcResourceAdapter {
+    async fn create(&self, request: Request<pb::CreateRequest>) -> Result<Response<pb::CreateResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(create_from_wire(request.into_inner()))?;
+                let result = self.0.create(&ctx, request).await?;
+                Ok(pb::CreateResponse { result: Some(result.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        respond(
+            async {
+                let req = request.into_inner();
+                let (ctx, resource_type, id) = decode(target_from_wire(req.context, &req.resource_type, &req.id))?;
+                let version = self.0.read(&ctx, resource_type, id).await?;
+                Ok(pb::ReadResponse { version: Some(version.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn vread(&self, request: Request<pb::VreadRequest>) -> Result<Response<pb::VreadResponse>, Status> {
+        respond(
+            async {
+                let req = request.into_inner();
+                let (ctx, resource_type, id) = decode(target_from_wire(req.context, &req.resource_type, &req.id))?;
+                let version = self.0.vread(&ctx, resource_type, id, req.version_id).await?;
+                Ok(pb::VreadResponse { version: Some(version.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn update(&self, request: Request<pb::UpdateRequest>) -> Result<Response<pb::UpdateResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(update_from_wire(request.into_inner()))?;
+                let result = self.0.update(&ctx, request).await?;
+                Ok(pb::UpdateResponse { result: Some(result.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn patch(&self, request: Request<pb::PatchRequest>) -> Result<Response<pb::PatchResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(patch_from_wire(request.into_inner()))?;
+                let result = self.0.patch(&ctx, request).await?;
+                Ok(pb::PatchResponse { result: Some(result.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(delete_from_wire(request.into_inner()))?;
+                let result = self.0.delete(&ctx, request).await?;
+                Ok(pb::DeleteResponse { version_id: result.version_id })
+            }
+            .await,
+        )
+    }
+
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(history_from_wire(request.into_inner()))?;
+                let page = self.0.history(&ctx, request).await?;
+                Ok(pb::HistoryResponse {
+                    entries: page.entries.into_iter().map(Into::into).collect(),
+                    next_page_token: page.next_page_token,
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn search(&self, request: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(search_from_wire(request.into_inner()))?;
+                let page = self.0.search(&ctx, request).await?;
+                Ok(pb::SearchResponse {
+                    entries: page.entries.into_iter().map(Into::into).collect(),
+                    total: page.total,
+                    next_page_token: page.next_page_token,
+                })
+            }
+            .await,
+        )
+    }
+
+    /// Transactions and batches are a later issue: validate the context, then answer UNIMPLEMENTED.
+    async fn bundle(&self, request: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
+        respond(decode(context_from_wire(request.into_inner().context)).and_then(|_ctx| {
+            Err(FhirError::unsupported("transaction and batch bundles are not implemented by the resource service yet"))
+        }))
+    }
+}

@@ -1,0 +1,121 @@
+//! The schema, its version, and how connections are opened. See `design.md` for the reasoning.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::BUSY_TIMEOUT;
+use crate::error::{Error, Result};
+
+/// The schema version this code reads and writes, kept in `PRAGMA user_version`.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// Index names the history queries name with `INDEXED BY`, so a plan change is an error, not a
+/// silent table scan.
+pub(crate) const TYPE_HISTORY_INDEX: &str = "resource_versions_type_history";
+pub(crate) const SYSTEM_HISTORY_INDEX: &str = "resource_versions_system_history";
+pub(crate) const INSTANCE_INDEX: &str = "resource_versions_instance";
+
+/// Version 1. Every key starts with the tenant.
+const SCHEMA_V1: &str = "
+-- One row per version, tombstones included. The rowid is the change-log sequence, so joins from
+-- the change log and from resources_current are rowid lookups and bodies live in a rowid table.
+CREATE TABLE resource_versions (
+    sequence     INTEGER PRIMARY KEY,
+    tenant       TEXT    NOT NULL,
+    type         TEXT    NOT NULL,
+    id           TEXT    NOT NULL,
+    version      INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL, -- microseconds since the Unix epoch, UTC
+    operation    TEXT    NOT NULL, -- create | update | delete
+    body         BLOB              -- the stamped resource JSON; NULL for a delete tombstone
+);
+-- The logical key: vread, instance history, the next version for `_at`.
+CREATE UNIQUE INDEX resource_versions_instance ON resource_versions (tenant, type, id, version);
+-- Type-level and system-level history, newest first, paged by sequence.
+CREATE INDEX resource_versions_type_history ON resource_versions (tenant, type, sequence);
+CREATE INDEX resource_versions_system_history ON resource_versions (tenant, sequence);
+
+-- The current version of each resource: the O(1) read and the optimistic-concurrency check.
+CREATE TABLE resources_current (
+    tenant   TEXT    NOT NULL,
+    type     TEXT    NOT NULL,
+    id       TEXT    NOT NULL,
+    version  INTEGER NOT NULL,
+    sequence INTEGER NOT NULL, -- rowid of the current row in resource_versions
+    deleted  INTEGER NOT NULL, -- 1 when the current version is a tombstone
+    PRIMARY KEY (tenant, type, id)
+) WITHOUT ROWID;
+
+-- The change log the relay tails: one row per committed version, in commit order.
+CREATE TABLE changes (
+    sequence INTEGER PRIMARY KEY,
+    tenant   TEXT    NOT NULL,
+    type     TEXT    NOT NULL,
+    id       TEXT    NOT NULL,
+    version  INTEGER NOT NULL
+);
+
+-- Durable positions of change-log consumers.
+CREATE TABLE checkpoints (
+    consumer TEXT    PRIMARY KEY,
+    sequence INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Opens (creating if missing) the database and returns the single write connection, with the
+/// schema in place.
+pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Corrupt(format!("could not switch to WAL mode (journal_mode is {mode})")));
+    }
+    // In WAL mode FULL syncs the WAL on every commit; NORMAL only at checkpoints.
+    conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// A read-only connection; in WAL mode readers see the last committed state and never block the
+/// writer (nor it them).
+pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    match version {
+        0 => {
+            // `BEGIN IMMEDIATE` so two processes racing to create the schema serialise.
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let created = (|| -> Result<()> {
+                let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+                if version == 0 {
+                    conn.execute_batch(SCHEMA_V1)?;
+                    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+                }
+                Ok(())
+            })();
+            match created {
+                Ok(()) => conn.execute_batch("COMMIT")?,
+                Err(err) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(err);
+                }
+            }
+            tracing::info!(schema_version = SCHEMA_VERSION, "sqlite store schema created");
+            Ok(())
+        }
+        SCHEMA_VERSION => Ok(()),
+        other => Err(Error::Corrupt(format!(
+            "database schema version {other} is not supported (this build reads version {SCHEMA_VERSION})"
+        ))),
+    }
+}

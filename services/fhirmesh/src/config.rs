@@ -1,0 +1,253 @@
+//! Configuration: typed, layered defaults → file (TOML) → environment (`FHIRMESH_SECTION__KEY`) →
+//! command-line flags, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub resource: ResourceSection,
+    pub gateway: GatewaySection,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// HTTP address of the FHIR API (gateway and embedded mode).
+    pub listen: String,
+    /// Path prefix of the FHIR base ("" = server root, or e.g. "/fhir").
+    pub base_path: String,
+    /// Absolute URL clients use, for Location headers and Bundle links; derived from Host if unset.
+    pub public_base_url: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the embedded SQLite database.
+    pub data_dir: PathBuf,
+    /// fsync every commit (group-committed). Turn off only for throwaway data.
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceSection {
+    /// gRPC address of the resource service (`--target resource`).
+    pub grpc_listen: String,
+    /// PUT to an unknown id creates the resource.
+    pub update_create: bool,
+    /// Page size of history and search when `_count` is absent.
+    pub default_page_size: usize,
+    /// Largest `_count` honoured.
+    pub max_page_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySection {
+    /// gRPC endpoint of the resource service (`--target gateway`).
+    pub resource_endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "fhirmesh=debug,info" (RUST_LOG wins when set).
+    pub level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            base_path: String::new(),
+            public_base_url: None,
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: PathBuf::from("./data"), durable: true }
+    }
+}
+
+impl Default for ResourceSection {
+    fn default() -> Self {
+        ResourceSection {
+            grpc_listen: "127.0.0.1:50051".into(),
+            update_create: true,
+            default_page_size: 50,
+            max_page_size: 1000,
+        }
+    }
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection { resource_endpoint: "http://127.0.0.1:50051".into() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+/// Command-line values that override every other layer (only the ones given).
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub server: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub storage: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub resource: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub gateway: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `env` pairs (`FHIRMESH_SECTION__KEY=value`),
+    /// then `overrides`; validates the result.
+    pub fn load(file: Option<&Path>, env: Env, overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(env)
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|err| anyhow::anyhow!("invalid configuration: {err}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The process environment layer: `FHIRMESH_SERVER__LISTEN=…` sets `server.listen`.
+    pub fn env() -> Env {
+        Env::prefixed("FHIRMESH_").filter(|key| key.as_str().contains("__")).split("__")
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        parse_addr("server.listen", &self.server.listen)?;
+        parse_addr("resource.grpc_listen", &self.resource.grpc_listen)?;
+        let base = &self.server.base_path;
+        if !base.is_empty() && (!base.starts_with('/') || base.ends_with('/') || base.contains("//")) {
+            bail!("server.base_path must be empty or like \"/fhir\" (leading slash, no trailing slash), got {base:?}");
+        }
+        if let Some(url) = &self.server.public_base_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("server.public_base_url must be an absolute http(s) URL, got {url:?}");
+        }
+        if self.server.max_body_bytes < 1024 {
+            bail!("server.max_body_bytes must be at least 1024, got {}", self.server.max_body_bytes);
+        }
+        if self.resource.default_page_size == 0 || self.resource.default_page_size > self.resource.max_page_size {
+            bail!(
+                "resource.default_page_size must be between 1 and resource.max_page_size ({}), got {}",
+                self.resource.max_page_size,
+                self.resource.default_page_size
+            );
+        }
+        let endpoint = &self.gateway.resource_endpoint;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            bail!("gateway.resource_endpoint must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        parse_addr("server.listen", &self.server.listen).unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        parse_addr("resource.grpc_listen", &self.resource.grpc_listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051)))
+    }
+}
+
+fn parse_addr(name: &str, value: &str) -> anyhow::Result<SocketAddr> {
+    value.parse().with_context(|| format!("{name} must be an IP:port address such as 127.0.0.1:8080, got {value:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An environment layer that reads nothing (a prefix no process sets).
+    fn no_env() -> Env {
+        Env::prefixed("FHIRMESH_UNIT_TEST_UNSET_").split("__")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None, no_env(), &Overrides::default()).expect("defaults load");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen_addr().to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn file_then_overrides_layer_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fhirmesh.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:9000\"\nbase_path = \"/fhir\"\n[storage]\ndurable = false\n",
+        )
+        .expect("write config");
+        let mut overrides = Overrides::default();
+        overrides.server.insert("listen".into(), "127.0.0.1:9100".into());
+        let config = Config::load(Some(&file), no_env(), &overrides).expect("load");
+        assert_eq!(config.server.listen, "127.0.0.1:9100", "flags win over the file");
+        assert_eq!(config.server.base_path, "/fhir", "the file wins over defaults");
+        assert!(!config.storage.durable);
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_key_named() {
+        let mut overrides = Overrides::default();
+        overrides.server.insert("listen".into(), "localhost-8080".into());
+        let err = Config::load(None, no_env(), &overrides).expect_err("bad listen address");
+        assert!(err.to_string().contains("server.listen"), "{err}");
+
+        let mut overrides = Overrides::default();
+        overrides.server.insert("base_path".into(), "fhir/".into());
+        let err = Config::load(None, no_env(), &overrides).expect_err("bad base path");
+        assert!(err.to_string().contains("server.base_path"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fhirmesh.toml");
+        std::fs::write(&file, "[server]\nlisten_on = \"127.0.0.1:9000\"\n").expect("write config");
+        let err = Config::load(Some(&file), no_env(), &Overrides::default()).expect_err("unknown key");
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/fhirmesh.toml")), no_env(), &Overrides::default())
+            .expect_err("missing file");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! The fhirmesh binary's library half: configuration and the composition of services, shared by
+//! `main.rs` and by tests that run the real wiring in-process.
+
+pub mod config;
+pub mod serve;
+
+pub use config::{Config, Overrides};
+pub use serve::{Running, Target};

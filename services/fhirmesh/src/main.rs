@@ -1,0 +1,112 @@
+//! `fhirmesh`: one binary for every fhirmesh service.
+//!
+//! `fhirmesh serve` runs the whole server in one process on embedded parts; `fhirmesh serve
+//! --target <service>` runs one service of the mesh. This file only parses the command line;
+//! `serve.rs` composes services from configuration.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use fhirmesh::{Config, Overrides, Target, serve};
+
+/// A FHIR R4 server: embedded on a laptop, or as a mesh of services.
+#[derive(Debug, Parser)]
+#[command(name = "fhirmesh", version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (layered over the defaults, under FHIRMESH_* variables and flags).
+    #[arg(long, global = true, env = "FHIRMESH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (all services in one process by default).
+    Serve(ServeArgs),
+    /// Print the effective configuration (defaults, file, environment, flags) as JSON and exit.
+    Config(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Service to run.
+    #[arg(long, value_enum, default_value = "all")]
+    target: Target,
+    /// HTTP listen address of the FHIR API [config: server.listen; default 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Directory for the embedded database [config: storage.data_dir; default ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Path prefix of the FHIR base, e.g. /fhir [config: server.base_path; default: server root].
+    #[arg(long, value_name = "PATH")]
+    base_path: Option<String>,
+    /// Absolute URL clients reach the API at, for links [config: server.public_base_url].
+    #[arg(long, value_name = "URL")]
+    public_base_url: Option<String>,
+    /// Largest request body in bytes [config: server.max_body_bytes; default 16 MiB].
+    #[arg(long, value_name = "BYTES")]
+    max_body_bytes: Option<usize>,
+    /// fsync each commit; false trades durability for speed [config: storage.durable; default true].
+    #[arg(long, value_name = "BOOL")]
+    durable: Option<bool>,
+    /// gRPC listen address of the resource service [config: resource.grpc_listen; default 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<String>,
+    /// gRPC endpoint the gateway calls [config: gateway.resource_endpoint; default http://127.0.0.1:50051].
+    #[arg(long, value_name = "URL")]
+    resource_endpoint: Option<String>,
+    /// Allow PUT to create unknown ids [config: resource.update_create; default true].
+    #[arg(long, value_name = "BOOL")]
+    update_create: Option<bool>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        let set =
+            |section: &mut serde_json::Map<String, serde_json::Value>, key: &str, value: Option<serde_json::Value>| {
+                if let Some(value) = value {
+                    section.insert(key.to_owned(), value);
+                }
+            };
+        set(&mut o.server, "listen", self.listen.clone().map(Into::into));
+        set(&mut o.server, "base_path", self.base_path.clone().map(Into::into));
+        set(&mut o.server, "public_base_url", self.public_base_url.clone().map(Into::into));
+        set(&mut o.server, "max_body_bytes", self.max_body_bytes.map(Into::into));
+        set(&mut o.storage, "data_dir", self.data_dir.as_ref().map(|d| d.display().to_string().into()));
+        set(&mut o.storage, "durable", self.durable.map(Into::into));
+        set(&mut o.resource, "grpc_listen", self.grpc_listen.clone().map(Into::into));
+        set(&mut o.resource, "update_create", self.update_create.map(Into::into));
+        set(&mut o.gateway, "resource_endpoint", self.resource_endpoint.clone().map(Into::into));
+        o
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let (args, print_only) = match &cli.command {
+        Command::Serve(args) => (args, false),
+        Command::Config(args) => (args, true),
+    };
+    let config = match Config::load(cli.config.as_deref(), Config::env(), &args.overrides()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("fhirmesh: {err:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if print_only {
+        println!("{}", serde_json::to_string_pretty(&config).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
+    match serve::run(config, args.target) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fhirmesh: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

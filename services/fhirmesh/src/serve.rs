@@ -1,0 +1,203 @@
+//! Composition: from a validated [`Config`] and a [`Target`] to running services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fhirmesh_bus::InProcessBus;
+use fhirmesh_core::capabilities::Capabilities;
+use fhirmesh_core::{DynResourceService, ResourceConfig};
+use fhirmesh_gateway::GatewayConfig;
+use fhirmesh_proto::GrpcResourceClient;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// Which part of the mesh this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// Every service in one process: gateway + resource + relay on embedded SQLite.
+    All,
+    /// The HTTP FHIR API, calling the resource service over gRPC (gateway.resource_endpoint).
+    Gateway,
+    /// The resource service over gRPC (resource.grpc_listen) on the embedded store.
+    Resource,
+}
+
+/// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
+pub struct Running {
+    /// Bound address of the FHIR HTTP API, when this process serves it.
+    pub http_addr: Option<SocketAddr>,
+    /// Bound address of the gRPC resource service, when this process serves it.
+    pub grpc_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    /// Signals every service to stop, then waits for them to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.wait().await
+    }
+
+    /// Waits until every service has stopped (after a shutdown signal or a failure).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for task in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(err);
+                }
+                Err(join) => {
+                    first_error.get_or_insert(anyhow::anyhow!("service task failed: {join}"));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A future that resolves when [`Running::signal_stop`] is called.
+    fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Asks every service to stop without waiting.
+    pub fn signal_stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+fn resource_config(config: &Config) -> ResourceConfig {
+    ResourceConfig {
+        update_create: config.resource.update_create,
+        default_page_size: config.resource.default_page_size,
+        max_page_size: config.resource.max_page_size,
+        ..ResourceConfig::default()
+    }
+}
+
+fn gateway_config(config: &Config) -> GatewayConfig {
+    GatewayConfig {
+        base_path: config.server.base_path.clone(),
+        public_base_url: config.server.public_base_url.clone(),
+        max_body_bytes: config.server.max_body_bytes,
+        capabilities: Capabilities {
+            software_name: "fhirmesh".into(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            base_url: config.server.public_base_url.clone(),
+            update_create: config.resource.update_create,
+        },
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Starts `target`'s services on the current runtime, bound to the configured addresses (port 0
+/// picks a free port; read the bound ones from [`Running`]).
+pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
+    fhirmesh_fhir::validate::warm_up();
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
+    let mut http_addr = None;
+    let mut grpc_addr = None;
+
+    let service: Option<DynResourceService> = match target {
+        Target::All | Target::Resource => {
+            let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
+            if target == Target::All {
+                let bus = Arc::new(InProcessBus::new(4096));
+                let relay = fhirmesh_relay::spawn(store.clone(), bus, Running::stopped(&rx));
+                tasks.push(tokio::spawn(async move { relay.await.context("relay task failed") }));
+            }
+            Some(fhirmesh_resource::resource_service(store, resource_config(config)))
+        }
+        Target::Gateway => None,
+    };
+
+    if target == Target::Resource {
+        let listener = bind(config.grpc_addr(), "gRPC").await?;
+        grpc_addr = Some(listener.local_addr()?);
+        let service = service.clone().context("resource target has a service")?;
+        tasks.push(tokio::spawn(fhirmesh_resource::serve_grpc(listener, service, Running::stopped(&rx))));
+    }
+
+    if matches!(target, Target::All | Target::Gateway) {
+        let service: DynResourceService = match service {
+            Some(local) => local,
+            None => {
+                let endpoint = config.gateway.resource_endpoint.clone();
+                Arc::new(
+                    GrpcResourceClient::connect(endpoint.clone())
+                        .with_context(|| format!("invalid resource endpoint {endpoint}"))?,
+                )
+            }
+        };
+        let listener = bind(config.listen_addr(), "HTTP").await?;
+        http_addr = Some(listener.local_addr()?);
+        let router = fhirmesh_gateway::router(service, gateway_config(config));
+        let stopped = Running::stopped(&rx);
+        tasks.push(tokio::spawn(async move {
+            fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")
+        }));
+    }
+
+    Ok(Running { http_addr, grpc_addr, shutdown, tasks })
+}
+
+/// Runs `target` until SIGINT/SIGTERM, printing the bound addresses on stdout.
+pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
+    init_tracing(&config.log.level);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let running = start(&config, target).await?;
+        if let Some(addr) = running.http_addr {
+            tracing::info!(%addr, "fhir api listening");
+            println!("fhirmesh: FHIR API listening on http://{addr}{}", config.server.base_path);
+        }
+        if let Some(addr) = running.grpc_addr {
+            tracing::info!(%addr, "grpc resource service listening");
+            println!("fhirmesh: gRPC resource service listening on {addr}");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.stop().await
+    })
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,72 @@
+//! The gateway and the resource service in separate processes, talking real gRPC.
+
+mod support;
+
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_serves_fhir_through_a_remote_resource_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resource = support::spawn(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path())).await;
+    let endpoint = format!("http://{}", resource.address);
+    let gateway =
+        support::spawn(&["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &endpoint], None)
+            .await;
+    let base = gateway.address.clone();
+    let client = reqwest::Client::new();
+
+    let response = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(json!({ "resourceType": "Patient", "name": [{ "family": "Remote" }] }).to_string())
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers().get("etag").and_then(|v| v.to_str().ok()), Some("W/\"1\""));
+    let created: Value = response.json().await.expect("json");
+    let id = created["id"].as_str().expect("id");
+
+    let read: Value =
+        client.get(format!("{base}/Patient/{id}")).send().await.expect("read").json().await.expect("json");
+    assert_eq!(read, created);
+
+    let deleted = client.delete(format!("{base}/Patient/{id}")).send().await.expect("delete");
+    assert_eq!(deleted.status(), 204);
+    let gone = client.get(format!("{base}/Patient/{id}")).send().await.expect("read");
+    assert_eq!(gone.status(), 410, "Gone survives the gRPC hop");
+    let outcome: Value = gone.json().await.expect("json");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+
+    let invalid = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","birthDate":"yesterday"}"#)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(invalid.status(), 400);
+    let outcome: Value = invalid.json().await.expect("json");
+    assert_eq!(outcome["issue"][0]["expression"][0], "Patient.birthDate", "the expression survives the gRPC hop");
+
+    let (_, history) = (
+        200,
+        client
+            .get(format!("{base}/Patient/{id}/_history"))
+            .send()
+            .await
+            .expect("history")
+            .json::<Value>()
+            .await
+            .expect("json"),
+    );
+    assert_eq!(history["entry"].as_array().map(Vec::len), Some(2));
+
+    // With the resource service gone, the gateway answers 503 with an OperationOutcome.
+    resource.kill_9().await;
+    let response = client.get(format!("{base}/Patient/{id}")).send().await.expect("read");
+    assert_eq!(response.status(), 503);
+    let outcome: Value = response.json().await.expect("json");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(gateway.terminate().await.success());
+}

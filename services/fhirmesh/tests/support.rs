@@ -1,0 +1,66 @@
+//! Running the real `fhirmesh` binary as a child process.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A `fhirmesh` child process and the address it announced.
+pub struct Process {
+    pub child: Child,
+    pub address: String,
+}
+
+/// Starts `fhirmesh serve <args>` and waits for its "listening on" line.
+pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhirmesh"));
+    command
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(dir) = data_dir {
+        command.arg("--data-dir").arg(dir);
+    }
+    let mut child = command.spawn().expect("fhirmesh starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("stdout readable") {
+            if let Some((_, address)) = line.split_once(" listening on ") {
+                return address.trim().to_owned();
+            }
+        }
+        panic!("fhirmesh exited before listening");
+    })
+    .await
+    .expect("fhirmesh announces its address within 30 s");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Process { child, address }
+}
+
+impl Process {
+    /// SIGKILL, no chance to flush anything.
+    pub async fn kill_9(mut self) {
+        self.child.start_kill().expect("kill -9");
+        self.child.wait().await.expect("reaped");
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill -TERM");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits within 30 s")
+            .expect("reaped")
+    }
+}

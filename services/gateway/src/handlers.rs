@@ -1,0 +1,487 @@
+//! Route handlers: decode the HTTP request, call the resource service, render the answer.
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use bytes::Bytes;
+use fhirmesh_core::ports::HistoryScope;
+use fhirmesh_core::service::{
+    CreateRequest, DeleteRequest, HistoryRequest, PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
+    WriteResult,
+};
+use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, TenantId};
+use fhirmesh_fhir::outcome::information;
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use http::{HeaderMap, Method, StatusCode, Uri};
+use serde_json::json;
+
+use crate::SharedGateway;
+use crate::bundle::{history_bundle, search_bundle};
+use crate::negotiate::{self, PatchFormat, Presentation, Return};
+use crate::response::{error_response, json_response, resource_response, set_location, version_headers};
+
+/// What every FHIR handler needs from the request before doing its own work.
+struct Prelude {
+    params: Vec<(String, String)>,
+    presentation: Presentation,
+    ctx: RequestContext,
+    /// Absolute FHIR base URL, no trailing slash.
+    base: String,
+    pretty: bool,
+}
+
+impl Prelude {
+    fn new(gw: &SharedGateway, headers: &HeaderMap, query: Option<&str>) -> Result<Prelude, Box<Response>> {
+        let params: Vec<(String, String)> =
+            query.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+        let pretty = params.iter().any(|(k, v)| k == "_pretty" && v == "true");
+        let presentation =
+            negotiate::presentation(headers, &params).map_err(|e| Box::new(error_response(&e, pretty)))?;
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let ctx = RequestContext { tenant: TenantId::default_tenant(), request_id: Some(request_id), traceparent };
+        Ok(Prelude { base: base_url(gw, headers), params, presentation, ctx, pretty })
+    }
+
+    fn fail(&self, error: FhirError) -> Response {
+        error_response(&error, self.pretty)
+    }
+}
+
+fn base_url(gw: &SharedGateway, headers: &HeaderMap) -> String {
+    if let Some(url) = &gw.config.public_base_url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("http://{host}{}", gw.config.base_path)
+}
+
+fn resource_type(raw: &str) -> FhirResult<ResourceType> {
+    ResourceType::parse(raw)
+        .ok_or_else(|| FhirError::not_found(format!("'{raw}' is not a FHIR R4 resource type this server knows")))
+}
+
+fn logical_id(raw: &str) -> FhirResult<LogicalId> {
+    LogicalId::parse(raw)
+        .map_err(|_| FhirError::invalid(format!("'{raw}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")).at("id"))
+}
+
+fn type_and_id(path: Result<Path<(String, String)>, PathRejection>) -> FhirResult<(ResourceType, LogicalId)> {
+    let Path((rtype, id)) = path.map_err(|e| FhirError::invalid(format!("bad request path: {e}")))?;
+    Ok((resource_type(&rtype)?, logical_id(&id)?))
+}
+
+async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
+    let limit = gw.config.max_body_bytes;
+    let too_large =
+        || FhirError::new(ErrorCategory::TooLarge, format!("request body is larger than the {limit}-byte limit"));
+    let declared =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        while let Some(e) = source {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = e.source();
+        }
+        FhirError::invalid(format!("could not read the request body: {err}"))
+    })
+}
+
+fn self_link(base: &str, path_and_query: &str) -> String {
+    format!("{base}{path_and_query}")
+}
+
+/// Renders create/update/patch results according to `Prefer: return`.
+fn write_response(result: &WriteResult, headers: &HeaderMap, prelude: &Prelude, status: StatusCode) -> Response {
+    let version = &result.version;
+    let mut response = match negotiate::prefer_return(headers) {
+        Return::Representation => resource_response(status, version, &prelude.presentation),
+        Return::Minimal => {
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = status;
+            version_headers(&mut response, version);
+            response
+        }
+        Return::OperationOutcome => {
+            let verb = if !result.written {
+                "matched existing"
+            } else if result.created {
+                "created"
+            } else {
+                "updated"
+            };
+            let message = format!("{verb} {}/{} version {}", version.resource_type, version.id, version.version_id);
+            let mut response = json_response(status, &information(message), prelude.pretty);
+            version_headers(&mut response, version);
+            response
+        }
+    };
+    if result.created || status == StatusCode::CREATED {
+        let location =
+            format!("{}/{}/{}/_history/{}", prelude.base, version.resource_type, version.id, version.version_id);
+        set_location(&mut response, &location);
+    }
+    response
+}
+
+pub(crate) async fn metadata(
+    State(gw): State<SharedGateway>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let mut caps = gw.config.capabilities.clone();
+    caps.base_url.get_or_insert_with(|| prelude.base.clone());
+    let statement = fhirmesh_core::capabilities::capability_statement(&caps, &gw.started);
+    json_response(StatusCode::OK, &statement, prelude.pretty)
+}
+
+pub(crate) async fn create(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let resource_type = resource_type(&rtype)?;
+        negotiate::check_json_body(&headers)?;
+        let body = read_body(&gw, &headers, body).await?;
+        let if_none_exist = negotiate::if_none_exist(&headers)?;
+        gw.service.create(&prelude.ctx, CreateRequest { resource_type, body, if_none_exist }).await
+    }
+    .await;
+    match result {
+        Ok(result) => {
+            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+            write_response(&result, &headers, &prelude, status)
+        }
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn read(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let (resource_type, id) = type_and_id(path)?;
+        gw.service.read(&prelude.ctx, resource_type, id).await
+    }
+    .await;
+    match result {
+        Ok(version) => resource_response(StatusCode::OK, &version, &prelude.presentation),
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn vread(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let Path((rtype, id, vid)) = path.map_err(|e| FhirError::invalid(format!("bad request path: {e}")))?;
+        let (resource_type, id) = (resource_type(&rtype)?, logical_id(&id)?);
+        let version_id: u64 = vid
+            .parse()
+            .map_err(|_| FhirError::not_found(format!("'{vid}' is not a version of {resource_type}/{id}")))?;
+        gw.service.vread(&prelude.ctx, resource_type, id, version_id).await
+    }
+    .await;
+    match result {
+        Ok(version) => resource_response(StatusCode::OK, &version, &prelude.presentation),
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn update(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let (resource_type, id) = type_and_id(path)?;
+        negotiate::check_json_body(&headers)?;
+        let if_match = negotiate::if_match(&headers)?;
+        let body = read_body(&gw, &headers, body).await?;
+        gw.service.update(&prelude.ctx, UpdateRequest { resource_type, id, body, if_match }).await
+    }
+    .await;
+    match result {
+        Ok(result) => {
+            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+            write_response(&result, &headers, &prelude, status)
+        }
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn patch(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let (resource_type, id) = type_and_id(path)?;
+        let format = negotiate::patch_format(&headers)?;
+        let if_match = negotiate::if_match(&headers)?;
+        let body = read_body(&gw, &headers, body).await?;
+        let patch = match format {
+            PatchFormat::Json => PatchDocument::JsonPatch(body),
+            PatchFormat::FhirPath => PatchDocument::FhirPathPatch(body),
+        };
+        gw.service.patch(&prelude.ctx, PatchRequest { resource_type, id, patch, if_match }).await
+    }
+    .await;
+    match result {
+        Ok(result) => write_response(&result, &headers, &prelude, StatusCode::OK),
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn delete(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let (resource_type, id) = type_and_id(path)?;
+        let if_match = negotiate::if_match(&headers)?;
+        gw.service.delete(&prelude.ctx, DeleteRequest { resource_type, id, if_match }).await
+    }
+    .await;
+    match result {
+        Ok(deleted) => {
+            let mut response = match negotiate::prefer_return(&headers) {
+                Return::OperationOutcome => {
+                    let message = match deleted.version_id {
+                        Some(v) => format!("deleted (tombstone version {v})"),
+                        None => "nothing to delete: the resource does not exist or was already deleted".to_owned(),
+                    };
+                    json_response(StatusCode::OK, &information(message), prelude.pretty)
+                }
+                _ => {
+                    let mut response = Response::new(Body::empty());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+            };
+            if let Some(v) = deleted.version_id
+                && let Ok(etag) = http::HeaderValue::from_str(&format!("W/\"{v}\""))
+            {
+                response.headers_mut().insert(http::header::ETAG, etag);
+            }
+            response
+        }
+        Err(error) => prelude.fail(error),
+    }
+}
+
+async fn history(
+    gw: SharedGateway,
+    scope: FhirResult<HistoryScope>,
+    query: Option<String>,
+    headers: HeaderMap,
+    uri: &Uri,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let scope = scope?;
+        let param = |name: &str| prelude.params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        for (name, _) in &prelude.params {
+            if !matches!(
+                name.as_str(),
+                "_count" | "_since" | "_at" | "_page_token" | "_format" | "_pretty" | "_summary" | "_elements"
+            ) {
+                return Err(FhirError::invalid(format!("history does not take the parameter '{name}'")));
+            }
+        }
+        let request = HistoryRequest {
+            scope,
+            count: param("_count"),
+            since: param("_since"),
+            at: param("_at"),
+            page_token: param("_page_token"),
+        };
+        let page = gw.service.history(&prelude.ctx, request).await?;
+        let path = uri.path().strip_prefix(gw.config.base_path.as_str()).unwrap_or(uri.path());
+        let self_url = self_link(
+            &prelude.base,
+            uri.path_and_query()
+                .map_or(path, |pq| pq.as_str())
+                .strip_prefix(gw.config.base_path.as_str())
+                .unwrap_or(path),
+        );
+        let next = page.next_page_token.as_ref().map(|token| {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in prelude.params.iter().filter(|(k, _)| k != "_page_token") {
+                query.append_pair(k, v);
+            }
+            query.append_pair("_page_token", token);
+            format!("{}{path}?{}", prelude.base, query.finish())
+        });
+        history_bundle(&prelude.base, &self_url, next, &page, &prelude.presentation)
+    }
+    .await;
+    match result {
+        Ok(bundle) => json_response(StatusCode::OK, &bundle, prelude.pretty),
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn history_system(
+    State(gw): State<SharedGateway>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    history(gw, Ok(HistoryScope::System), query, headers, &uri).await
+}
+
+pub(crate) async fn history_type(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let scope = resource_type(&rtype).map(HistoryScope::Type);
+    history(gw, scope, query, headers, &uri).await
+}
+
+pub(crate) async fn history_instance(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let scope = type_and_id(path).map(|(rt, id)| HistoryScope::Instance(rt, id));
+    history(gw, scope, query, headers, &uri).await
+}
+
+async fn search(
+    gw: SharedGateway,
+    rtype: String,
+    params: Vec<(String, String)>,
+    query: Option<String>,
+    headers: HeaderMap,
+    uri: &Uri,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let resource_type = resource_type(&rtype)?;
+        let mut all = prelude.params.clone();
+        all.extend(params);
+        let page =
+            gw.service.search(&prelude.ctx, SearchRequest { resource_type: Some(resource_type), params: all }).await?;
+        let pq = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+        let self_url = self_link(&prelude.base, pq.strip_prefix(gw.config.base_path.as_str()).unwrap_or(pq));
+        search_bundle(&prelude.base, &self_url, &page, &prelude.presentation)
+    }
+    .await;
+    match result {
+        Ok(bundle) => json_response(StatusCode::OK, &bundle, prelude.pretty),
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn search_type(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    search(gw, rtype, Vec::new(), query, headers, &uri).await
+}
+
+pub(crate) async fn search_type_post(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Response {
+    let form = match read_body(&gw, &headers, body).await {
+        Ok(bytes) => form_urlencoded::parse(&bytes).into_owned().collect(),
+        Err(error) => return error_response(&error, false),
+    };
+    search(gw, rtype, form, query, headers, &uri).await
+}
+
+pub(crate) async fn bundle(State(gw): State<SharedGateway>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    prelude.fail(FhirError::unsupported("transaction and batch Bundles are not supported yet"))
+}
+
+pub(crate) async fn healthz() -> Response {
+    json_response(StatusCode::OK, &json!({ "status": "ok" }), false)
+}
+
+pub(crate) async fn no_route(method: Method, uri: Uri) -> Response {
+    error_response(&FhirError::not_found(format!("no FHIR endpoint at {method} {}", uri.path())), false)
+}
+
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_response(
+        &FhirError::new(ErrorCategory::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path())),
+        false,
+    )
+}

@@ -1,0 +1,43 @@
+//! The resource service as a composition root: opens the store adapter, builds the core
+//! interactions over it, and serves them over gRPC. No domain logic lives here.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fhirmesh_core::{DynResourceService, FhirResources, ResourceConfig};
+use fhirmesh_store_sqlite::{SqliteConfig, SqliteStore};
+use tokio::net::TcpListener;
+
+/// File name of the embedded database inside the data directory.
+pub const DATABASE_FILE: &str = "fhirmesh.db";
+
+/// Opens (creating if needed) the embedded SQLite store under `data_dir`.
+pub fn open_sqlite_store(data_dir: &Path, durable: bool) -> anyhow::Result<Arc<SqliteStore>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let mut config = SqliteConfig::new(data_dir.join(DATABASE_FILE));
+    config.synchronous_full = durable;
+    let store = SqliteStore::open(config)
+        .map_err(|err| anyhow::anyhow!("cannot open the store in {}: {err}", data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The resource service over a store.
+pub fn resource_service(store: Arc<SqliteStore>, config: ResourceConfig) -> Arc<FhirResources> {
+    Arc::new(FhirResources::new(store, config))
+}
+
+/// Serves `service` as gRPC `fhirmesh.v1.ResourceService` on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    service: DynResourceService,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    tonic::transport::Server::builder()
+        .add_service(fhirmesh_proto::resource_service_server(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server failed")
+}

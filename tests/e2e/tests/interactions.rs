@@ -1,0 +1,541 @@
+//! Every REST interaction over real HTTP against the embedded server: status codes, headers and
+//! bodies.
+
+use fhirmesh_testkit::{TestServer, expect_outcome, status_and_json};
+use serde_json::{Value, json};
+
+fn patient(family: &str) -> Value {
+    json!({ "resourceType": "Patient", "active": true, "name": [{ "family": family, "given": ["Ada"] }] })
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+#[tokio::test]
+async fn create_returns_201_with_location_etag_and_stamped_meta() {
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .post(server.url("Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(
+            json!({ "resourceType": "Patient", "id": "client-chosen", "name": [{ "family": "Lovelace" }] }).to_string(),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 201);
+    let location = header(&response, "location").expect("Location header");
+    assert_eq!(header(&response, "etag").as_deref(), Some("W/\"1\""));
+    assert!(header(&response, "last-modified").is_some_and(|v| v.ends_with("GMT")));
+    assert_eq!(header(&response, "content-type").as_deref(), Some("application/fhir+json; charset=utf-8"));
+    let (_, body) = status_and_json(response).await;
+    let id = body["id"].as_str().expect("server-assigned id");
+    assert_ne!(id, "client-chosen", "create ignores a client id");
+    assert_eq!(location, server.url(&format!("Patient/{id}/_history/1")));
+    assert_eq!(body["meta"]["versionId"], "1");
+    assert!(body["meta"]["lastUpdated"].as_str().is_some_and(|s| s.ends_with('Z')));
+    assert_eq!(body["name"][0]["family"], "Lovelace");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn read_vread_update_delete_lifecycle() {
+    let server = TestServer::start().await;
+    let (_, created) = server.create(&patient("One")).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let (status, read) = server.get(&format!("Patient/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(read, created);
+
+    let mut changed = created.clone();
+    changed["name"][0]["family"] = json!("Two");
+    let response = server
+        .client
+        .put(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/fhir+json")
+        .body(changed.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "etag").as_deref(), Some("W/\"2\""));
+    let (_, updated) = status_and_json(response).await;
+    assert_eq!(updated["meta"]["versionId"], "2");
+    assert_eq!(updated["name"][0]["family"], "Two");
+
+    let (status, v1) = server.get(&format!("Patient/{id}/_history/1")).await;
+    assert_eq!(status, 200);
+    assert_eq!(v1["name"][0]["family"], "One");
+    let (status, v2) = server.get(&format!("Patient/{id}/_history/2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(v2, updated);
+    let (status, body) = server.get(&format!("Patient/{id}/_history/9")).await;
+    assert_eq!(status, 404, "unknown version");
+    expect_outcome(&body);
+
+    let response = server.client.delete(server.url(&format!("Patient/{id}"))).send().await.expect("sent");
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "etag").as_deref(), Some("W/\"3\""));
+    let (status, body) = server.get(&format!("Patient/{id}")).await;
+    assert_eq!(status, 410, "read after delete is Gone");
+    expect_outcome(&body);
+    let (status, _) = server.get(&format!("Patient/{id}/_history/3")).await;
+    assert_eq!(status, 410, "vread of the tombstone is Gone");
+    let (status, _) = server.get(&format!("Patient/{id}/_history/2")).await;
+    assert_eq!(status, 200, "older versions stay readable");
+
+    let response = server.client.delete(server.url(&format!("Patient/{id}"))).send().await.expect("sent");
+    assert_eq!(response.status(), 204, "repeated delete is fine");
+    assert!(header(&response, "etag").is_none(), "a repeated delete writes no version");
+
+    let response = server.client.delete(server.url("Patient/never-existed")).send().await.expect("sent");
+    assert_eq!(response.status(), 204);
+
+    // Update after delete brings the resource back as a new version.
+    let mut revived = changed.clone();
+    revived["name"][0]["family"] = json!("Three");
+    let response = server
+        .client
+        .put(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/fhir+json")
+        .body(revived.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 201);
+    let (_, body) = status_and_json(response).await;
+    assert_eq!(body["meta"]["versionId"], "4");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn update_as_create_is_on_by_default_and_can_be_turned_off() {
+    let server = TestServer::start().await;
+    let resource = json!({ "resourceType": "Patient", "id": "chosen-1", "gender": "female" });
+    let response = server
+        .client
+        .put(server.url("Patient/chosen-1"))
+        .header("content-type", "application/fhir+json")
+        .body(resource.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "location"), Some(server.url("Patient/chosen-1/_history/1")));
+    server.stop().await;
+
+    let server = TestServer::start_with(|c| c.resource.update_create = false).await;
+    let response = server
+        .client
+        .put(server.url("Patient/chosen-1"))
+        .header("content-type", "application/fhir+json")
+        .body(resource.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 405);
+    expect_outcome(&status_and_json(response).await.1);
+    let (_, metadata) = server.get("metadata").await;
+    assert_eq!(metadata["rest"][0]["resource"][0]["updateCreate"], false);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn if_match_guards_update_and_delete() {
+    let server = TestServer::start().await;
+    let (_, created) = server.create(&patient("Match")).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let put = |etag: &'static str| {
+        server
+            .client
+            .put(server.url(&format!("Patient/{id}")))
+            .header("content-type", "application/fhir+json")
+            .header("if-match", etag)
+            .body(created.to_string())
+    };
+    let response = put("W/\"2\"").send().await.expect("sent");
+    assert_eq!(response.status(), 412, "stale version");
+    let (diagnostics, _) = expect_outcome(&status_and_json(response).await.1);
+    assert!(diagnostics.contains("version 1"), "{diagnostics}");
+
+    let response = put("W/\"1\"").send().await.expect("sent");
+    assert_eq!(response.status(), 200);
+
+    let response = put("version-one").send().await.expect("sent");
+    assert_eq!(response.status(), 400, "malformed If-Match");
+    expect_outcome(&status_and_json(response).await.1);
+
+    let response = server
+        .client
+        .delete(server.url(&format!("Patient/{id}")))
+        .header("if-match", "W/\"1\"")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 412);
+    let response = server
+        .client
+        .delete(server.url(&format!("Patient/{id}")))
+        .header("if-match", "W/\"2\"")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 204);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn prefer_return_shapes_write_responses() {
+    let server = TestServer::start().await;
+    let send = |prefer: &'static str| {
+        server
+            .client
+            .post(server.url("Patient"))
+            .header("content-type", "application/fhir+json")
+            .header("prefer", prefer)
+            .body(patient("Prefer").to_string())
+            .send()
+    };
+    let response = send("return=minimal").await.expect("sent");
+    assert_eq!(response.status(), 201);
+    assert!(header(&response, "location").is_some());
+    assert!(response.bytes().await.expect("body").is_empty());
+
+    let (status, body) = status_and_json(send("return=OperationOutcome").await.expect("sent")).await;
+    assert_eq!(status, 201);
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert_eq!(body["issue"][0]["severity"], "information");
+
+    let (status, body) = status_and_json(send("return=representation").await.expect("sent")).await;
+    assert_eq!(status, 201);
+    assert_eq!(body["resourceType"], "Patient");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn json_patch_and_fhirpath_patch() {
+    let server = TestServer::start().await;
+    let (_, created) = server.create(&patient("Patchy")).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let response = server
+        .client
+        .patch(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/json-patch+json")
+        .header("if-match", "W/\"1\"")
+        .body(json!([{ "op": "replace", "path": "/active", "value": false }, { "op": "add", "path": "/gender", "value": "other" }]).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "etag").as_deref(), Some("W/\"2\""));
+    let (_, body) = status_and_json(response).await;
+    assert_eq!(body["active"], false);
+    assert_eq!(body["gender"], "other");
+
+    let parameters = json!({
+        "resourceType": "Parameters",
+        "parameter": [{
+            "name": "operation",
+            "part": [
+                { "name": "type", "valueCode": "replace" },
+                { "name": "path", "valueString": "Patient.name[0].family" },
+                { "name": "value", "valueString": "Patched" }
+            ]
+        }]
+    });
+    let response = server
+        .client
+        .patch(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/fhir+json")
+        .body(parameters.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    let (_, body) = status_and_json(response).await;
+    assert_eq!(body["name"][0]["family"], "Patched");
+    assert_eq!(body["meta"]["versionId"], "3");
+
+    // A patch that produces an invalid resource is refused and writes nothing.
+    let response = server
+        .client
+        .patch(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/json-patch+json")
+        .body(json!([{ "op": "add", "path": "/birthDate", "value": "not-a-date" }]).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 400);
+    let (_, expression) = expect_outcome(&status_and_json(response).await.1);
+    assert_eq!(expression.as_deref(), Some("Patient.birthDate"));
+
+    // A failing JSON Patch test op is a 422.
+    let response = server
+        .client
+        .patch(server.url(&format!("Patient/{id}")))
+        .header("content-type", "application/json-patch+json")
+        .body(json!([{ "op": "test", "path": "/gender", "value": "male" }]).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 422);
+    expect_outcome(&status_and_json(response).await.1);
+
+    let (_, current) = server.get(&format!("Patient/{id}")).await;
+    assert_eq!(current["meta"]["versionId"], "3", "failed patches wrote nothing");
+
+    let response = server
+        .client
+        .patch(server.url("Patient/missing"))
+        .header("content-type", "application/json-patch+json")
+        .body("[]")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn conditional_create_with_if_none_exist() {
+    let server = TestServer::start().await;
+    let resource = json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": "urn:oid:1.2.3", "value": "MRN-7" }]
+    });
+    let send = |query: &'static str| {
+        server
+            .client
+            .post(server.url("Patient"))
+            .header("content-type", "application/fhir+json")
+            .header("if-none-exist", query)
+            .body(resource.to_string())
+            .send()
+    };
+    let (status, first) = status_and_json(send("identifier=urn:oid:1.2.3|MRN-7").await.expect("sent")).await;
+    assert_eq!(status, 201);
+    let (status, again) = status_and_json(send("identifier=urn:oid:1.2.3|MRN-7").await.expect("sent")).await;
+    assert_eq!(status, 200, "a match returns the existing resource");
+    assert_eq!(again["id"], first["id"]);
+    let (status, _) = status_and_json(send("identifier=MRN-7").await.expect("sent")).await;
+    assert_eq!(status, 200, "value without system matches too");
+    let (status, _) = status_and_json(send("identifier=urn:oid:9.9|MRN-7").await.expect("sent")).await;
+    assert_eq!(status, 201, "another system is another identifier");
+    let (status, _) = status_and_json(send("identifier=MRN-7").await.expect("sent")).await;
+    assert_eq!(status, 412, "two matches");
+    let (status, body) = status_and_json(send("name=Smith").await.expect("sent")).await;
+    assert_eq!(status, 400, "unsupported criteria are refused, not ignored");
+    expect_outcome(&body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_at_every_level_with_paging_since_and_at() {
+    let server = TestServer::start().await;
+    let (_, a) = server.create(&patient("A")).await;
+    let id = a["id"].as_str().expect("id").to_owned();
+    let mut changed = a.clone();
+    for family in ["A2", "A3"] {
+        changed["name"][0]["family"] = json!(family);
+        let response = server
+            .client
+            .put(server.url(&format!("Patient/{id}")))
+            .header("content-type", "application/fhir+json")
+            .body(changed.to_string())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), 200);
+    }
+    server.client.delete(server.url(&format!("Patient/{id}"))).send().await.expect("sent");
+    let (_, obs) =
+        server.create(&json!({ "resourceType": "Observation", "status": "final", "code": { "text": "weight" } })).await;
+
+    let (status, bundle) = server.get(&format!("Patient/{id}/_history")).await;
+    assert_eq!(status, 200);
+    assert_eq!(bundle["type"], "history");
+    let versions: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["response"]["etag"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(versions, ["W/\"4\"", "W/\"3\"", "W/\"2\"", "W/\"1\""], "newest first");
+    assert_eq!(bundle["entry"][0]["request"]["method"], "DELETE");
+    assert!(bundle["entry"][0].get("resource").is_none(), "a tombstone has no resource");
+    assert_eq!(bundle["entry"][3]["request"]["method"], "POST");
+
+    let (_, bundle) = server.get("Patient/_history").await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(4));
+    let (_, bundle) = server.get("_history").await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(5));
+    assert_eq!(bundle["entry"][0]["resource"]["id"], obs["id"]);
+
+    // Paging: two at a time, following next links to the end.
+    let mut url = server.url("_history?_count=2");
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let (status, page) = status_and_json(server.client.get(&url).send().await.expect("sent")).await;
+        assert_eq!(status, 200);
+        let entries = page["entry"].as_array().expect("entries");
+        assert!(entries.len() <= 2);
+        seen.extend(entries.iter().map(|e| e["response"]["etag"].clone()));
+        match page["link"].as_array().and_then(|l| l.iter().find(|l| l["relation"] == "next")) {
+            Some(next) => url = next["url"].as_str().expect("next url").to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "paging visits every version once: {seen:?}");
+
+    let (_, bundle) = server.get("_history?_since=2999-01-01").await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(0));
+    let (_, bundle) = server.get("_history?_since=2000-01-01T00:00:00Z").await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(5));
+    let (_, bundle) = server.get("Patient/_history?_at=1999").await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(0), "nothing was current in 1999");
+    let now = a["meta"]["lastUpdated"].as_str().expect("lastUpdated");
+    let year = &now[..4];
+    let (_, bundle) = server.get(&format!("Patient/{id}/_history?_at={year}")).await;
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(4), "every version was current this year");
+
+    for bad in [
+        "_history?_count=-1",
+        "_history?_since=yesterday",
+        "_history?_at=13-13",
+        "_history?_page_token=x",
+        "_history?name=x",
+    ] {
+        let (status, body) = server.get(bad).await;
+        assert_eq!(status, 400, "{bad}");
+        expect_outcome(&body);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn summary_elements_pretty_and_format() {
+    let server = TestServer::start().await;
+    let (_, created) = server
+        .create(&json!({
+            "resourceType": "Patient",
+            "text": { "status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Ada</div>" },
+            "name": [{ "family": "Lovelace" }],
+            "gender": "female",
+            "maritalStatus": { "text": "married" }
+        }))
+        .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let (_, summary) = server.get(&format!("Patient/{id}?_summary=true")).await;
+    assert_eq!(summary["name"][0]["family"], "Lovelace");
+    assert!(summary.get("maritalStatus").is_none(), "maritalStatus is not a summary element");
+    assert!(summary.get("text").is_none());
+    let tags = summary["meta"]["tag"].as_array().expect("SUBSETTED tag");
+    assert!(tags.iter().any(|t| t["code"] == "SUBSETTED"));
+
+    let (_, text) = server.get(&format!("Patient/{id}?_summary=text")).await;
+    assert!(text.get("text").is_some());
+    assert!(text.get("name").is_none());
+
+    let (_, data) = server.get(&format!("Patient/{id}?_summary=data")).await;
+    assert!(data.get("text").is_none());
+    assert!(data.get("maritalStatus").is_some());
+
+    let (_, elements) = server.get(&format!("Patient/{id}?_elements=gender")).await;
+    assert_eq!(elements["gender"], "female");
+    assert!(elements.get("name").is_none());
+    assert_eq!(elements["id"], id.as_str());
+
+    let response = server.client.get(server.url(&format!("Patient/{id}?_pretty=true"))).send().await.expect("sent");
+    let text = response.text().await.expect("body");
+    assert!(text.contains("\n  \"resourceType\""), "pretty printed: {text}");
+
+    let (status, _) = server.get(&format!("Patient/{id}?_format=json")).await;
+    assert_eq!(status, 200);
+    let (status, _) = server.get(&format!("Patient/{id}?_format=application/fhir%2Bjson")).await;
+    assert_eq!(status, 200);
+    let (status, body) = server.get(&format!("Patient/{id}?_format=xml")).await;
+    assert_eq!(status, 406);
+    let (diagnostics, _) = expect_outcome(&body);
+    assert!(diagnostics.contains("XML"), "{diagnostics}");
+    let response = server
+        .client
+        .get(server.url(&format!("Patient/{id}")))
+        .header("accept", "application/fhir+xml")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 406);
+    let (status, _) = server.get(&format!("Patient/{id}?_summary=maybe")).await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn search_by_id_and_identifier() {
+    let server = TestServer::start().await;
+    let (_, p) = server
+        .create(&json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:s", "value": "42" }] }))
+        .await;
+    let id = p["id"].as_str().expect("id");
+    let (status, bundle) = server.get(&format!("Patient?_id={id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(bundle["type"], "searchset");
+    assert_eq!(bundle["total"], 1);
+    assert_eq!(bundle["entry"][0]["resource"]["id"], id);
+    assert_eq!(bundle["entry"][0]["search"]["mode"], "match");
+    let (_, bundle) = server.get("Patient?identifier=urn:s%7C42").await;
+    assert_eq!(bundle["total"], 1);
+    let (_, bundle) = server.get("Patient?identifier=urn:other%7C42").await;
+    assert_eq!(bundle["total"], 0);
+    let (status, body) = server.get("Patient?name=x").await;
+    assert_eq!(status, 400, "unsupported search parameters are refused, not ignored");
+    expect_outcome(&body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn capability_statement_lists_all_resource_types() {
+    let server = TestServer::start().await;
+    let (status, cs) = server.get("metadata").await;
+    assert_eq!(status, 200);
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    let resources = cs["rest"][0]["resource"].as_array().expect("resources");
+    // R4 4.0.1 defines 146 concrete resource types (StructureDefinitions of kind resource,
+    // derivation specialization, not abstract); every one is served.
+    assert_eq!(resources.len(), 146);
+    let patient = resources.iter().find(|r| r["type"] == "Patient").expect("Patient");
+    let interactions: Vec<&str> =
+        patient["interaction"].as_array().expect("interactions").iter().filter_map(|i| i["code"].as_str()).collect();
+    for code in ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create"] {
+        assert!(interactions.contains(&code), "{code}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn base_path_prefixes_every_route_and_link() {
+    let server = TestServer::start_with(|c| c.server.base_path = "/fhir".into()).await;
+    assert!(server.base.ends_with("/fhir"));
+    let response = server
+        .client
+        .post(server.url("Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(patient("Base").to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 201);
+    assert!(header(&response, "location").is_some_and(|l| l.starts_with(&server.base)));
+    let (status, _) = server.get("metadata").await;
+    assert_eq!(status, 200);
+    let (status, body) = server.get("../Patient").await;
+    assert_eq!(status, 404, "nothing outside the base path");
+    expect_outcome(&body);
+    server.stop().await;
+}
