@@ -27,8 +27,10 @@ pub(crate) fn parse_json(body: &[u8]) -> FhirResult<Value> {
 }
 
 /// Checks, validates and stamps a resource for a write of `version_id` at `last_updated`.
+/// `size_hint` is the resource's approximate JSON size, which decides where validation runs.
 pub(crate) async fn prepare(
     resource: Value,
+    size_hint: usize,
     resource_type: ResourceType,
     id: &LogicalId,
     id_rule: IdRule,
@@ -36,7 +38,7 @@ pub(crate) async fn prepare(
     last_updated: OffsetDateTime,
 ) -> FhirResult<Bytes> {
     let resource = check_identity(resource, resource_type, id, id_rule)?;
-    let resource = if approximate_size(&resource) > INLINE_VALIDATION_LIMIT {
+    let resource = if size_hint > INLINE_VALIDATION_LIMIT {
         tokio::task::spawn_blocking(move || validated(resource))
             .await
             .map_err(|_| FhirError::internal("validation task failed"))??
@@ -44,18 +46,6 @@ pub(crate) async fn prepare(
         validated(resource)?
     };
     stamp(resource, id, version_id, last_updated)
-}
-
-fn approximate_size(resource: &Value) -> usize {
-    // Cheap upper-bound proxy: number of nodes times a typical node size.
-    fn nodes(value: &Value) -> usize {
-        match value {
-            Value::Array(items) => 1 + items.iter().map(nodes).sum::<usize>(),
-            Value::Object(map) => 1 + map.values().map(nodes).sum::<usize>(),
-            _ => 1,
-        }
-    }
-    nodes(resource) * 24
 }
 
 fn check_identity(resource: Value, resource_type: ResourceType, id: &LogicalId, id_rule: IdRule) -> FhirResult<Value> {

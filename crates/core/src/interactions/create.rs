@@ -39,8 +39,16 @@ pub(super) async fn create(
     for _ in 0..3 {
         let id = LogicalId::generate();
         let last_updated = body::now();
-        let bytes =
-            body::prepare(resource.clone(), request.resource_type, &id, IdRule::Replace, 1, last_updated).await?;
+        let bytes = body::prepare(
+            resource.clone(),
+            request.body.len(),
+            request.resource_type,
+            &id,
+            IdRule::Replace,
+            1,
+            last_updated,
+        )
+        .await?;
         let write = VersionWrite {
             resource_type: request.resource_type,
             id: id.clone(),

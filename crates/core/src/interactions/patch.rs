@@ -35,7 +35,7 @@ pub(super) async fn patch(svc: &FhirResources, ctx: &RequestContext, request: Pa
             PatchDocument::FhirPathPatch(_) => apply_fhirpath_patch(&mut resource, &document),
         }
         .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Unprocessable, vec![err.to_issue()]))?;
-        Ok(Attempt::Write(resource))
+        Ok(Attempt::Write { resource, size: bytes.len() })
     })
     .await
     .and_then(|outcome| outcome.ok_or_else(|| FhirError::internal("patch produced no write")))

@@ -25,7 +25,7 @@ pub(super) async fn update(
                 ),
             ));
         }
-        Ok(Attempt::Write(resource.clone()))
+        Ok(Attempt::Write { resource: resource.clone(), size: request.body.len() })
     })
     .await
     .and_then(|outcome| outcome.ok_or_else(|| FhirError::internal("update produced no write")))

@@ -14,8 +14,8 @@ use crate::service::{RequestContext, WriteResult};
 
 /// What a write decides to do, given the current version.
 pub(super) enum Attempt {
-    /// Write this resource as the next version.
-    Write(Value),
+    /// Write this resource (of about `size` JSON bytes) as the next version.
+    Write { resource: Value, size: usize },
     /// Write a delete tombstone.
     Delete,
     /// Write nothing.
@@ -41,14 +41,14 @@ pub(super) async fn with_retries(
         let (operation, body) = match decide(current.as_ref())? {
             Attempt::Skip => return Ok(None),
             Attempt::Delete => (Operation::Delete, None),
-            Attempt::Write(resource) => (Operation::Update, Some(resource)),
+            Attempt::Write { resource, size } => (Operation::Update, Some((resource, size))),
         };
         let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
         let last_updated = body::now();
         let body = match body {
-            Some(resource) => {
-                Some(body::prepare(resource, resource_type, id, IdRule::MustMatch, version_id, last_updated).await?)
-            }
+            Some((resource, size)) => Some(
+                body::prepare(resource, size, resource_type, id, IdRule::MustMatch, version_id, last_updated).await?,
+            ),
             None => None,
         };
         let created = operation == Operation::Update && current.as_ref().is_none_or(ResourceVersion::is_deleted);
