@@ -275,6 +275,46 @@ def derive_examples(members):
 
 # ---------------------------------------------------------------------------------------------- output
 
+def derive_search_params(bundle, resource_types):
+    """The base spec's SearchParameters, reduced to what search needs, sorted by url."""
+    known = set(resource_types)
+    params = []
+    for entry in bundle["entry"]:
+        sp = entry["resource"]
+        out = {
+            "url": sp["url"],
+            "code": sp["code"],
+            "base": sorted(sp["base"]),
+            "type": sp["type"],
+        }
+        if sp.get("expression"):
+            out["expression"] = sp["expression"]
+        targets = [t for t in sp.get("target", []) if t in known or t == "Resource"]
+        if targets:
+            out["target"] = sorted(targets)
+        if sp.get("component"):
+            out["component"] = [{"definition": c["definition"], "expression": c["expression"]} for c in sp["component"]]
+        for key in ("modifier", "comparator"):
+            if sp.get(key):
+                out[key] = sp[key]
+        params.append(out)
+    params.sort(key=lambda p: p["url"])
+    return params
+
+
+def derive_compartments(members):
+    """Compartment definitions: per compartment type, per resource type, the params that link a resource in."""
+    compartments = {}
+    for name, data in sorted(members.items()):
+        if not name.startswith("package/CompartmentDefinition-") or not name.endswith(".json"):
+            continue
+        cd = json.loads(data)
+        compartments[cd["code"]] = {
+            r["code"]: r["param"] for r in cd.get("resource", []) if r.get("param")
+        }
+    return compartments
+
+
 def write(name, text):
     path = os.path.join(OUT_DIR, name)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -309,6 +349,9 @@ def main():
     resources_bundle = json.loads(examples_members["package/Bundle-resources.json"])
     elements = derive_elements(resources_bundle, resource_types, schema)
     examples = derive_examples(examples_members)
+    search_params_bundle = json.loads(examples_members["package/Bundle-searchParams.json"])
+    search_params = derive_search_params(search_params_bundle, resource_types)
+    compartments = derive_compartments(examples_members)
     if sorted(resource_types) != resource_types or len(set(resource_types)) != len(resource_types):
         sys.exit("resource types are not unique and sorted")
 
@@ -318,6 +361,8 @@ def main():
         write("fhir.schema.json", minified(schema) + "\n"),
         write("elements.json", minified(elements) + "\n"),
         write("examples.ndjson", "".join(r + "\n" for r in examples)),
+        write("search_params.json", minified(search_params) + "\n"),
+        write("compartments.json", minified(compartments) + "\n"),
     ]
 
     provenance = [
@@ -347,6 +392,9 @@ def main():
         provenance.append(f"| `hl7.fhir.r4.examples@4.0.1:{member}` (definitions, excluded from examples) | "
                           f"`{sha256(examples_members[member])}` |")
     provenance += [
+        "| `hl7.fhir.r4.examples@4.0.1:package/Bundle-searchParams.json` | "
+        f"`{sha256(examples_members['package/Bundle-searchParams.json'])}` |",
+        "| `hl7.fhir.r4.examples@4.0.1:package/CompartmentDefinition-*.json` | see `compartments.json` |",
         "| `hl7.fhir.r4.examples@4.0.1:package/*.json` (the example instances) | see `examples.ndjson` |",
         "",
         "Derived files:",
@@ -360,6 +408,10 @@ def main():
                             "rewritten from `oneOf` to an `if resourceType = X then $ref X` dispatch (draft-07)",
         "elements.json": "per resource type: top-level `isSummary` and `min >= 1` JSON element names and choice "
                          "element expansions, from the StructureDefinition snapshots in Bundle-resources.json",
+        "search_params.json": f"the {len(search_params)} base SearchParameters from Bundle-searchParams.json "
+                              "(url, code, base, type, expression, target, component, modifier, comparator)",
+        "compartments.json": "per compartment (Patient, Encounter, RelatedPerson, Practitioner, Device): resource type "
+                             "-> the search parameters linking it in, from the CompartmentDefinition resources",
         "examples.ndjson": f"the {len(examples)} spec example instances (see the rules in the generator), "
                            "one resource per line (source text with insignificant whitespace removed), sorted by file name",
     }

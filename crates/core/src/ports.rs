@@ -175,3 +175,93 @@ pub trait EventPublisher: Send + Sync + 'static {
 pub type DynResourceStore = Arc<dyn ResourceStore>;
 pub type DynChangeLog = Arc<dyn ChangeLog>;
 pub type DynEventPublisher = Arc<dyn EventPublisher>;
+
+/// What the indexer hands the search index for one resource version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexUpdate {
+    pub tenant: TenantId,
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    pub version_id: u64,
+    /// Change-log sequence of this version: the index's watermark moves to the highest applied.
+    pub sequence: u64,
+    pub last_updated: OffsetDateTime,
+    /// The extracted values of a live version; `None` removes the resource from search (delete).
+    pub entries: Option<Vec<fhirmesh_fhir::search::IndexEntry>>,
+}
+
+/// A resource the index found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexHit {
+    pub resource_type: ResourceType,
+    pub id: LogicalId,
+    /// The version the index holds (the store may already have a newer one).
+    pub version_id: u64,
+}
+
+/// One page of index results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexPage {
+    /// Matches in query order (`SearchQuery::sort`, ties by type then id).
+    pub hits: Vec<IndexHit>,
+    /// Per `SearchQuery::total`: exact for `Accurate`, possibly approximate for `Estimate`.
+    pub total: Option<u64>,
+    /// Opaque keyset cursors for the next and previous pages.
+    pub next: Option<String>,
+    pub previous: Option<String>,
+}
+
+/// Search index failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    /// A cursor the index did not issue, or one that no longer fits the query.
+    #[error("invalid page cursor: {0}")]
+    InvalidCursor(String),
+    /// A query feature this backend cannot run (the message names it).
+    #[error("not supported by the search index: {0}")]
+    Unsupported(String),
+    #[error("search index unavailable: {0}")]
+    Unavailable(String),
+    #[error("search index failure: {0}")]
+    Internal(String),
+}
+
+impl From<IndexError> for FhirError {
+    fn from(err: IndexError) -> Self {
+        match &err {
+            IndexError::InvalidCursor(_) => FhirError::invalid(err.to_string()),
+            IndexError::Unsupported(_) => FhirError::unsupported(err.to_string()),
+            IndexError::Unavailable(_) => FhirError::new(ErrorCategory::Unavailable, err.to_string()),
+            IndexError::Internal(detail) => {
+                tracing::error!(error = %detail, "search index failure");
+                FhirError::internal("internal search index failure")
+            }
+        }
+    }
+}
+
+/// The search index: written by the indexer from change events, read by search.
+#[async_trait]
+pub trait SearchIndex: Send + Sync + 'static {
+    /// Applies updates idempotently: an update whose `version_id` is not newer than what the index
+    /// holds for (tenant, type, id) changes nothing, so redelivered and reordered events are safe.
+    /// Durably records the highest `sequence` applied as the watermark, in the same transaction.
+    async fn apply(&self, updates: Vec<IndexUpdate>) -> Result<(), IndexError>;
+
+    /// Runs `query` for `tenant`; `cursor` is a `next`/`previous` value from an earlier page of the
+    /// same query.
+    async fn search(
+        &self,
+        tenant: &TenantId,
+        query: &fhirmesh_fhir::search::SearchQuery,
+        cursor: Option<&str>,
+    ) -> Result<IndexPage, IndexError>;
+
+    /// The highest change-log sequence applied (0 when empty).
+    async fn watermark(&self) -> Result<u64, IndexError>;
+
+    /// Removes everything (before a full reindex).
+    async fn clear(&self) -> Result<(), IndexError>;
+}
+
+pub type DynSearchIndex = Arc<dyn SearchIndex>;

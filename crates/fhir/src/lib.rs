@@ -19,6 +19,7 @@ pub mod id;
 pub mod outcome;
 pub mod patch;
 pub mod resource_type;
+pub mod search;
 pub mod validate;
 
 #[cfg(feature = "examples")]
