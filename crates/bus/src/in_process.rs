@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use fhirmesh_core::ResourceChanged;
-use fhirmesh_core::ports::{BusError, EventPublisher};
+use fhirmesh_core::ports::{BusError, EventPublisher, EventSubscription, Received};
 use tokio::sync::broadcast;
 
 #[derive(Clone)]
@@ -23,6 +23,37 @@ impl InProcessBus {
     /// A new subscriber sees every event published after this call.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ResourceChanged>> {
         self.sender.subscribe()
+    }
+
+    /// The same, behind the [`EventSubscription`] port.
+    pub fn subscription(&self) -> Box<dyn EventSubscription> {
+        Box::new(InProcessSubscription(self.sender.subscribe()))
+    }
+}
+
+struct InProcessSubscription(broadcast::Receiver<Arc<ResourceChanged>>);
+
+fn received(result: Result<Arc<ResourceChanged>, broadcast::error::RecvError>) -> Received {
+    match result {
+        Ok(event) => Received::Event(event),
+        Err(broadcast::error::RecvError::Lagged(_)) => Received::Lagged,
+        Err(broadcast::error::RecvError::Closed) => Received::Closed,
+    }
+}
+
+#[async_trait]
+impl EventSubscription for InProcessSubscription {
+    async fn recv(&mut self) -> Received {
+        received(self.0.recv().await)
+    }
+
+    fn try_recv(&mut self) -> Option<Received> {
+        match self.0.try_recv() {
+            Ok(event) => Some(Received::Event(event)),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Lagged(_)) => Some(Received::Lagged),
+            Err(broadcast::error::TryRecvError::Closed) => Some(Received::Closed),
+        }
     }
 }
 
@@ -72,6 +103,21 @@ mod tests {
             assert_eq!(rx.recv().await.expect("first").sequence, 1);
             assert_eq!(rx.recv().await.expect("second").sequence, 2);
         }
+    }
+
+    #[tokio::test]
+    async fn the_port_subscription_reports_events_lag_and_close() {
+        let bus = InProcessBus::new(2);
+        let mut sub = bus.subscription();
+        assert!(sub.try_recv().is_none());
+        bus.publish(&[event(1)]).await.expect("publish");
+        assert!(matches!(sub.recv().await, Received::Event(e) if e.sequence == 1));
+        bus.publish(&[event(2), event(3), event(4)]).await.expect("publish");
+        assert_eq!(sub.recv().await, Received::Lagged);
+        drop(bus);
+        assert!(matches!(sub.recv().await, Received::Event(e) if e.sequence == 3));
+        assert!(matches!(sub.recv().await, Received::Event(e) if e.sequence == 4));
+        assert_eq!(sub.recv().await, Received::Closed);
     }
 
     #[tokio::test]

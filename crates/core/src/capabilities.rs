@@ -1,6 +1,10 @@
 //! The CapabilityStatement, generated from what this deployment really enables.
 
+use std::collections::HashSet;
+
 use fhirmesh_fhir::ResourceType;
+use fhirmesh_fhir::search::extract::unsupported_expressions;
+use fhirmesh_fhir::search::{ParamType, registry};
 use serde_json::{Value, json};
 
 /// What the running server offers; the composition root fills it from configuration.
@@ -17,11 +21,40 @@ pub struct Capabilities {
 const TYPE_INTERACTIONS: &[&str] =
     &["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"];
 
+/// Search parameters this server cannot evaluate: no FHIRPath expression (`_text`, `_content`,
+/// `_query`), `special` ones, and expressions the extractor does not compile.
+fn unsupported_search_params() -> HashSet<String> {
+    let mut urls: HashSet<String> = unsupported_expressions().into_iter().map(|(url, _)| url.to_owned()).collect();
+    urls.extend(
+        registry()
+            .all()
+            .iter()
+            .filter(|def| def.kind == ParamType::Special || def.expression.is_none())
+            .map(|def| def.url.clone()),
+    );
+    urls
+}
+
+fn search_params(rt: ResourceType, unsupported: &HashSet<String>) -> (Vec<Value>, Vec<String>) {
+    let mut supported = Vec::new();
+    let mut missing = Vec::new();
+    for def in registry().for_type(rt) {
+        if unsupported.contains(&def.url) {
+            missing.push(def.code.clone());
+        } else {
+            supported.push(json!({ "name": def.code, "definition": def.url, "type": def.kind.as_str() }));
+        }
+    }
+    (supported, missing)
+}
+
 pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
+    let unsupported = unsupported_search_params();
     let resources: Vec<Value> = ResourceType::all()
         .iter()
         .map(|rt| {
-            json!({
+            let (search_params, missing) = search_params(*rt, &unsupported);
+            let mut resource = json!({
                 "type": rt.as_str(),
                 "interaction": TYPE_INTERACTIONS.iter().map(|code| json!({ "code": code })).collect::<Vec<_>>(),
                 "versioning": "versioned-update",
@@ -31,11 +64,14 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-                "searchParam": [
-                    { "name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id" },
-                    { "name": "identifier", "type": "token", "documentation": "identifier=[system]|value on the resource's top-level identifier" }
-                ]
-            })
+                "searchInclude": ["*"],
+                "searchRevInclude": ["*"],
+                "searchParam": search_params,
+            });
+            if !missing.is_empty() {
+                resource["documentation"] = json!(format!("Search parameters not supported: {}.", missing.join(", ")));
+            }
+            resource
         })
         .collect();
     let mut statement = json!({
@@ -51,7 +87,7 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
         "rest": [{
             "mode": "server",
             "resource": resources,
-            "interaction": [{ "code": "history-system" }],
+            "interaction": [{ "code": "history-system" }, { "code": "search-system" }],
         }]
     });
     if let Some(url) = &caps.base_url {

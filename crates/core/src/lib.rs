@@ -19,4 +19,5 @@ pub mod capabilities;
 pub mod interactions;
 
 pub use interactions::{FhirResources, ResourceConfig};
+pub mod indexer;
 pub mod relay;

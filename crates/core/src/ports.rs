@@ -265,3 +265,23 @@ pub trait SearchIndex: Send + Sync + 'static {
 }
 
 pub type DynSearchIndex = Arc<dyn SearchIndex>;
+
+/// What a subscriber receives from the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Event(Arc<ResourceChanged>),
+    /// The subscriber fell behind and events were dropped: catch up from the change log.
+    Lagged,
+    /// The bus is gone.
+    Closed,
+}
+
+/// A live subscription to change events. Durability comes from the consumer's own position (for
+/// the indexer: the index watermark) plus catching up from the [`ChangeLog`] after a gap.
+#[async_trait]
+pub trait EventSubscription: Send + 'static {
+    async fn recv(&mut self) -> Received;
+
+    /// An event already waiting, without blocking.
+    fn try_recv(&mut self) -> Option<Received>;
+}

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use fhirmesh_fhir::outcome::Issue;
+use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use crate::error::FhirResult;
@@ -100,18 +102,33 @@ pub struct HistoryPage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchRequest {
-    /// `None` for a system-level search.
-    pub resource_type: Option<ResourceType>,
-    /// Query parameters in request order, percent-decoded.
+    /// Type-level, system-level or compartment search.
+    pub scope: SearchScope,
+    /// Query parameters in request order, percent-decoded (without `_page_token`).
     pub params: Vec<(String, String)>,
+    /// `Prefer: handling=strict`: unknown or unsupported parameters are errors instead of ignored.
+    pub strict: bool,
+    /// Cursor from a previous page's `next`/`previous` link.
+    pub page_token: Option<String>,
+    /// The client's last consistency token (`X-Consistency-Token`): the search waits, bounded, until
+    /// the index has applied it. Without one the service waits for the latest committed write.
+    pub consistency_token: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchPage {
-    /// Current versions of the matches.
+    /// Current versions of the matches, in search order.
     pub entries: Vec<ResourceVersion>,
+    /// Resources added by `_include` / `_revinclude` (Bundle entries with search mode `include`).
+    pub included: Vec<ResourceVersion>,
     pub total: Option<u64>,
     pub next_page_token: Option<String>,
+    pub previous_page_token: Option<String>,
+    /// The parameters applied, canonical, for the `self` link (and to rebuild page links).
+    pub applied: Vec<(String, String)>,
+    /// Warnings for the client (parameters ignored, a stale index), rendered as an OperationOutcome
+    /// entry.
+    pub warnings: Vec<Issue>,
 }
 
 /// FHIR interactions on resources.

@@ -11,7 +11,8 @@ use fhirmesh_core::service::{
     CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage,
     SearchRequest, UpdateRequest, WriteResult,
 };
-use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
+use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
+use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
@@ -203,16 +204,39 @@ impl ResourceService for GrpcResourceClient {
     }
 
     async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage> {
+        let (resource_type, compartment_type, compartment_id) = match request.scope {
+            SearchScope::Type(t) => (Some(t.as_str().to_owned()), None, None),
+            SearchScope::System => (None, None, None),
+            SearchScope::Compartment { compartment, id, member } => {
+                (member.map(|m| m.as_str().to_owned()), Some(compartment.as_str().to_owned()), Some(id))
+            }
+        };
         let request = pb::SearchRequest {
             context: Some(context_to_wire(ctx)),
-            resource_type: request.resource_type.map(|t| t.as_str().to_owned()),
+            resource_type,
             params: request.params.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
+            compartment_type,
+            compartment_id,
+            strict: request.strict,
+            page_token: request.page_token,
+            consistency_token: request.consistency_token,
         };
         let response = self.client.clone().search(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let warnings = if response.warnings.is_empty() {
+            Vec::new()
+        } else {
+            let outcome: serde_json::Value = serde_json::from_slice(&response.warnings)
+                .map_err(|_| FhirError::internal("resource service sent malformed search warnings"))?;
+            FhirError::from_operation_outcome(ErrorCategory::Internal, &outcome).issues
+        };
         Ok(SearchPage {
             entries: self.decoded(versions_from_wire(response.entries))?,
+            included: self.decoded(versions_from_wire(response.included))?,
             total: response.total,
             next_page_token: response.next_page_token,
+            previous_page_token: response.previous_page_token,
+            applied: response.applied.into_iter().map(|p| (p.name, p.value)).collect(),
+            warnings,
         })
     }
 }

@@ -3,11 +3,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     CreateRequest, DeleteRequest, HistoryRequest, PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
 };
 use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService};
+use fhirmesh_fhir::outcome::operation_outcome;
+use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::{Request, Response, Status};
 
@@ -124,8 +127,25 @@ fn history_from_wire(req: pb::HistoryRequest) -> Result<(RequestContext, History
 fn search_from_wire(req: pb::SearchRequest) -> Result<(RequestContext, SearchRequest), WireError> {
     let ctx = context_from_wire(req.context)?;
     let resource_type = req.resource_type.as_deref().map(resource_type_from_wire).transpose()?;
+    let scope = match (req.compartment_type.as_deref(), req.compartment_id, resource_type) {
+        (Some(compartment), Some(id), member) => SearchScope::Compartment {
+            compartment: resource_type_from_wire(compartment)?,
+            id: id_from_wire(&id)?.into_string(),
+            member,
+        },
+        (Some(_), None, _) => return Err(WireError::Missing("compartment_id")),
+        (None, _, Some(resource_type)) => SearchScope::Type(resource_type),
+        (None, _, None) => SearchScope::System,
+    };
     let params = req.params.into_iter().map(|p| (p.name, p.value)).collect();
-    Ok((ctx, SearchRequest { resource_type, params }))
+    let request = SearchRequest {
+        scope,
+        params,
+        strict: req.strict,
+        page_token: req.page_token,
+        consistency_token: req.consistency_token,
+    };
+    Ok((ctx, request))
 }
 
 #[tonic::async_trait]
@@ -217,10 +237,19 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
             async {
                 let (ctx, request) = decode(search_from_wire(request.into_inner()))?;
                 let page = self.0.search(&ctx, request).await?;
+                let warnings = if page.warnings.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::from(operation_outcome(&page.warnings).to_string())
+                };
                 Ok(pb::SearchResponse {
                     entries: page.entries.into_iter().map(Into::into).collect(),
                     total: page.total,
                     next_page_token: page.next_page_token,
+                    included: page.included.into_iter().map(Into::into).collect(),
+                    previous_page_token: page.previous_page_token,
+                    applied: page.applied.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
+                    warnings,
                 })
             }
             .await,

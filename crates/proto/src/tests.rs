@@ -17,6 +17,7 @@ use fhirmesh_core::{
     TenantId,
 };
 use fhirmesh_fhir::outcome::{Issue, IssueType};
+use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
@@ -247,14 +248,43 @@ impl ResourceService for FakeService {
             .versions
             .iter()
             .filter(|((tenant, resource_type, _), _)| {
-                *tenant == ctx.tenant && request.resource_type.is_none_or(|t| t == *resource_type)
+                let wanted = match &request.scope {
+                    SearchScope::Type(t) => Some(*t),
+                    SearchScope::Compartment { member, .. } => *member,
+                    SearchScope::System => None,
+                };
+                *tenant == ctx.tenant && wanted.is_none_or(|t| t == *resource_type)
             })
             .filter_map(|(_, versions)| versions.last().filter(|v| !v.is_deleted()).cloned())
             .collect();
         entries.sort_by_key(|v| v.sequence);
         // Echo the parameters, in order, so the test sees exactly what arrived.
-        let echo: Vec<String> = request.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
-        Ok(SearchPage { total: Some(entries.len() as u64), entries, next_page_token: Some(echo.join("&")) })
+        let mut echo: Vec<String> = request.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        if let Some(token) = request.consistency_token {
+            echo.push(format!("consistency={token}"));
+        }
+        if let SearchScope::Compartment { compartment, id, .. } = &request.scope {
+            echo.push(format!("compartment={compartment}/{id}"));
+        }
+        let warnings = if request.strict {
+            Vec::new()
+        } else {
+            vec![fhirmesh_fhir::outcome::Issue {
+                severity: fhirmesh_fhir::outcome::Severity::Warning,
+                code: fhirmesh_fhir::outcome::IssueType::Informational,
+                diagnostics: "lenient search".into(),
+                expression: None,
+            }]
+        };
+        Ok(SearchPage {
+            total: Some(entries.len() as u64),
+            included: entries.iter().take(1).cloned().collect(),
+            entries,
+            next_page_token: Some(echo.join("&")),
+            previous_page_token: request.page_token.clone(),
+            applied: request.params.clone(),
+            warnings,
+        })
     }
 }
 
@@ -435,8 +465,11 @@ async fn every_rpc_round_trips() {
         .search(
             &ctx,
             SearchRequest {
-                resource_type: Some(patient()),
+                scope: SearchScope::Type(patient()),
                 params: vec![("name:exact".into(), "Ann Lee".into()), ("_count".into(), "5".into())],
+                strict: false,
+                page_token: Some("cursor-1".into()),
+                consistency_token: Some(7),
             },
         )
         .await
@@ -446,10 +479,42 @@ async fn every_rpc_round_trips() {
         page.entries.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
         ["other", "p1"] // by sequence of the current version: p1 was patched last
     );
-    assert_eq!(page.next_page_token.as_deref(), Some("name:exact=Ann Lee&_count=5"));
-    let system =
-        client.search(&ctx, SearchRequest { resource_type: None, params: vec![] }).await.expect("system search");
+    assert_eq!(page.next_page_token.as_deref(), Some("name:exact=Ann Lee&_count=5&consistency=7"));
+    assert_eq!(page.previous_page_token.as_deref(), Some("cursor-1"));
+    assert_eq!(page.applied, [("name:exact".to_owned(), "Ann Lee".to_owned()), ("_count".to_owned(), "5".to_owned())]);
+    assert_eq!(page.included.len(), 1);
+    assert_eq!(page.warnings.len(), 1);
+    assert_eq!(page.warnings[0].diagnostics, "lenient search");
+    let system = client
+        .search(
+            &ctx,
+            SearchRequest {
+                scope: SearchScope::System,
+                params: vec![],
+                strict: true,
+                page_token: None,
+                consistency_token: None,
+            },
+        )
+        .await
+        .expect("system search");
     assert_eq!(system.total, Some(2));
+    assert!(system.warnings.is_empty());
+    let compartment = SearchScope::Compartment { compartment: patient(), id: "p1".into(), member: None };
+    let in_compartment = client
+        .search(
+            &ctx,
+            SearchRequest {
+                scope: compartment,
+                params: vec![],
+                strict: true,
+                page_token: None,
+                consistency_token: None,
+            },
+        )
+        .await
+        .expect("compartment search");
+    assert_eq!(in_compartment.next_page_token.as_deref(), Some("compartment=Patient/p1"));
 
     // delete, then delete again (nothing live)
     let deleted = client
@@ -656,7 +721,13 @@ async fn multi_issue_outcomes_cross_intact() {
     assert_eq!(client.delete(&ctx, delete).await.expect_err("throttled").category, ErrorCategory::TooManyRequests);
     let history = HistoryRequest { scope: HistoryScope::System, count: None, since: None, at: None, page_token: None };
     assert_eq!(client.history(&ctx, history).await.expect_err("unauthorized").category, ErrorCategory::Unauthorized);
-    let search = SearchRequest { resource_type: None, params: vec![] };
+    let search = SearchRequest {
+        scope: SearchScope::System,
+        params: vec![],
+        strict: false,
+        page_token: None,
+        consistency_token: None,
+    };
     assert_eq!(
         client.search(&ctx, search).await.expect_err("unsupported"),
         FhirError::unsupported("unknown search parameter 'foo'").at("foo")
@@ -697,10 +768,8 @@ async fn malformed_requests_are_invalid() {
     assert_eq!(as_error(status), FhirError::invalid("missing field `context`"));
 
     let bad_tenant = Some(pb::RequestContext { tenant: String::new(), request_id: None, traceparent: None });
-    let status = raw
-        .search(pb::SearchRequest { context: bad_tenant, resource_type: None, params: vec![] })
-        .await
-        .expect_err("empty tenant");
+    let status =
+        raw.search(pb::SearchRequest { context: bad_tenant, ..Default::default() }).await.expect_err("empty tenant");
     assert_eq!(as_error(status).category, ErrorCategory::Invalid);
 
     let status = raw
@@ -765,7 +834,7 @@ impl ResourceServiceRpc for Broken {
             last_updated: None,
             ..bad_version()
         };
-        Ok(Response::new(pb::SearchResponse { entries: vec![version], total: None, next_page_token: None }))
+        Ok(Response::new(pb::SearchResponse { entries: vec![version], ..Default::default() }))
     }
     async fn bundle(&self, _: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
         Ok(Response::new(pb::BundleResponse { bundle: Bytes::from_static(b"{}") }))
@@ -792,7 +861,13 @@ async fn malformed_responses_are_internal_errors_not_panics() {
     assert_eq!(err.category, ErrorCategory::Internal);
     let history = HistoryRequest { scope: HistoryScope::System, count: None, since: None, at: None, page_token: None };
     assert_eq!(client.history(&ctx, history).await.expect_err("bad entry").category, ErrorCategory::Internal);
-    let search = SearchRequest { resource_type: None, params: vec![] };
+    let search = SearchRequest {
+        scope: SearchScope::System,
+        params: vec![],
+        strict: false,
+        page_token: None,
+        consistency_token: None,
+    };
     let err = client.search(&ctx, search).await.expect_err("missing timestamp");
     assert!(err.issues[0].diagnostics.contains("last_updated"), "{err}");
 

@@ -17,6 +17,7 @@ mod queries;
 mod read_pool;
 mod rows;
 mod schema;
+pub mod search;
 mod writer;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ use tokio::sync::oneshot;
 
 pub use crate::config::SqliteConfig;
 use crate::read_pool::ReadPool;
+pub use crate::search::{SqliteSearchConfig, SqliteSearchIndex};
 use crate::writer::{Request, Shared, WriterHandle};
 
 /// The SQLite-backed [`ResourceStore`] and [`ChangeLog`]. Cheap to clone (all clones share one

@@ -52,6 +52,10 @@ pub struct ResourceSection {
     pub default_page_size: usize,
     /// Largest `_count` honoured.
     pub max_page_size: usize,
+    /// Search page size when `_count` is absent.
+    pub default_search_count: usize,
+    /// How long a search waits for the index to apply the caller's latest write (read-your-writes).
+    pub consistency_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +96,8 @@ impl Default for ResourceSection {
             update_create: true,
             default_page_size: 50,
             max_page_size: 1000,
+            default_search_count: 20,
+            consistency_wait_ms: 1000,
         }
     }
 }
@@ -167,6 +173,16 @@ impl Config {
                 self.resource.max_page_size,
                 self.resource.default_page_size
             );
+        }
+        if self.resource.default_search_count == 0 || self.resource.default_search_count > self.resource.max_page_size {
+            bail!(
+                "resource.default_search_count must be between 1 and resource.max_page_size ({}), got {}",
+                self.resource.max_page_size,
+                self.resource.default_search_count
+            );
+        }
+        if self.resource.consistency_wait_ms > 60_000 {
+            bail!("resource.consistency_wait_ms must be at most 60000, got {}", self.resource.consistency_wait_ms);
         }
         let endpoint = &self.gateway.resource_endpoint;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {

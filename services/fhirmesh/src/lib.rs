@@ -2,6 +2,7 @@
 //! `main.rs` and by tests that run the real wiring in-process.
 
 pub mod config;
+pub mod reindex;
 pub mod serve;
 
 pub use config::{Config, Overrides};

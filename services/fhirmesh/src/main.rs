@@ -27,6 +27,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file, environment, flags) as JSON and exit.
     Config(ServeArgs),
+    /// Rebuild the search index from the store's change log (e.g. after a search-parameter change
+    /// or a lost index); a running server keeps serving meanwhile.
+    Reindex(ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,11 +88,18 @@ impl ServeArgs {
     }
 }
 
+enum Action {
+    Serve,
+    PrintConfig,
+    Reindex,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let (args, print_only) = match &cli.command {
-        Command::Serve(args) => (args, false),
-        Command::Config(args) => (args, true),
+    let (args, action) = match &cli.command {
+        Command::Serve(args) => (args, Action::Serve),
+        Command::Config(args) => (args, Action::PrintConfig),
+        Command::Reindex(args) => (args, Action::Reindex),
     };
     let config = match Config::load(cli.config.as_deref(), Config::env(), &args.overrides()) {
         Ok(config) => config,
@@ -98,11 +108,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if print_only {
-        println!("{}", serde_json::to_string_pretty(&config).unwrap_or_default());
-        return std::process::ExitCode::SUCCESS;
-    }
-    match serve::run(config, args.target) {
+    let outcome = match action {
+        Action::PrintConfig => {
+            println!("{}", serde_json::to_string_pretty(&config).unwrap_or_default());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Action::Reindex => fhirmesh::reindex::run(&config),
+        Action::Serve => serve::run(config, args.target),
+    };
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("fhirmesh: {err:#}");

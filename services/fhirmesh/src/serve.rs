@@ -24,6 +24,8 @@ pub enum Target {
     Gateway,
     /// The resource service over gRPC (resource.grpc_listen) on the embedded store.
     Resource,
+    /// The indexer: follows the store's change log and keeps the search index equal to it.
+    Indexer,
 }
 
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
@@ -79,6 +81,8 @@ fn resource_config(config: &Config) -> ResourceConfig {
         update_create: config.resource.update_create,
         default_page_size: config.resource.default_page_size,
         max_page_size: config.resource.max_page_size,
+        default_search_count: config.resource.default_search_count,
+        consistency_wait: std::time::Duration::from_millis(config.resource.consistency_wait_ms),
         ..ResourceConfig::default()
     }
 }
@@ -111,14 +115,26 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut grpc_addr = None;
 
     let service: Option<DynResourceService> = match target {
-        Target::All | Target::Resource => {
+        Target::All | Target::Resource | Target::Indexer => {
             let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
-            if target == Target::All {
+            let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
+            let events = if target == Target::All {
+                // Embedded: relay → in-process bus → indexer, each resuming from its durable position.
                 let bus = Arc::new(InProcessBus::new(4096));
+                let events = bus.subscription();
                 let relay = fhirmesh_relay::spawn(store.clone(), bus, Running::stopped(&rx));
                 tasks.push(tokio::spawn(async move { relay.await.context("relay task failed") }));
+                Some(events)
+            } else {
+                None
+            };
+            if matches!(target, Target::All | Target::Indexer) {
+                let indexer = fhirmesh_indexer::spawn(index.clone(), store.clone(), events, Running::stopped(&rx));
+                tasks.push(tokio::spawn(async move { indexer.await.context("indexer task failed") }));
             }
-            Some(fhirmesh_resource::resource_service(store, resource_config(config)))
+            (target != Target::Indexer).then(|| {
+                fhirmesh_resource::resource_service(store, index, resource_config(config)) as DynResourceService
+            })
         }
         Target::Gateway => None,
     };
@@ -150,6 +166,9 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         }));
     }
 
+    if target == Target::Indexer {
+        tracing::info!("indexer following the change log");
+    }
     Ok(Running { http_addr, grpc_addr, shutdown, tasks })
 }
 
@@ -167,6 +186,9 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
         if let Some(addr) = running.grpc_addr {
             tracing::info!(%addr, "grpc resource service listening");
             println!("fhirmesh: gRPC resource service listening on {addr}");
+        }
+        if target == Target::Indexer {
+            println!("fhirmesh: indexer running on {}", config.storage.data_dir.display());
         }
         shutdown_signal().await;
         tracing::info!("shutting down");

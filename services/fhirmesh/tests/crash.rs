@@ -63,6 +63,16 @@ async fn acknowledged_writes_survive_kill_9() {
             let response = client.get(format!("{}/Basic/{id}", server.address)).send().await.expect("read");
             assert_eq!(response.status(), 200, "acknowledged write Basic/{id} lost in round {round}");
         }
+        // The index converges too: every acknowledged write is found by search after the restart.
+        let mut acked_ids: Vec<&String> = acked.keys().collect();
+        acked_ids.sort();
+        for chunk in acked_ids.chunks(50) {
+            let ids: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
+            let url = format!("{}/Basic?_id={}&_count=100", server.address, ids.join(","));
+            let bundle: Value = client.get(url).send().await.expect("search").json().await.expect("json");
+            let found = bundle["entry"].as_array().map_or(0, Vec::len);
+            assert_eq!(found, chunk.len(), "search misses acknowledged writes after the restart in round {round}");
+        }
         let status = server.terminate().await;
         assert!(status.success(), "graceful shutdown exits 0, got {status}");
     }

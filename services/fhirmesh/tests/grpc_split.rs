@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 async fn gateway_serves_fhir_through_a_remote_resource_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let resource = support::spawn(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path())).await;
+    let indexer = support::spawn(&["--target", "indexer"], Some(dir.path())).await;
     let endpoint = format!("http://{}", resource.address);
     let gateway =
         support::spawn(&["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &endpoint], None)
@@ -69,4 +70,5 @@ async fn gateway_serves_fhir_through_a_remote_resource_service() {
     let outcome: Value = response.json().await.expect("json");
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     assert!(gateway.terminate().await.success());
+    assert!(indexer.terminate().await.success());
 }

@@ -15,7 +15,7 @@ pub struct Process {
     pub address: String,
 }
 
-/// Starts `fhirmesh serve <args>` and waits for its "listening on" line.
+/// Starts `fhirmesh serve <args>` and waits for its "listening on" (or "indexer running on") line.
 pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fhirmesh"));
     command
@@ -35,6 +35,9 @@ pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
         while let Some(line) = lines.next_line().await.expect("stdout readable") {
             if let Some((_, address)) = line.split_once(" listening on ") {
                 return address.trim().to_owned();
+            }
+            if let Some((_, data_dir)) = line.split_once(" indexer running on ") {
+                return data_dir.trim().to_owned();
             }
         }
         panic!("fhirmesh exited before listening");

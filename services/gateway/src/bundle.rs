@@ -46,25 +46,47 @@ pub(crate) fn history_bundle(
     Ok(bundle("history", None, self_link, next_link, entries))
 }
 
+/// The links of a searchset page.
+pub(crate) struct SearchLinks {
+    pub self_link: String,
+    pub next: Option<String>,
+    pub previous: Option<String>,
+}
+
 pub(crate) fn search_bundle(
     base: &str,
-    self_link: &str,
+    links: &SearchLinks,
     page: &SearchPage,
     presentation: &Presentation,
 ) -> Result<Value, FhirError> {
     let count_only = presentation.summary == Some(fhirmesh_fhir::elements::SummaryMode::Count);
     let mut entries = Vec::new();
     if !count_only {
-        for version in &page.entries {
-            let Some(body) = &version.body else { continue };
-            entries.push(json!({
-                "fullUrl": resource_url(base, version),
-                "resource": shaped_value(body, presentation)?,
-                "search": { "mode": "match" },
-            }));
+        for (versions, mode) in [(&page.entries, "match"), (&page.included, "include")] {
+            for version in versions {
+                let Some(body) = &version.body else { continue };
+                entries.push(json!({
+                    "fullUrl": resource_url(base, version),
+                    "resource": shaped_value(body, presentation)?,
+                    "search": { "mode": mode },
+                }));
+            }
         }
     }
-    Ok(bundle("searchset", page.total, self_link, None, entries))
+    if !page.warnings.is_empty() {
+        entries.push(json!({
+            "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+            "resource": fhirmesh_fhir::outcome::operation_outcome(&page.warnings),
+            "search": { "mode": "outcome" },
+        }));
+    }
+    let mut out = bundle("searchset", page.total, &links.self_link, links.next.clone(), entries);
+    if let Some(previous) = &links.previous
+        && let Some(list) = out["link"].as_array_mut()
+    {
+        list.push(json!({ "relation": "previous", "url": previous }));
+    }
+    Ok(out)
 }
 
 fn bundle(kind: &str, total: Option<u64>, self_link: &str, next_link: Option<String>, entries: Vec<Value>) -> Value {

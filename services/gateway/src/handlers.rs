@@ -12,12 +12,13 @@ use fhirmesh_core::service::{
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, TenantId};
 use fhirmesh_fhir::outcome::information;
+use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
 use crate::SharedGateway;
-use crate::bundle::{history_bundle, search_bundle};
+use crate::bundle::{SearchLinks, history_bundle, search_bundle};
 use crate::negotiate::{self, PatchFormat, Presentation, Return};
 use crate::response::{error_response, json_response, resource_response, set_location, version_headers};
 
@@ -97,6 +98,12 @@ async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Body) -> FhirR
     })
 }
 
+/// `X-Consistency-Token`: the change sequence of a write; sent back on a search, it makes the search
+/// wait until the index has applied that write.
+fn set_consistency_token(response: &mut Response, sequence: u64) {
+    response.headers_mut().insert(negotiate::CONSISTENCY_TOKEN, http::HeaderValue::from(sequence));
+}
+
 fn self_link(base: &str, path_and_query: &str) -> String {
     format!("{base}{path_and_query}")
 }
@@ -126,6 +133,7 @@ fn write_response(result: &WriteResult, headers: &HeaderMap, prelude: &Prelude, 
             response
         }
     };
+    set_consistency_token(&mut response, version.sequence);
     if result.created || status == StatusCode::CREATED {
         let location =
             format!("{}/{}/{}/_history/{}", prelude.base, version.resource_type, version.id, version.version_id);
@@ -409,27 +417,52 @@ pub(crate) async fn history_instance(
     history(gw, scope, query, headers, &uri).await
 }
 
-async fn search(
-    gw: SharedGateway,
-    rtype: String,
-    params: Vec<(String, String)>,
-    query: Option<String>,
-    headers: HeaderMap,
-    uri: &Uri,
-) -> Response {
+/// What a search request asks for, before the prelude is built.
+struct SearchCall {
+    scope: FhirResult<SearchScope>,
+    /// Form-encoded body parameters of `POST …/_search`.
+    form: Vec<(String, String)>,
+    /// Path of the search endpoint relative to the FHIR base, e.g. `Patient` or `Patient/1/Observation`.
+    path: String,
+}
+
+async fn search(gw: SharedGateway, call: SearchCall, query: Option<String>, headers: HeaderMap) -> Response {
     let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
         Ok(p) => p,
         Err(response) => return *response,
     };
     let result = async {
-        let resource_type = resource_type(&rtype)?;
-        let mut all = prelude.params.clone();
-        all.extend(params);
-        let page =
-            gw.service.search(&prelude.ctx, SearchRequest { resource_type: Some(resource_type), params: all }).await?;
-        let pq = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-        let self_url = self_link(&prelude.base, pq.strip_prefix(gw.config.base_path.as_str()).unwrap_or(pq));
-        search_bundle(&prelude.base, &self_url, &page, &prelude.presentation)
+        let scope = call.scope?;
+        let mut params = prelude.params.clone();
+        params.extend(call.form);
+        let page_token = params.iter().rev().find(|(k, _)| k == "_page_token").map(|(_, v)| v.clone());
+        params.retain(|(k, _)| k != "_page_token");
+        let request = SearchRequest {
+            scope,
+            params,
+            strict: negotiate::prefer_strict(&headers),
+            page_token,
+            consistency_token: negotiate::consistency_token(&headers)?,
+        };
+        let page = gw.service.search(&prelude.ctx, request).await?;
+        let link = |token: Option<&str>| {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &page.applied {
+                query.append_pair(k, v);
+            }
+            if let Some(token) = token {
+                query.append_pair("_page_token", token);
+            }
+            let query = query.finish();
+            let separator = if query.is_empty() { "" } else { "?" };
+            format!("{}/{}{separator}{query}", prelude.base, call.path)
+        };
+        let links = SearchLinks {
+            self_link: link(None),
+            next: page.next_page_token.as_deref().map(|t| link(Some(t))),
+            previous: page.previous_page_token.as_deref().map(|t| link(Some(t))),
+        };
+        search_bundle(&prelude.base, &links, &page, &prelude.presentation)
     }
     .await;
     match result {
@@ -443,9 +476,9 @@ pub(crate) async fn search_type(
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    uri: Uri,
 ) -> Response {
-    search(gw, rtype, Vec::new(), query, headers, &uri).await
+    let call = SearchCall { scope: resource_type(&rtype).map(SearchScope::Type), form: Vec::new(), path: rtype };
+    search(gw, call, query, headers).await
 }
 
 pub(crate) async fn search_type_post(
@@ -453,14 +486,44 @@ pub(crate) async fn search_type_post(
     Path(rtype): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    uri: Uri,
     body: Body,
 ) -> Response {
     let form = match read_body(&gw, &headers, body).await {
         Ok(bytes) => form_urlencoded::parse(&bytes).into_owned().collect(),
         Err(error) => return error_response(&error, false),
     };
-    search(gw, rtype, form, query, headers, &uri).await
+    let call = SearchCall { scope: resource_type(&rtype).map(SearchScope::Type), form, path: rtype };
+    search(gw, call, query, headers).await
+}
+
+pub(crate) async fn search_system(
+    State(gw): State<SharedGateway>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let call = SearchCall { scope: Ok(SearchScope::System), form: Vec::new(), path: String::new() };
+    search(gw, call, query, headers).await
+}
+
+pub(crate) async fn search_compartment(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let (scope, path) = match path {
+        Ok(Path((compartment, id, member))) => {
+            let scope = (|| {
+                let compartment = resource_type(&compartment)?;
+                let id = logical_id(&id)?;
+                let member = if member == "*" { None } else { Some(resource_type(&member)?) };
+                Ok(SearchScope::Compartment { compartment, id: id.as_str().to_owned(), member })
+            })();
+            (scope, format!("{compartment}/{id}/{member}"))
+        }
+        Err(e) => (Err(FhirError::invalid(format!("bad request path: {e}"))), String::new()),
+    };
+    search(gw, SearchCall { scope, form: Vec::new(), path }, query, headers).await
 }
 
 pub(crate) async fn bundle(State(gw): State<SharedGateway>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {

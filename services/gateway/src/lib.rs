@@ -51,7 +51,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
     });
     let fhir = Router::new()
         .route("/metadata", get(handlers::metadata))
-        .route("/", post(handlers::bundle))
+        .route("/", get(handlers::search_system).post(handlers::bundle))
         .route("/_history", get(handlers::history_system))
         .route("/{rtype}", get(handlers::search_type).post(handlers::create))
         .route("/{rtype}/_search", post(handlers::search_type_post))
@@ -61,6 +61,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
             get(handlers::read).put(handlers::update).patch(handlers::patch).delete(handlers::delete),
         )
         .route("/{rtype}/{id}/_history", get(handlers::history_instance))
+        .route("/{rtype}/{id}/{member}", get(handlers::search_compartment))
         .route("/{rtype}/{id}/_history/{vid}", get(handlers::vread))
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(gateway);

@@ -165,6 +165,29 @@ pub(crate) fn if_match(headers: &HeaderMap) -> FhirResult<Option<u64>> {
     }
 }
 
+/// `Prefer: handling=strict` (search: unknown parameters are errors, not ignored).
+pub(crate) fn prefer_strict(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|pref| pref.trim() == "handling=strict")
+}
+
+/// Header carrying the change sequence of a write (responses) or the last one a client saw (search).
+pub(crate) const CONSISTENCY_TOKEN: &str = "x-consistency-token";
+
+pub(crate) fn consistency_token(headers: &HeaderMap) -> FhirResult<Option<u64>> {
+    let Some(value) = headers.get(CONSISTENCY_TOKEN) else { return Ok(None) };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Some)
+        .ok_or_else(|| FhirError::invalid("X-Consistency-Token must be the number a write response returned"))
+}
+
 /// `If-None-Exist` (conditional create).
 pub(crate) fn if_none_exist(headers: &HeaderMap) -> FhirResult<Option<String>> {
     headers

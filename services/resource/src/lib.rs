@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fhirmesh_core::{DynResourceService, FhirResources, ResourceConfig};
-use fhirmesh_store_sqlite::{SqliteConfig, SqliteStore};
+use fhirmesh_store_sqlite::{SqliteConfig, SqliteSearchConfig, SqliteSearchIndex, SqliteStore};
 use tokio::net::TcpListener;
 
 /// File name of the embedded database inside the data directory.
@@ -24,9 +24,28 @@ pub fn open_sqlite_store(data_dir: &Path, durable: bool) -> anyhow::Result<Arc<S
     Ok(Arc::new(store))
 }
 
-/// The resource service over a store.
-pub fn resource_service(store: Arc<SqliteStore>, config: ResourceConfig) -> Arc<FhirResources> {
-    Arc::new(FhirResources::new(store, config))
+/// File name of the embedded search index inside the data directory (separate from the store, so
+/// a reindex can start from an empty file).
+pub const SEARCH_INDEX_FILE: &str = "search.db";
+
+/// Opens (creating if needed) the embedded SQLite search index under `data_dir`. It commits without
+/// fsync: after a crash its watermark may step back, and the indexer re-applies from the change log.
+pub fn open_sqlite_search_index(data_dir: &Path) -> anyhow::Result<Arc<SqliteSearchIndex>> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let config = SqliteSearchConfig::new(data_dir.join(SEARCH_INDEX_FILE));
+    let index = SqliteSearchIndex::open(config)
+        .map_err(|err| anyhow::anyhow!("cannot open the search index in {}: {err}", data_dir.display()))?;
+    Ok(Arc::new(index))
+}
+
+/// The resource service over a store, searching `index`.
+pub fn resource_service(
+    store: Arc<SqliteStore>,
+    index: Arc<SqliteSearchIndex>,
+    config: ResourceConfig,
+) -> Arc<FhirResources> {
+    Arc::new(FhirResources::new(store.clone(), config).with_search(index, store))
 }
 
 /// Serves `service` as gRPC `fhirmesh.v1.ResourceService` on `listener` until `shutdown`.

@@ -327,8 +327,8 @@ async fn conditional_create_with_if_none_exist() {
     assert_eq!(status, 201, "another system is another identifier");
     let (status, _) = status_and_json(send("identifier=MRN-7").await.expect("sent")).await;
     assert_eq!(status, 412, "two matches");
-    let (status, body) = status_and_json(send("name=Smith").await.expect("sent")).await;
-    assert_eq!(status, 400, "unsupported criteria are refused, not ignored");
+    let (status, body) = status_and_json(send("no-such-param=Smith").await.expect("sent")).await;
+    assert_eq!(status, 400, "unknown criteria are refused, not ignored: a widened condition could match anything");
     expect_outcome(&body);
     server.stop().await;
 }
@@ -492,9 +492,20 @@ async fn search_by_id_and_identifier() {
     assert_eq!(bundle["total"], 1);
     let (_, bundle) = server.get("Patient?identifier=urn:other%7C42").await;
     assert_eq!(bundle["total"], 0);
-    let (status, body) = server.get("Patient?name=x").await;
-    assert_eq!(status, 400, "unsupported search parameters are refused, not ignored");
-    expect_outcome(&body);
+    let response = server
+        .client
+        .get(server.url("Patient?no-such-param=x"))
+        .header("prefer", "handling=strict")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 400, "unknown parameters are errors under Prefer: handling=strict");
+    let (diagnostics, _) = expect_outcome(&status_and_json(response).await.1);
+    assert!(diagnostics.contains("no-such-param"), "{diagnostics}");
+    let (status, bundle) = server.get("Patient?no-such-param=x&_id=nothing").await;
+    assert_eq!(status, 200, "lenient by default");
+    let self_link = bundle["link"][0]["url"].as_str().expect("self link");
+    assert!(!self_link.contains("no-such-param"), "the self link shows only what was applied: {self_link}");
     server.stop().await;
 }
 
@@ -512,9 +523,19 @@ async fn capability_statement_lists_all_resource_types() {
     let patient = resources.iter().find(|r| r["type"] == "Patient").expect("Patient");
     let interactions: Vec<&str> =
         patient["interaction"].as_array().expect("interactions").iter().filter_map(|i| i["code"].as_str()).collect();
-    for code in ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create"] {
+    for code in
+        ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
+    {
         assert!(interactions.contains(&code), "{code}");
     }
+    let params: Vec<&str> =
+        patient["searchParam"].as_array().expect("searchParam").iter().filter_map(|p| p["name"].as_str()).collect();
+    for code in ["_id", "_lastUpdated", "name", "family", "identifier", "birthdate", "general-practitioner"] {
+        assert!(params.contains(&code), "Patient search parameter {code}");
+    }
+    assert!(!params.contains(&"_text"), "unsupported parameters are not advertised");
+    let documentation = patient["documentation"].as_str().expect("unsupported parameters are stated");
+    assert!(documentation.contains("_text") && documentation.contains("_content"), "{documentation}");
     server.stop().await;
 }
 

@@ -4,7 +4,6 @@ use fhirmesh_fhir::LogicalId;
 
 use super::FhirResources;
 use super::body::{self, IdRule};
-use super::conditional::Criteria;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::Operation;
 use crate::ports::{Expected, StoreError, VersionWrite};
@@ -18,8 +17,12 @@ pub(super) async fn create(
     let resource = body::parse_json(&request.body)?;
 
     if let Some(query) = &request.if_none_exist {
-        let criteria = Criteria::parse_query(query)?;
-        let mut found = criteria.matches(&svc.store, &ctx.tenant, request.resource_type, 2).await?;
+        let params: Vec<(String, String)> =
+            form_urlencoded::parse(query.strip_prefix('?').unwrap_or(query).as_bytes()).into_owned().collect();
+        if params.is_empty() {
+            return Err(FhirError::invalid("If-None-Exist must carry search parameters, e.g. identifier=system|value"));
+        }
+        let mut found = super::search::find(svc, &ctx.tenant, request.resource_type, &params, 2).await?;
         match found.len() {
             0 => {}
             1 => {

@@ -2,7 +2,6 @@
 //! [`ResourceStore`](crate::ports::ResourceStore).
 
 mod body;
-mod conditional;
 mod create;
 mod delete;
 mod history;
@@ -20,7 +19,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use crate::error::FhirResult;
 use crate::model::ResourceVersion;
-use crate::ports::DynResourceStore;
+use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use crate::service::{
     CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchRequest, RequestContext,
     ResourceService, SearchPage, SearchRequest, UpdateRequest, WriteResult,
@@ -37,11 +36,22 @@ pub struct ResourceConfig {
     pub max_page_size: usize,
     /// How often an unconditional write re-reads and retries after losing a version race.
     pub max_write_retries: usize,
+    /// Search page size when `_count` is absent.
+    pub default_search_count: usize,
+    /// How long a search waits for the index to catch up with the caller's writes.
+    pub consistency_wait: std::time::Duration,
 }
 
 impl Default for ResourceConfig {
     fn default() -> Self {
-        ResourceConfig { update_create: true, default_page_size: 50, max_page_size: 1000, max_write_retries: 16 }
+        ResourceConfig {
+            update_create: true,
+            default_page_size: 50,
+            max_page_size: 1000,
+            max_write_retries: 16,
+            default_search_count: 20,
+            consistency_wait: std::time::Duration::from_secs(1),
+        }
     }
 }
 
@@ -49,12 +59,23 @@ impl Default for ResourceConfig {
 #[derive(Clone)]
 pub struct FhirResources {
     store: DynResourceStore,
+    /// The search index and the change log its watermark is compared with; `None` disables search
+    /// and conditional operations.
+    index: Option<DynSearchIndex>,
+    changes: Option<DynChangeLog>,
     config: Arc<ResourceConfig>,
 }
 
 impl FhirResources {
     pub fn new(store: DynResourceStore, config: ResourceConfig) -> Self {
-        FhirResources { store, config: Arc::new(config) }
+        FhirResources { store, index: None, changes: None, config: Arc::new(config) }
+    }
+
+    /// Enables search (and conditional operations) on `index`, whose watermark follows `changes`.
+    pub fn with_search(mut self, index: DynSearchIndex, changes: DynChangeLog) -> Self {
+        self.index = Some(index);
+        self.changes = Some(changes);
+        self
     }
 
     pub fn config(&self) -> &ResourceConfig {

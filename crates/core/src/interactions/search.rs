@@ -1,39 +1,278 @@
-//! search (GET /{type}?…): the interim matcher for `_id` and `identifier` until the search index
-//! (issue 3) serves every parameter. Other parameters are refused with a clear message rather than
-//! silently ignored.
+//! search (GET /{type}?…, GET /?…, GET /{Compartment}/{id}/{type}?…, POST …/_search): parse the
+//! parameters into a backend-neutral query, wait (bounded) until the index has caught up with the
+//! caller's writes, run the query on the search index, read the current versions from the store,
+//! and resolve `_include` / `_revinclude`.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use fhirmesh_fhir::outcome::{Issue, IssueType, Severity};
+use fhirmesh_fhir::search::extract::extract_param;
+use fhirmesh_fhir::search::parse::{ParseOptions, parse_search};
+use fhirmesh_fhir::search::query::{Criterion, Include, Match, SearchQuery, SearchScope, SearchValue, TotalMode};
+use fhirmesh_fhir::search::{IndexValue, ParamType, registry};
+use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use super::FhirResources;
-use super::conditional::Criteria;
-use super::history::page_size;
 use crate::error::{FhirError, FhirResult};
+use crate::model::{ResourceVersion, TenantId};
+use crate::ports::{DynSearchIndex, IndexHit};
 use crate::service::{RequestContext, SearchPage, SearchRequest};
 
-/// Result-shaping parameters the gateway applies; they do not select resources.
-const PRESENTATION: &[&str] = &["_count", "_format", "_pretty", "_summary", "_elements"];
+/// How many `:iterate` rounds `_include`/`_revinclude` follow at most.
+const MAX_INCLUDE_DEPTH: usize = 4;
+/// Upper bound on resources added by includes to one page.
+const MAX_INCLUDED: usize = 1000;
 
 pub(super) async fn search(
     svc: &FhirResources,
     ctx: &RequestContext,
     request: SearchRequest,
 ) -> FhirResult<SearchPage> {
-    let Some(resource_type) = request.resource_type else {
-        return Err(FhirError::unsupported("system-level search is not supported yet; search one resource type"));
+    let index = svc.search_index()?;
+    let options = ParseOptions {
+        strict: request.strict,
+        default_count: svc.config.default_search_count,
+        max_count: svc.config.max_page_size,
     };
-    let count = request.params.iter().rev().find(|(name, _)| name == "_count").map(|(_, v)| v.as_str());
-    let limit = page_size(count, &svc.config)?;
-    let criteria = Criteria::parse(&request.params, PRESENTATION)?;
-    if criteria.is_empty() {
-        return Err(FhirError::unsupported(format!(
-            "searching {resource_type} needs _id or identifier for now; full search is coming"
-        )));
+    let query = parse_search(&request.scope, &request.params, &options)
+        .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Invalid, err.issues))?;
+    let mut warnings: Vec<Issue> = query
+        .ignored
+        .iter()
+        .map(|ignored| warning(format!("parameter '{}' was ignored: {}", ignored.name, ignored.reason)))
+        .collect();
+    if let Some(stale) = svc.wait_for_index(request.consistency_token).await? {
+        warnings.push(stale);
     }
-    let mut entries = criteria.matches(&svc.store, &ctx.tenant, resource_type, limit.saturating_add(1)).await?;
-    // The interim matcher does not page: report a total only when every match fits the page.
-    let total = if entries.len() > limit {
-        entries.truncate(limit);
-        None
-    } else {
-        Some(entries.len() as u64)
+
+    let page = index.search(&ctx.tenant, &query, request.page_token.as_deref()).await?;
+    let entries = current_versions(svc, &ctx.tenant, &page.hits).await?;
+    let included =
+        if query.count == 0 { Vec::new() } else { includes(svc, index, &ctx.tenant, &query, &entries).await? };
+    Ok(SearchPage {
+        entries,
+        included,
+        total: page.total,
+        next_page_token: page.next,
+        previous_page_token: page.previous,
+        applied: query.applied,
+        warnings,
+    })
+}
+
+/// Finds live resources of `resource_type` matching a query string (conditional create, update
+/// and delete), at most `limit`. Unknown parameters are errors here: a condition that is silently
+/// widened could overwrite the wrong resource.
+pub(super) async fn find(
+    svc: &FhirResources,
+    tenant: &TenantId,
+    resource_type: ResourceType,
+    params: &[(String, String)],
+    limit: usize,
+) -> FhirResult<Vec<ResourceVersion>> {
+    let index = svc.search_index()?;
+    let options = ParseOptions { strict: true, default_count: limit, max_count: limit };
+    let mut query = parse_search(&SearchScope::Type(resource_type), params, &options)
+        .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Invalid, err.issues))?;
+    if query.criteria.is_empty() {
+        return Err(FhirError::invalid("a conditional request needs at least one search criterion"));
+    }
+    query.count = limit;
+    query.total = TotalMode::None;
+    query.sort.clear();
+    // Conditions must see every committed write.
+    let _ = svc.wait_for_index(None).await?;
+    let page = index.search(tenant, &query, None).await?;
+    current_versions(svc, tenant, &page.hits).await
+}
+
+fn warning(diagnostics: String) -> Issue {
+    Issue { severity: Severity::Warning, code: IssueType::Informational, diagnostics, expression: None }
+}
+
+/// Reads the current version of each hit, skipping resources deleted since the index saw them.
+async fn current_versions(
+    svc: &FhirResources,
+    tenant: &TenantId,
+    hits: &[IndexHit],
+) -> FhirResult<Vec<ResourceVersion>> {
+    let mut out = Vec::with_capacity(hits.len());
+    for hit in hits {
+        if let Some(version) = svc.store.read(tenant, hit.resource_type, &hit.id).await?
+            && !version.is_deleted()
+        {
+            out.push(version);
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `_include` (following references out of the page) and `_revinclude` (finding
+/// resources that reference the page), repeating `:iterate` directives on what was added.
+async fn includes(
+    svc: &FhirResources,
+    index: &DynSearchIndex,
+    tenant: &TenantId,
+    query: &SearchQuery,
+    matches: &[ResourceVersion],
+) -> FhirResult<Vec<ResourceVersion>> {
+    if query.includes.is_empty() && query.revincludes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen: HashSet<(ResourceType, String)> =
+        matches.iter().map(|v| (v.resource_type, v.id.as_str().to_owned())).collect();
+    let mut included: Vec<ResourceVersion> = Vec::new();
+    let mut frontier: Vec<ResourceVersion> = matches.to_vec();
+    for depth in 0..MAX_INCLUDE_DEPTH {
+        let iterate_only = depth > 0;
+        let mut added = Vec::new();
+        for include in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
+            for (resource_type, id) in forward_targets(include, &frontier) {
+                if seen.contains(&(resource_type, id.clone())) || included.len() + added.len() >= MAX_INCLUDED {
+                    continue;
+                }
+                let Ok(logical_id) = LogicalId::parse(&id) else { continue };
+                if let Some(version) = svc.store.read(tenant, resource_type, &logical_id).await?
+                    && !version.is_deleted()
+                {
+                    seen.insert((resource_type, id));
+                    added.push(version);
+                }
+            }
+        }
+        for include in query.revincludes.iter().filter(|i| !iterate_only || i.iterate) {
+            let budget = MAX_INCLUDED.saturating_sub(included.len() + added.len());
+            if budget == 0 {
+                break;
+            }
+            let Some(rev_query) = reverse_query(include, &frontier, budget) else { continue };
+            let page = index.search(tenant, &rev_query, None).await?;
+            for version in current_versions(svc, tenant, &page.hits).await? {
+                if seen.insert((version.resource_type, version.id.as_str().to_owned())) {
+                    added.push(version);
+                }
+            }
+        }
+        if added.is_empty() {
+            break;
+        }
+        included.extend(added.iter().cloned());
+        frontier = added;
+    }
+    Ok(included)
+}
+
+/// The (type, id) targets of an `_include` directive in `sources`.
+fn forward_targets(include: &Include, sources: &[ResourceVersion]) -> Vec<(ResourceType, String)> {
+    let registry = registry();
+    let mut out = Vec::new();
+    for source in sources.iter().filter(|s| s.resource_type == include.source_type) {
+        let Some(body) = &source.body else { continue };
+        let Ok(resource) = serde_json::from_slice::<serde_json::Value>(body) else { continue };
+        let params: Vec<_> = match &include.param {
+            Some(code) => registry.get(source.resource_type, code).into_iter().collect(),
+            None => registry
+                .for_type(source.resource_type)
+                .into_iter()
+                .filter(|def| def.kind == ParamType::Reference)
+                .collect(),
+        };
+        for def in params {
+            for value in extract_param(&resource, def) {
+                if let IndexValue::Reference { target_type: Some(target_type), id: Some(id), .. } = value
+                    && include.target_type.is_none_or(|t| t == target_type)
+                {
+                    out.push((target_type, id));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The query finding `include.source_type` resources whose reference parameter points at any of
+/// `targets`.
+fn reverse_query(include: &Include, targets: &[ResourceVersion], limit: usize) -> Option<SearchQuery> {
+    let registry = registry();
+    let params: Vec<String> = match &include.param {
+        Some(code) => vec![code.clone()],
+        None => registry
+            .for_type(include.source_type)
+            .into_iter()
+            .filter(|def| def.kind == ParamType::Reference)
+            .map(|def| def.code.clone())
+            .collect(),
     };
-    Ok(SearchPage { total, entries, next_page_token: None })
+    let targets: Vec<&ResourceVersion> =
+        targets.iter().filter(|t| include.target_type.is_none_or(|wanted| wanted == t.resource_type)).collect();
+    if params.is_empty() || targets.is_empty() {
+        return None;
+    }
+    let values: Vec<SearchValue> = targets
+        .iter()
+        .map(|t| SearchValue::Reference {
+            target_type: Some(t.resource_type),
+            id: Some(t.id.as_str().to_owned()),
+            url: None,
+        })
+        .collect();
+    let criteria = vec![Criterion::AnyOf(
+        params
+            .into_iter()
+            .map(|param| {
+                Criterion::Match(Match {
+                    chain: Vec::new(),
+                    param,
+                    kind: ParamType::Reference,
+                    modifier: None,
+                    values: values.clone(),
+                })
+            })
+            .collect(),
+    )];
+    Some(SearchQuery {
+        types: vec![include.source_type],
+        criteria,
+        sort: Vec::new(),
+        count: limit,
+        total: TotalMode::None,
+        includes: Vec::new(),
+        revincludes: Vec::new(),
+        summary: None,
+        elements: None,
+        ignored: Vec::new(),
+        applied: Vec::new(),
+    })
+}
+
+impl FhirResources {
+    pub(super) fn search_index(&self) -> FhirResult<&DynSearchIndex> {
+        self.index.as_ref().ok_or_else(|| FhirError::unsupported("search is not enabled on this resource service"))
+    }
+
+    /// Waits until the index has applied `token` (or, without one, everything committed when the
+    /// call started), at most `config.consistency_wait`. Returns a warning when it gave up.
+    pub(super) async fn wait_for_index(&self, token: Option<u64>) -> FhirResult<Option<Issue>> {
+        let Some(index) = &self.index else { return Ok(None) };
+        let target = match (token, &self.changes) {
+            (Some(token), _) => token,
+            (None, Some(changes)) => changes.latest_sequence().await?,
+            (None, None) => return Ok(None),
+        };
+        let deadline = tokio::time::Instant::now() + self.config.consistency_wait;
+        let mut pause = Duration::from_micros(250);
+        loop {
+            if index.watermark().await? >= target {
+                return Ok(None);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(Some(warning(format!(
+                    "the search index has not caught up with change {target} yet; results may miss the latest writes"
+                ))));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
 }

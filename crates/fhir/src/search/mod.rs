@@ -4,6 +4,7 @@
 //! own query language; nothing here knows about any backend.
 
 pub mod compartments;
+pub mod evaluate;
 pub mod extract;
 pub mod params;
 pub mod parse;

@@ -1,6 +1,6 @@
 //! The parsed search: a backend-neutral AST. [`super::parse`] builds it from request parameters;
 //! every backend compiles it to its own query language and MUST implement the matching semantics
-//! documented on each type here — the brute-force evaluator in `fhirmesh-core` is the reference the
+//! documented on each type here — the brute-force evaluator in [`super::evaluate`] is the reference the
 //! backends are tested against.
 
 use time::OffsetDateTime;

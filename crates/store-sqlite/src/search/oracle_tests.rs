@@ -1,0 +1,487 @@
+//! Property test: on random corpora and random queries, the index returns exactly what the
+//! reference evaluator (`fhirmesh_fhir::search::evaluate`) returns, in the same order, across all
+//! pages (forwards and backwards), with the same total.
+
+use fhirmesh_core::ports::{IndexUpdate, SearchIndex};
+use fhirmesh_fhir::ResourceType;
+use fhirmesh_fhir::search::evaluate::{Doc, evaluate};
+use fhirmesh_fhir::search::query::{
+    ChainLink, Criterion, Has, Match, Modifier, Prefix, SearchValue, SortKey, TokenSystem, TotalMode,
+};
+use fhirmesh_fhir::search::values::{DATE_MAX, DATE_MIN, normalize_string};
+use fhirmesh_fhir::search::{IndexEntry, IndexValue, ParamType, SearchQuery};
+use tempfile::TempDir;
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+use super::tests::{all_pages, now, open, query, rt, tenant, update};
+
+/// A tiny deterministic generator (xorshift64*), so failures reproduce from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const TYPES: [&str; 2] = ["Patient", "Observation"];
+const WORDS: [&str; 9] = ["ann", "Anna", "Ánne", "bob", "bo  b", "Zoë", "50%_x", "", "a\\b"];
+const STRING_QUERIES: [&str; 10] = ["a", "an", "AN", "b", "bo b", "z", "%", "_x", "", "\\"];
+const SYSTEMS: [Option<&str>; 3] = [None, Some("s1"), Some("s2")];
+const CODES: [Option<&str>; 5] = [None, Some("a"), Some("A"), Some("b"), Some("c")];
+const TEXTS: [Option<&str>; 4] = [None, Some("Blood"), Some("blue"), Some("of-type:t|MR|1")];
+const NUMBERS: [f64; 8] = [-2.0, 0.0, 0.5, 1.0, 2.5, 10.0, 100.0, 1000.0];
+const URIS: [&str; 5] = ["http://a", "http://a/b", "http://a/b/c", "http://b", "http://a/"];
+const UCUM: &str = "http://unitsofmeasure.org";
+const IDS: usize = 30;
+
+fn base() -> OffsetDateTime {
+    datetime!(2024-05-01 0:00 UTC)
+}
+
+fn random_type(rng: &mut Rng) -> ResourceType {
+    let name: &&str = rng.pick(&TYPES);
+    rt(name)
+}
+
+fn random_id(rng: &mut Rng) -> String {
+    format!("i{}", rng.below(IDS))
+}
+
+fn random_date(rng: &mut Rng) -> (OffsetDateTime, OffsetDateTime) {
+    if rng.chance(5) {
+        return (DATE_MIN, base() + Duration::days(rng.below(40) as i64));
+    }
+    if rng.chance(5) {
+        return (base() + Duration::days(rng.below(40) as i64), DATE_MAX);
+    }
+    let far = if rng.chance(15) { Duration::days(-9000) } else { Duration::ZERO };
+    let start = base() + far + Duration::days(rng.below(40) as i64) + Duration::hours(rng.below(3) as i64 * 8);
+    let length = *rng.pick(&[Duration::SECOND, Duration::DAY, Duration::days(30), Duration::milliseconds(1)]);
+    (start, start + length)
+}
+
+fn number(rng: &mut Rng) -> (f64, f64, f64) {
+    let value = *rng.pick(&NUMBERS);
+    let half = *rng.pick(&[0.5, 0.05]);
+    (value, value - half, value + half)
+}
+
+/// A quantity's (system, code, unit, canonical) from one of a few consistent shapes.
+#[allow(clippy::type_complexity)]
+fn unit(rng: &mut Rng, value: f64) -> (Option<String>, Option<String>, Option<String>, Option<(f64, String)>) {
+    match rng.below(5) {
+        0 => (Some(UCUM.into()), Some("mg".into()), Some("mg".into()), Some((value * 0.001, "g".into()))),
+        1 => (Some(UCUM.into()), Some("g".into()), None, Some((value, "g".into()))),
+        2 => (None, None, Some("mg".into()), None),
+        3 => (Some("urn:o".into()), Some("mg".into()), None, None),
+        _ => (None, None, None, None),
+    }
+}
+
+fn token_value(rng: &mut Rng) -> IndexValue {
+    IndexValue::Token {
+        system: rng.pick(&SYSTEMS).map(str::to_owned),
+        code: rng.pick(&CODES).map(str::to_owned),
+        text: rng.pick(&TEXTS).map(str::to_owned),
+    }
+}
+
+fn quantity_value(rng: &mut Rng) -> IndexValue {
+    let (value, low, high) = number(rng);
+    let (system, code, unit, canonical) = unit(rng, value);
+    IndexValue::Quantity { value, low, high, system, code, unit, canonical }
+}
+
+fn random_entries(rng: &mut Rng, id: &str) -> Vec<IndexEntry> {
+    let mut entries = Vec::new();
+    let mut add = |param: &str, value: IndexValue| entries.push(IndexEntry { param: param.to_owned(), value });
+    for _ in 0..rng.below(3) {
+        let word = *rng.pick(&WORDS);
+        add("name", IndexValue::String { normalized: normalize_string(word), exact: word.to_owned() });
+    }
+    for _ in 0..rng.below(3) {
+        let value = token_value(rng);
+        add("code", value);
+    }
+    for _ in 0..rng.below(3) {
+        let target_type = random_type(rng);
+        let target_id = random_id(rng);
+        let identifier =
+            rng.chance(20).then(|| (rng.pick(&SYSTEMS).map(str::to_owned), rng.pick(&["1", "2"]).to_string()));
+        let value = match rng.below(6) {
+            0 => IndexValue::Reference {
+                target_type: None,
+                id: None,
+                url: "urn:uuid:1".to_owned(),
+                version: None,
+                identifier,
+            },
+            1 => IndexValue::Reference {
+                target_type: Some(target_type),
+                id: Some(target_id.clone()),
+                url: format!("http://x/{target_type}/{target_id}"),
+                version: None,
+                identifier,
+            },
+            _ => IndexValue::Reference {
+                target_type: Some(target_type),
+                id: Some(target_id.clone()),
+                url: format!("{target_type}/{target_id}"),
+                version: None,
+                identifier,
+            },
+        };
+        add("subject", value);
+    }
+    for _ in 0..rng.below(3) {
+        let (start, end) = random_date(rng);
+        add("date", IndexValue::Date { start, end });
+    }
+    for _ in 0..rng.below(3) {
+        let (value, low, high) = number(rng);
+        add("value", IndexValue::Number { value, low, high });
+    }
+    for _ in 0..rng.below(3) {
+        let value = quantity_value(rng);
+        add("qty", value);
+    }
+    for _ in 0..rng.below(3) {
+        add("url", IndexValue::Uri(rng.pick(&URIS).to_string()));
+    }
+    for _ in 0..rng.below(3) {
+        let components =
+            if rng.chance(15) { vec![token_value(rng)] } else { vec![token_value(rng), quantity_value(rng)] };
+        add("combo", IndexValue::Composite(components));
+    }
+    if rng.chance(85) {
+        let at = base() + Duration::minutes(rng.below(20) as i64);
+        let precision = *rng.pick(&[Duration::milliseconds(1), Duration::SECOND]);
+        add("_lastUpdated", IndexValue::Date { start: at, end: at + precision });
+    }
+    if rng.chance(5) {
+        let code = if rng.chance(50) { id.to_owned() } else { "other".to_owned() };
+        add("_id", IndexValue::Token { system: None, code: Some(code), text: None });
+    }
+    entries
+}
+
+fn token_search(rng: &mut Rng) -> SearchValue {
+    let system = match rng.below(4) {
+        0 => TokenSystem::None,
+        1 => TokenSystem::Is("s1".to_owned()),
+        2 => TokenSystem::Is("s2".to_owned()),
+        _ => TokenSystem::Any,
+    };
+    let code = match system {
+        TokenSystem::Any => Some(rng.pick(&["a", "A", "b", "c", "i3"]).to_string()),
+        _ if rng.chance(25) => None,
+        _ => Some(rng.pick(&["a", "A", "b", "c"]).to_string()),
+    };
+    SearchValue::Token { system, code }
+}
+
+fn quantity_search(rng: &mut Rng) -> SearchValue {
+    let (value, low, high) = number(rng);
+    let (system, code, _, canonical) = unit(rng, value);
+    SearchValue::Quantity { prefix: random_prefix(rng), value, low, high, system, code, canonical }
+}
+
+fn random_prefix(rng: &mut Rng) -> Prefix {
+    *rng.pick(&[
+        Prefix::Eq,
+        Prefix::Ne,
+        Prefix::Gt,
+        Prefix::Lt,
+        Prefix::Ge,
+        Prefix::Le,
+        Prefix::Sa,
+        Prefix::Eb,
+        Prefix::Ap,
+    ])
+}
+
+fn values<F: FnMut(&mut Rng) -> SearchValue>(rng: &mut Rng, mut one: F) -> Vec<SearchValue> {
+    (0..1 + rng.below(2)).map(|_| one(rng)).collect()
+}
+
+/// A leaf criterion (no chain) on one of the parameters.
+fn leaf(rng: &mut Rng) -> (String, ParamType, Option<Modifier>, Vec<SearchValue>) {
+    let string = |rng: &mut Rng| SearchValue::String(rng.pick(&STRING_QUERIES).to_string());
+    match rng.below(11) {
+        0 => {
+            let modifier = rng.pick(&[None, Some(Modifier::Contains), Some(Modifier::Exact)]).clone();
+            let values = if modifier == Some(Modifier::Exact) {
+                values(rng, |rng| SearchValue::String(rng.pick(&WORDS).to_string()))
+            } else {
+                values(rng, string)
+            };
+            ("name".into(), ParamType::String, modifier, values)
+        }
+        1 => ("code".into(), ParamType::Token, None, values(rng, token_search)),
+        2 => match rng.below(3) {
+            0 => ("code".into(), ParamType::Token, Some(Modifier::Not), values(rng, token_search)),
+            1 => (
+                "code".into(),
+                ParamType::Token,
+                Some(Modifier::Text),
+                values(rng, |rng| SearchValue::String(rng.pick(&["bl", "BLOOD", "of", "b", "blu"]).to_string())),
+            ),
+            _ => {
+                let value = SearchValue::OfType {
+                    type_system: "t".to_owned(),
+                    type_code: "MR".to_owned(),
+                    value: rng.pick(&["1", "2"]).to_string(),
+                };
+                ("code".into(), ParamType::Token, Some(Modifier::OfType), vec![value])
+            }
+        },
+        3 => {
+            if rng.chance(20) {
+                return ("subject".into(), ParamType::Reference, Some(Modifier::Identifier), values(rng, token_search));
+            }
+            let reference = |rng: &mut Rng| {
+                let target_type = random_type(rng);
+                let id = random_id(rng);
+                match rng.below(5) {
+                    0 => SearchValue::Reference { target_type: None, id: Some(id), url: None },
+                    1 => SearchValue::Reference { target_type: None, id: None, url: Some("urn:uuid:1".to_owned()) },
+                    2 => SearchValue::Reference {
+                        target_type: Some(target_type),
+                        id: Some(id.clone()),
+                        url: Some(format!("http://x/{target_type}/{id}")),
+                    },
+                    _ => SearchValue::Reference { target_type: Some(target_type), id: Some(id), url: None },
+                }
+            };
+            ("subject".into(), ParamType::Reference, None, values(rng, reference))
+        }
+        4 => {
+            let date = |rng: &mut Rng| {
+                let (start, end) = random_date(rng);
+                SearchValue::Date { prefix: random_prefix(rng), start, end }
+            };
+            let param = if rng.chance(20) { "_lastUpdated" } else { "date" };
+            (param.into(), ParamType::Date, None, values(rng, date))
+        }
+        5 => {
+            let number = |rng: &mut Rng| {
+                let (value, low, high) = number(rng);
+                SearchValue::Number { prefix: random_prefix(rng), value, low, high }
+            };
+            ("value".into(), ParamType::Number, None, values(rng, number))
+        }
+        6 => ("qty".into(), ParamType::Quantity, None, values(rng, quantity_search)),
+        7 => {
+            let modifier = rng.pick(&[None, Some(Modifier::Above), Some(Modifier::Below)]).clone();
+            let uri = |rng: &mut Rng| SearchValue::Uri(rng.pick(&URIS).to_string());
+            ("url".into(), ParamType::Uri, modifier, values(rng, uri))
+        }
+        8 => {
+            let composite = |rng: &mut Rng| {
+                let token = token_search(rng);
+                if rng.chance(10) {
+                    SearchValue::Composite(vec![token])
+                } else {
+                    SearchValue::Composite(vec![token, quantity_search(rng)])
+                }
+            };
+            ("combo".into(), ParamType::Composite, None, values(rng, composite))
+        }
+        9 => (
+            "_id".into(),
+            ParamType::Token,
+            None,
+            values(rng, |rng| SearchValue::Token { system: TokenSystem::Any, code: Some(random_id(rng)) }),
+        ),
+        _ => ("name".into(), ParamType::String, None, values(rng, string)),
+    }
+}
+
+const PARAMS: [(&str, ParamType); 10] = [
+    ("name", ParamType::String),
+    ("code", ParamType::Token),
+    ("subject", ParamType::Reference),
+    ("date", ParamType::Date),
+    ("value", ParamType::Number),
+    ("qty", ParamType::Quantity),
+    ("url", ParamType::Uri),
+    ("combo", ParamType::Composite),
+    ("_lastUpdated", ParamType::Date),
+    ("_id", ParamType::Token),
+];
+
+fn random_targets(rng: &mut Rng) -> Vec<ResourceType> {
+    match rng.below(4) {
+        0 => vec![rt("Patient"), rt("Observation")],
+        1 => vec![rt("Observation")],
+        _ => vec![rt("Patient")],
+    }
+}
+
+fn random_criterion(rng: &mut Rng, depth: usize) -> Criterion {
+    let chain: Vec<ChainLink> = if rng.chance(25) {
+        (0..1 + rng.below(2)).map(|_| ChainLink { param: "subject".to_owned(), targets: random_targets(rng) }).collect()
+    } else {
+        Vec::new()
+    };
+    match rng.below(10) {
+        0 => {
+            let (param, kind) = *rng.pick(&PARAMS);
+            Criterion::Missing { chain, param: param.to_owned(), kind, missing: rng.chance(50) }
+        }
+        1 if depth < 2 => Criterion::Has(Has {
+            resource_type: random_type(rng),
+            reference_param: "subject".to_owned(),
+            criterion: Box::new(random_criterion(rng, depth + 1)),
+        }),
+        2 if depth < 2 => Criterion::AnyOf((0..rng.below(3) + 1).map(|_| random_criterion(rng, depth + 1)).collect()),
+        _ => {
+            let (param, kind, modifier, values) = leaf(rng);
+            Criterion::Match(Match { chain, param, kind, modifier, values })
+        }
+    }
+}
+
+fn random_query(rng: &mut Rng) -> SearchQuery {
+    let types: Vec<&str> = match rng.below(3) {
+        0 => vec!["Patient", "Observation"],
+        1 => vec!["Observation"],
+        _ => vec!["Patient"],
+    };
+    let criteria = (0..rng.below(3)).map(|_| random_criterion(rng, 0)).collect();
+    let mut q = query(&types, criteria);
+    let sortable: Vec<(&str, ParamType)> =
+        PARAMS.iter().copied().filter(|(_, kind)| *kind != ParamType::Composite).collect();
+    q.sort = (0..rng.below(3))
+        .map(|_| {
+            let (param, kind) = *rng.pick(&sortable);
+            SortKey { param: param.to_owned(), kind, descending: rng.chance(50) }
+        })
+        .collect();
+    q.count = 1 + rng.below(8);
+    q.total = TotalMode::Accurate;
+    q
+}
+
+/// Random versions of `docs` for one tenant: older versions, deletes and redeliveries, shuffled.
+fn updates_for(
+    rng: &mut Rng,
+    tenant_name: &str,
+    docs: &[(String, String, bool)],
+    live: &mut Vec<Doc>,
+    seq: &mut u64,
+) -> Vec<IndexUpdate> {
+    let mut updates = Vec::new();
+    for (resource_type, id, deleted) in docs {
+        let final_entries = random_entries(rng, id);
+        let versions = 1 + rng.below(2) as u64;
+        for version in 1..versions {
+            *seq += 1;
+            updates.push(update(tenant_name, resource_type, id, version, *seq, Some(random_entries(rng, id))));
+        }
+        *seq += 1;
+        updates.push(update(tenant_name, resource_type, id, versions, *seq, Some(final_entries.clone())));
+        if *deleted {
+            *seq += 1;
+            updates.push(update(tenant_name, resource_type, id, versions + 1, *seq, None));
+        } else {
+            live.push(Doc { resource_type: rt(resource_type), id: id.clone(), entries: final_entries });
+        }
+        if rng.chance(20) {
+            // A redelivery of an older version.
+            let again = updates[rng.below(updates.len())].clone();
+            updates.push(again);
+        }
+    }
+    // Shuffle (Fisher–Yates).
+    for i in (1..updates.len()).rev() {
+        let j = rng.below(i + 1);
+        updates.swap(i, j);
+    }
+    updates
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_agrees_with_the_reference_evaluator() {
+    const CASES: u64 = 200;
+    const DOCS: usize = 50;
+    const QUERIES_PER_CORPUS: usize = 10;
+    let dir = TempDir::new().expect("temp dir");
+    let index = open(&dir);
+    let t = tenant("t");
+    let mut compared = 0;
+    let mut nonempty = 0;
+    for case in 0..CASES {
+        let seed = 0x9e37_79b9_7f4a_7c15 ^ (case + 1).wrapping_mul(0x0100_0000_01b3);
+        let mut rng = Rng(seed);
+        index.clear().await.expect("clear");
+        // Distinct (type, id) pairs; the same id may exist under both types.
+        let mut docs: Vec<(String, String, bool)> = Vec::new();
+        while docs.len() < DOCS {
+            let resource_type = rng.pick(&TYPES).to_string();
+            let id = random_id(&mut rng);
+            if !docs.iter().any(|(t, i, _)| *t == resource_type && *i == id) {
+                docs.push((resource_type, id, rng.chance(10)));
+            }
+        }
+        let mut live = Vec::new();
+        let mut sequence = 0;
+        let mut updates = updates_for(&mut rng, "t", &docs, &mut live, &mut sequence);
+        // The same keys in another tenant, with other values: must never leak into tenant t.
+        let mut elsewhere = Vec::new();
+        updates.extend(updates_for(&mut rng, "other", &docs, &mut elsewhere, &mut sequence));
+        let split = rng.below(updates.len());
+        let rest = updates.split_off(split);
+        index.apply(updates).await.expect("apply");
+        index.apply(rest).await.expect("apply");
+        assert_eq!(index.watermark().await, Ok(sequence), "seed {seed:#x}");
+
+        for query_no in 0..QUERIES_PER_CORPUS {
+            let q = random_query(&mut rng);
+            let expected = evaluate(&q, &live, now());
+            let hits = all_pages(&index, &t, &q).await;
+            let actual: Vec<(ResourceType, String)> =
+                hits.iter().map(|hit| (hit.resource_type, hit.id.as_str().to_owned())).collect();
+            assert_eq!(actual, expected, "seed {seed:#x}, query {query_no}: {q:#?}");
+            let first = index.search_at(&t, &q, None, now()).await.expect("search");
+            assert_eq!(first.total, Some(expected.len() as u64), "seed {seed:#x}, query {query_no}: total");
+            if query_no % 3 == 0 && !expected.is_empty() {
+                // Backwards from the last page.
+                let mut page = first;
+                while let Some(next) = page.next.clone() {
+                    page = index.search_at(&t, &q, Some(&next), now()).await.expect("search");
+                }
+                let mut pages = vec![page.hits.clone()];
+                while let Some(previous) = page.previous.clone() {
+                    page = index.search_at(&t, &q, Some(&previous), now()).await.expect("search");
+                    pages.push(page.hits.clone());
+                }
+                pages.reverse();
+                let back: Vec<(ResourceType, String)> =
+                    pages.concat().iter().map(|hit| (hit.resource_type, hit.id.as_str().to_owned())).collect();
+                assert_eq!(back, expected, "seed {seed:#x}, query {query_no}: backwards");
+            }
+            compared += 1;
+            nonempty += usize::from(!expected.is_empty());
+        }
+    }
+    eprintln!("{compared} queries compared over {CASES} corpora of {DOCS} documents; {nonempty} with hits");
+    assert!(nonempty * 4 > compared, "the generator should produce mostly non-empty results: {nonempty}/{compared}");
+}
