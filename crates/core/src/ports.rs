@@ -101,6 +101,20 @@ pub trait ResourceStore: Send + Sync + 'static {
         id: &LogicalId,
     ) -> Result<Option<ResourceVersion>, StoreError>;
 
+    /// The current versions of several resources at once (one round trip for a page of search
+    /// hits), in the order asked; `None` where a resource never existed.
+    async fn read_many(
+        &self,
+        tenant: &TenantId,
+        keys: &[(ResourceType, LogicalId)],
+    ) -> Result<Vec<Option<ResourceVersion>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (resource_type, id) in keys {
+            out.push(self.read(tenant, *resource_type, id).await?);
+        }
+        Ok(out)
+    }
+
     /// One specific version (live or tombstone).
     async fn vread(
         &self,

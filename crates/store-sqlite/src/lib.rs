@@ -48,9 +48,11 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    // Field order is drop order: the writer is stopped and joined before the readers close.
-    writer: WriterHandle,
+    // Field order is drop order: the read connections close first (reads in flight keep the pool
+    // alive through their own `Arc`), then the writer finishes what is queued and closes last —
+    // the last connection to close checkpoints the WAL and removes it, which a read-only one cannot.
     readers: Arc<ReadPool>,
+    writer: WriterHandle,
     shared: Arc<Shared>,
 }
 
@@ -84,7 +86,7 @@ impl SqliteStore {
             latest_sequence = shared.latest_sequence.load(Ordering::Acquire),
             "sqlite store opened"
         );
-        Ok(SqliteStore { inner: Arc::new(Inner { writer, readers, shared }) })
+        Ok(SqliteStore { inner: Arc::new(Inner { readers, writer, shared }) })
     }
 
     /// Group-commit counters, e.g. for metrics or benchmarks.
@@ -123,6 +125,18 @@ impl ResourceStore for SqliteStore {
     ) -> Result<Option<ResourceVersion>, StoreError> {
         let (tenant, id) = (tenant.clone(), id.clone());
         self.inner.readers.run(move |conn| queries::read_current(conn, &tenant, resource_type, &id)).await
+    }
+
+    async fn read_many(
+        &self,
+        tenant: &TenantId,
+        keys: &[(ResourceType, LogicalId)],
+    ) -> Result<Vec<Option<ResourceVersion>>, StoreError> {
+        let (tenant, keys) = (tenant.clone(), keys.to_vec());
+        self.inner
+            .readers
+            .run(move |conn| keys.iter().map(|(rt, id)| queries::read_current(conn, &tenant, *rt, id)).collect())
+            .await
     }
 
     async fn vread(

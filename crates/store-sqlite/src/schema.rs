@@ -66,17 +66,34 @@ CREATE TABLE checkpoints (
 /// Opens (creating if missing) the database and returns the single write connection, with the
 /// schema in place.
 pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connection> {
+    let conn = open_wal_writer(path, synchronous_full)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// A read-write connection in WAL mode, shared by the store's and the search index's writers.
+pub(crate) fn open_wal_writer(path: &Path, synchronous_full: bool) -> Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    tune(&conn)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::Corrupt(format!("could not switch to WAL mode (journal_mode is {mode})")));
     }
     // In WAL mode FULL syncs the WAL on every commit; NORMAL only at checkpoints.
     conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
-    conn.pragma_update(None, "foreign_keys", "OFF")?;
-    migrate(&conn)?;
     Ok(conn)
+}
+
+/// Settings every connection gets.
+fn tune(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // The bundled SQLite is built with STAT4, which re-prepares a cached statement on every run
+    // whose bound values could change its plan — a full SQL parse per query. Our plans do not
+    // depend on values (there are no statistics tables), so ask for plan stability instead.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
 }
 
 /// A read-only connection; in WAL mode readers see the last committed state and never block the
@@ -84,10 +101,18 @@ pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connect
 pub(crate) fn open_reader(path: &Path) -> Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.set_prepared_statement_cache_capacity(64);
+    tune(&conn)?;
+    // Read pages through a memory map (no pread syscall and copy per page) and keep a modest
+    // per-connection page cache; both are address space and cache, not a floor on memory use.
+    conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)?;
+    conn.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
     Ok(conn)
 }
+
+/// Memory-map up to this much of the database file per read connection.
+const READER_MMAP_BYTES: i64 = 1 << 30;
+/// Page cache per read connection, in KiB (negative = KiB for SQLite).
+const READER_CACHE_KIB: i64 = -8 * 1024;
 
 fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;

@@ -152,6 +152,28 @@ async fn commit_read_and_vread() {
 }
 
 #[tokio::test]
+async fn read_many_answers_in_the_order_asked_with_gaps_and_tombstones() {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let (mine, other) = (tenant("t1"), tenant("other"));
+    commit_one(&store, &mine, create("Patient", "a", t(1))).await;
+    commit_one(&store, &mine, create("Patient", "b", t(2))).await;
+    commit_one(&store, &mine, delete("Patient", "b", 1, t(3))).await;
+    commit_one(&store, &other, create("Patient", "c", t(4))).await;
+    let asked = [
+        (rt("Patient"), lid("b")),
+        (rt("Patient"), lid("missing")),
+        (rt("Patient"), lid("c")),
+        (rt("Patient"), lid("a")),
+    ];
+    let found = store.read_many(&mine, &asked).await.expect("read_many");
+    let summary: Vec<Option<(String, u64, bool)>> =
+        found.iter().map(|v| v.as_ref().map(|v| (v.id.to_string(), v.version_id, v.is_deleted()))).collect();
+    assert_eq!(summary, [Some(("b".into(), 2, true)), None, None, Some(("a".into(), 1, false))]);
+    assert_eq!(store.read_many(&mine, &[]).await, Ok(Vec::new()));
+}
+
+#[tokio::test]
 async fn timestamps_keep_microseconds_and_come_back_in_utc() {
     let dir = TempDir::new().expect("temp dir");
     let store = open(&dir);
@@ -888,4 +910,26 @@ async fn group_commit_throughput() {
         requests as f64 / groups as f64
     );
     assert_eq!(requests as f64, commits);
+}
+
+#[tokio::test]
+async fn cached_statements_are_not_reprepared_on_every_run() {
+    // The bundled SQLite has STAT4, which re-parses a statement whenever new bound values might
+    // change its plan; connections opt out (QPSG) so a cached statement stays prepared.
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let tenant = tenant("t1");
+    commit_one(&store, &tenant, create("Patient", "a", t(1))).await;
+    let conn = crate::schema::open_reader(&db_path(&dir)).expect("reader");
+    for id in ["a", "b", "c", "d"] {
+        crate::queries::read_current(&conn, &tenant, rt("Patient"), &lid(id)).expect("read");
+    }
+    let sql = format!(
+        "SELECT {} FROM resources_current c JOIN resource_versions v ON v.sequence = c.sequence \
+         WHERE c.tenant = ?1 AND c.type = ?2 AND c.id = ?3",
+        crate::rows::VERSION_COLUMNS
+    );
+    let stmt = conn.prepare_cached(&sql).expect("the statement read_current caches");
+    assert_eq!(stmt.get_status(rusqlite::StatementStatus::Run), 4, "the same cached statement ran every read");
+    assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
 }

@@ -1,49 +1,141 @@
-//! Bundles the gateway returns: `history` and `searchset`.
+//! Bundles the gateway returns: `history` and `searchset`. Stored resources are spliced into the
+//! Bundle as the bytes the store holds (`RawValue`) when no `_summary`/`_elements` reshapes them, so
+//! a page of search results is never parsed into a tree and printed again.
 
+use bytes::Bytes;
 use fhirmesh_core::service::{HistoryPage, SearchPage};
 use fhirmesh_core::{FhirError, Operation, ResourceVersion};
 use fhirmesh_fhir::datetime::format_instant;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::negotiate::Presentation;
-use crate::response::shaped_value;
+use crate::response::{json_bytes_of, shaped_value};
 
 /// Absolute URL of a resource.
 pub(crate) fn resource_url(base: &str, version: &ResourceVersion) -> String {
     format!("{base}/{}/{}", version.resource_type, version.id)
 }
 
+/// A resource inside a Bundle entry: the stored bytes as they are, or reshaped.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Embedded<'a> {
+    Raw(&'a RawValue),
+    Shaped(Value),
+}
+
+fn embed<'a>(body: &'a Bytes, presentation: &Presentation) -> Result<Embedded<'a>, FhirError> {
+    if presentation.is_plain() {
+        let text = std::str::from_utf8(body).map_err(|_| FhirError::internal("stored resource is not UTF-8"))?;
+        let raw = serde_json::from_str::<&RawValue>(text)
+            .map_err(|err| FhirError::internal(format!("stored resource is not JSON: {err}")))?;
+        Ok(Embedded::Raw(raw))
+    } else {
+        Ok(Embedded::Shaped(shaped_value(body, presentation)?))
+    }
+}
+
+#[derive(Serialize)]
+struct Link<'a> {
+    relation: &'static str,
+    url: &'a str,
+}
+
+#[derive(Serialize)]
+struct Meta {
+    #[serde(rename = "lastUpdated")]
+    last_updated: String,
+}
+
+#[derive(Serialize)]
+struct Bundle<'a, E> {
+    #[serde(rename = "resourceType")]
+    resource_type: &'static str,
+    id: String,
+    meta: Meta,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
+    link: Vec<Link<'a>>,
+    entry: Vec<E>,
+}
+
+impl<'a, E: Serialize> Bundle<'a, E> {
+    fn new(kind: &'static str, total: Option<u64>, link: Vec<Link<'a>>, entry: Vec<E>) -> Self {
+        Bundle {
+            resource_type: "Bundle",
+            id: uuid::Uuid::new_v4().to_string(),
+            meta: Meta { last_updated: format_instant(time::OffsetDateTime::now_utc()) },
+            kind,
+            total,
+            link,
+            entry,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HistoryEntry<'a> {
+    #[serde(rename = "fullUrl")]
+    full_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<Embedded<'a>>,
+    request: HistoryRequest,
+    response: HistoryResponse,
+}
+
+#[derive(Serialize)]
+struct HistoryRequest {
+    method: &'static str,
+    url: String,
+}
+
+#[derive(Serialize)]
+struct HistoryResponse {
+    status: &'static str,
+    etag: String,
+    #[serde(rename = "lastModified")]
+    last_modified: String,
+}
+
 pub(crate) fn history_bundle(
     base: &str,
     self_link: &str,
-    next_link: Option<String>,
+    next_link: Option<&str>,
     page: &HistoryPage,
     presentation: &Presentation,
-) -> Result<Value, FhirError> {
+) -> Result<Bytes, FhirError> {
     let mut entries = Vec::with_capacity(page.entries.len());
     for version in &page.entries {
-        let mut entry = Map::new();
-        entry.insert("fullUrl".into(), json!(resource_url(base, version)));
-        if let Some(body) = &version.body {
-            entry.insert("resource".into(), shaped_value(body, presentation)?);
-        }
+        let resource = version.body.as_ref().map(|body| embed(body, presentation)).transpose()?;
         let url = match version.operation {
             Operation::Create => version.resource_type.to_string(),
             Operation::Update | Operation::Delete => format!("{}/{}", version.resource_type, version.id),
         };
-        entry.insert("request".into(), json!({ "method": version.operation.http_method(), "url": url }));
         let status = match version.operation {
             Operation::Create => "201 Created",
             Operation::Update => "200 OK",
             Operation::Delete => "204 No Content",
         };
-        entry.insert(
-            "response".into(),
-            json!({ "status": status, "etag": version.etag(), "lastModified": format_instant(version.last_updated) }),
-        );
-        entries.push(Value::Object(entry));
+        entries.push(HistoryEntry {
+            full_url: resource_url(base, version),
+            resource,
+            request: HistoryRequest { method: version.operation.http_method(), url },
+            response: HistoryResponse {
+                status,
+                etag: version.etag(),
+                last_modified: format_instant(version.last_updated),
+            },
+        });
     }
-    Ok(bundle("history", None, self_link, next_link, entries))
+    let mut links = vec![Link { relation: "self", url: self_link }];
+    if let Some(next) = next_link {
+        links.push(Link { relation: "next", url: next });
+    }
+    Ok(json_bytes_of(&Bundle::new("history", None, links, entries), presentation.pretty))
 }
 
 /// The links of a searchset page.
@@ -53,56 +145,52 @@ pub(crate) struct SearchLinks {
     pub previous: Option<String>,
 }
 
+#[derive(Serialize)]
+struct SearchEntry<'a> {
+    #[serde(rename = "fullUrl")]
+    full_url: String,
+    resource: Embedded<'a>,
+    search: SearchMode,
+}
+
+#[derive(Serialize)]
+struct SearchMode {
+    mode: &'static str,
+}
+
 pub(crate) fn search_bundle(
     base: &str,
     links: &SearchLinks,
     page: &SearchPage,
     presentation: &Presentation,
-) -> Result<Value, FhirError> {
+) -> Result<Bytes, FhirError> {
     let count_only = presentation.summary == Some(fhirmesh_fhir::elements::SummaryMode::Count);
     let mut entries = Vec::new();
     if !count_only {
         for (versions, mode) in [(&page.entries, "match"), (&page.included, "include")] {
             for version in versions {
                 let Some(body) = &version.body else { continue };
-                entries.push(json!({
-                    "fullUrl": resource_url(base, version),
-                    "resource": shaped_value(body, presentation)?,
-                    "search": { "mode": mode },
-                }));
+                entries.push(SearchEntry {
+                    full_url: resource_url(base, version),
+                    resource: embed(body, presentation)?,
+                    search: SearchMode { mode },
+                });
             }
         }
     }
     if !page.warnings.is_empty() {
-        entries.push(json!({
-            "fullUrl": format!("urn:uuid:{}", uuid::Uuid::new_v4()),
-            "resource": fhirmesh_fhir::outcome::operation_outcome(&page.warnings),
-            "search": { "mode": "outcome" },
-        }));
+        entries.push(SearchEntry {
+            full_url: format!("urn:uuid:{}", uuid::Uuid::new_v4()),
+            resource: Embedded::Shaped(fhirmesh_fhir::outcome::operation_outcome(&page.warnings)),
+            search: SearchMode { mode: "outcome" },
+        });
     }
-    let mut out = bundle("searchset", page.total, &links.self_link, links.next.clone(), entries);
-    if let Some(previous) = &links.previous
-        && let Some(list) = out["link"].as_array_mut()
-    {
-        list.push(json!({ "relation": "previous", "url": previous }));
+    let mut link = vec![Link { relation: "self", url: &links.self_link }];
+    if let Some(next) = &links.next {
+        link.push(Link { relation: "next", url: next });
     }
-    Ok(out)
-}
-
-fn bundle(kind: &str, total: Option<u64>, self_link: &str, next_link: Option<String>, entries: Vec<Value>) -> Value {
-    let mut links = vec![json!({ "relation": "self", "url": self_link })];
-    if let Some(next) = next_link {
-        links.push(json!({ "relation": "next", "url": next }));
+    if let Some(previous) = &links.previous {
+        link.push(Link { relation: "previous", url: previous });
     }
-    let mut out = Map::new();
-    out.insert("resourceType".into(), json!("Bundle"));
-    out.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
-    out.insert("meta".into(), json!({ "lastUpdated": format_instant(time::OffsetDateTime::now_utc()) }));
-    out.insert("type".into(), json!(kind));
-    if let Some(total) = total {
-        out.insert("total".into(), json!(total));
-    }
-    out.insert("link".into(), Value::Array(links));
-    out.insert("entry".into(), Value::Array(entries));
-    Value::Object(out)
+    Ok(json_bytes_of(&Bundle::new("searchset", page.total, link, entries), presentation.pretty))
 }

@@ -20,7 +20,9 @@ use serde_json::json;
 use crate::SharedGateway;
 use crate::bundle::{SearchLinks, history_bundle, search_bundle};
 use crate::negotiate::{self, PatchFormat, Presentation, Return};
-use crate::response::{error_response, json_response, resource_response, set_location, version_headers};
+use crate::response::{
+    bytes_response, error_response, json_response, resource_response, set_location, version_headers,
+};
 
 /// What every FHIR handler needs from the request before doing its own work.
 struct Prelude {
@@ -377,11 +379,11 @@ async fn history(
             query.append_pair("_page_token", token);
             format!("{}{path}?{}", prelude.base, query.finish())
         });
-        history_bundle(&prelude.base, &self_url, next, &page, &prelude.presentation)
+        history_bundle(&prelude.base, &self_url, next.as_deref(), &page, &prelude.presentation)
     }
     .await;
     match result {
-        Ok(bundle) => json_response(StatusCode::OK, &bundle, prelude.pretty),
+        Ok(bundle) => bytes_response(StatusCode::OK, bundle),
         Err(error) => prelude.fail(error),
     }
 }
@@ -466,7 +468,7 @@ async fn search(gw: SharedGateway, call: SearchCall, query: Option<String>, head
     }
     .await;
     match result {
-        Ok(bundle) => json_response(StatusCode::OK, &bundle, prelude.pretty),
+        Ok(bundle) => bytes_response(StatusCode::OK, bundle),
         Err(error) => prelude.fail(error),
     }
 }

@@ -17,16 +17,26 @@ pub(crate) const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 
 /// Serialises JSON, pretty when asked.
 pub(crate) fn json_bytes(value: &Value, pretty: bool) -> Bytes {
+    json_bytes_of(value, pretty)
+}
+
+/// Serialises anything serde can, pretty when asked. The types serialised here have string keys
+/// only, so serialisation cannot fail.
+pub(crate) fn json_bytes_of<T: serde::Serialize>(value: &T, pretty: bool) -> Bytes {
     let out = if pretty { serde_json::to_vec_pretty(value) } else { serde_json::to_vec(value) };
-    // Serialising a `Value` cannot fail (all keys are strings).
     Bytes::from(out.unwrap_or_default())
 }
 
-pub(crate) fn json_response(status: StatusCode, value: &Value, pretty: bool) -> Response {
-    let mut response = Response::new(Body::from(json_bytes(value, pretty)));
+/// A JSON body already serialised.
+pub(crate) fn bytes_response(status: StatusCode, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     response
+}
+
+pub(crate) fn json_response(status: StatusCode, value: &Value, pretty: bool) -> Response {
+    bytes_response(status, json_bytes(value, pretty))
 }
 
 /// The OperationOutcome response for an error.

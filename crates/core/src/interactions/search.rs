@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use fhirmesh_fhir::elements::SummaryMode;
 use fhirmesh_fhir::outcome::{Issue, IssueType, Severity};
 use fhirmesh_fhir::search::extract::extract_param;
 use fhirmesh_fhir::search::parse::{ParseOptions, parse_search};
@@ -35,8 +36,12 @@ pub(super) async fn search(
         default_count: svc.config.default_search_count,
         max_count: svc.config.max_page_size,
     };
-    let query = parse_search(&request.scope, &request.params, &options)
+    let mut query = parse_search(&request.scope, &request.params, &options)
         .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Invalid, err.issues))?;
+    if query.summary == Some(SummaryMode::Count) {
+        // Only the total is wanted: no page, no includes.
+        query.count = 0;
+    }
     let mut warnings: Vec<Issue> = query
         .ignored
         .iter()
@@ -91,21 +96,28 @@ fn warning(diagnostics: String) -> Issue {
     Issue { severity: Severity::Warning, code: IssueType::Informational, diagnostics, expression: None }
 }
 
-/// Reads the current version of each hit, skipping resources deleted since the index saw them.
+/// Reads the current version of each hit in one store round trip, skipping resources deleted
+/// since the index saw them.
 async fn current_versions(
     svc: &FhirResources,
     tenant: &TenantId,
     hits: &[IndexHit],
 ) -> FhirResult<Vec<ResourceVersion>> {
-    let mut out = Vec::with_capacity(hits.len());
-    for hit in hits {
-        if let Some(version) = svc.store.read(tenant, hit.resource_type, &hit.id).await?
-            && !version.is_deleted()
-        {
-            out.push(version);
-        }
+    let keys: Vec<(ResourceType, LogicalId)> = hits.iter().map(|h| (h.resource_type, h.id.clone())).collect();
+    live(svc, tenant, &keys).await
+}
+
+/// The live current versions of `keys`, in order.
+async fn live(
+    svc: &FhirResources,
+    tenant: &TenantId,
+    keys: &[(ResourceType, LogicalId)],
+) -> FhirResult<Vec<ResourceVersion>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let found = svc.store.read_many(tenant, keys).await?;
+    Ok(found.into_iter().flatten().filter(|v| !v.is_deleted()).collect())
 }
 
 /// Resolves `_include` (following references out of the page) and `_revinclude` (finding
@@ -127,20 +139,18 @@ async fn includes(
     for depth in 0..MAX_INCLUDE_DEPTH {
         let iterate_only = depth > 0;
         let mut added = Vec::new();
+        let mut wanted: Vec<(ResourceType, LogicalId)> = Vec::new();
         for include in query.includes.iter().filter(|i| !iterate_only || i.iterate) {
             for (resource_type, id) in forward_targets(include, &frontier) {
-                if seen.contains(&(resource_type, id.clone())) || included.len() + added.len() >= MAX_INCLUDED {
+                if included.len() + wanted.len() >= MAX_INCLUDED || !seen.insert((resource_type, id.clone())) {
                     continue;
                 }
-                let Ok(logical_id) = LogicalId::parse(&id) else { continue };
-                if let Some(version) = svc.store.read(tenant, resource_type, &logical_id).await?
-                    && !version.is_deleted()
-                {
-                    seen.insert((resource_type, id));
-                    added.push(version);
+                if let Ok(logical_id) = LogicalId::parse(&id) {
+                    wanted.push((resource_type, logical_id));
                 }
             }
         }
+        added.extend(live(svc, tenant, &wanted).await?);
         for include in query.revincludes.iter().filter(|i| !iterate_only || i.iterate) {
             let budget = MAX_INCLUDED.saturating_sub(included.len() + added.len());
             if budget == 0 {

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use crate::config::BUSY_TIMEOUT;
 use crate::error::{Error, Result};
 
 /// Kept in `PRAGMA user_version`.
@@ -150,14 +149,7 @@ pub(crate) fn component_param(param: &str, index: usize) -> String {
 
 /// Opens (creating if missing) the index database and returns its write connection.
 pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Corrupt(format!("could not switch to WAL mode (journal_mode is {mode})")));
-    }
-    conn.pragma_update(None, "synchronous", if synchronous_full { "FULL" } else { "NORMAL" })?;
-    conn.set_prepared_statement_cache_capacity(64);
+    let conn = crate::schema::open_wal_writer(path, synchronous_full)?;
     migrate(&conn)?;
     Ok(conn)
 }
