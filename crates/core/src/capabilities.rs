@@ -15,6 +15,7 @@ pub struct Capabilities {
     /// Absolute base URL of the FHIR endpoint, when known.
     pub base_url: Option<String>,
     pub update_create: bool,
+    pub conditional_delete_multiple: bool,
 }
 
 /// Interactions every resource type supports.
@@ -62,8 +63,8 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
                 "updateCreate": caps.update_create,
                 "conditionalCreate": true,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": if caps.conditional_delete_multiple { "multiple" } else { "single" },
                 "searchInclude": ["*"],
                 "searchRevInclude": ["*"],
                 "searchParam": search_params,

@@ -64,6 +64,30 @@ pub struct DeleteRequest {
     pub if_match: Option<u64>,
 }
 
+/// `PUT /{type}?criteria`: update the one resource matching `criteria`, or create one when none
+/// does (R4 http.html#cond-update).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionalUpdateRequest {
+    pub resource_type: ResourceType,
+    /// Search parameters, percent-decoded, in request order.
+    pub criteria: Vec<(String, String)>,
+    pub body: Bytes,
+    pub if_match: Option<u64>,
+}
+
+/// `DELETE /{type}?criteria`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionalDeleteRequest {
+    pub resource_type: ResourceType,
+    pub criteria: Vec<(String, String)>,
+}
+
+/// The tombstones a conditional delete wrote (empty when nothing matched).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConditionalDeleteResult {
+    pub deleted: Vec<(LogicalId, u64)>,
+}
+
 /// The outcome of create, update and patch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteResult {
@@ -158,6 +182,18 @@ pub trait ResourceService: Send + Sync + 'static {
     async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult>;
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult>;
+
+    async fn conditional_update(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalUpdateRequest,
+    ) -> FhirResult<WriteResult>;
+
+    async fn conditional_delete(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalDeleteRequest,
+    ) -> FhirResult<ConditionalDeleteResult>;
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage>;
 

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage,
-    SearchRequest, UpdateRequest, WriteResult,
+    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
+    DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage, SearchRequest, UpdateRequest,
+    WriteResult,
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
 use fhirmesh_fhir::search::query::SearchScope;
@@ -177,6 +178,46 @@ impl ResourceService for GrpcResourceClient {
         };
         let response = self.client.clone().delete(request).await.map_err(|s| self.status_error(&s))?;
         Ok(DeleteResult { version_id: response.into_inner().version_id })
+    }
+
+    async fn conditional_update(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalUpdateRequest,
+    ) -> FhirResult<WriteResult> {
+        let request = pb::ConditionalUpdateRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            criteria: request.criteria.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
+            body: request.body,
+            if_match: request.if_match,
+        };
+        let response = self.client.clone().conditional_update(request).await.map_err(|s| self.status_error(&s))?;
+        self.write_result(response.into_inner().result)
+    }
+
+    async fn conditional_delete(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalDeleteRequest,
+    ) -> FhirResult<ConditionalDeleteResult> {
+        let request = pb::ConditionalDeleteRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            criteria: request.criteria.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
+        };
+        let response = self.client.clone().conditional_delete(request).await.map_err(|s| self.status_error(&s))?;
+        let deleted = response
+            .into_inner()
+            .deleted
+            .into_iter()
+            .map(|d| {
+                LogicalId::parse(&d.id)
+                    .map(|id| (id, d.version_id))
+                    .map_err(|_| FhirError::internal("resource service returned an invalid id"))
+            })
+            .collect::<FhirResult<Vec<_>>>()?;
+        Ok(ConditionalDeleteResult { deleted })
     }
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {

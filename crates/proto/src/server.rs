@@ -6,7 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    CreateRequest, DeleteRequest, HistoryRequest, PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
+    ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest, PatchDocument,
+    PatchRequest, SearchRequest, UpdateRequest,
 };
 use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService};
 use fhirmesh_fhir::outcome::operation_outcome;
@@ -106,6 +107,34 @@ fn delete_from_wire(req: pb::DeleteRequest) -> Result<(RequestContext, DeleteReq
         resource_type: resource_type_from_wire(&req.resource_type)?,
         id: id_from_wire(&req.id)?,
         if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn criteria_from_wire(criteria: Vec<pb::SearchParam>) -> Vec<(String, String)> {
+    criteria.into_iter().map(|p| (p.name, p.value)).collect()
+}
+
+fn conditional_update_from_wire(
+    req: pb::ConditionalUpdateRequest,
+) -> Result<(RequestContext, ConditionalUpdateRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let request = ConditionalUpdateRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        criteria: criteria_from_wire(req.criteria),
+        body: req.body,
+        if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn conditional_delete_from_wire(
+    req: pb::ConditionalDeleteRequest,
+) -> Result<(RequestContext, ConditionalDeleteRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let request = ConditionalDeleteRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        criteria: criteria_from_wire(req.criteria),
     };
     Ok((ctx, request))
 }
@@ -213,6 +242,39 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
                 let (ctx, request) = decode(delete_from_wire(request.into_inner()))?;
                 let result = self.0.delete(&ctx, request).await?;
                 Ok(pb::DeleteResponse { version_id: result.version_id })
+            }
+            .await,
+        )
+    }
+
+    async fn conditional_update(
+        &self,
+        request: Request<pb::ConditionalUpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(conditional_update_from_wire(request.into_inner()))?;
+                let result = self.0.conditional_update(&ctx, request).await?;
+                Ok(pb::UpdateResponse { result: Some(result.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn conditional_delete(
+        &self,
+        request: Request<pb::ConditionalDeleteRequest>,
+    ) -> Result<Response<pb::ConditionalDeleteResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(conditional_delete_from_wire(request.into_inner()))?;
+                let result = self.0.conditional_delete(&ctx, request).await?;
+                let deleted = result
+                    .deleted
+                    .into_iter()
+                    .map(|(id, version_id)| pb::DeletedResource { id: id.into_string(), version_id })
+                    .collect();
+                Ok(pb::ConditionalDeleteResponse { deleted })
             }
             .await,
         )

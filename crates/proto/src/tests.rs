@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage,
-    SearchRequest, UpdateRequest, WriteResult,
+    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
+    DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage, SearchRequest, UpdateRequest,
+    WriteResult,
 };
 use fhirmesh_core::{
     ErrorCategory, FhirError, FhirResult, Operation, RequestContext, ResourceChanged, ResourceService, ResourceVersion,
@@ -114,6 +115,14 @@ fn check_body(resource_type: ResourceType, body: &Bytes) -> FhirResult<()> {
     Ok(())
 }
 
+fn criteria_id(criteria: &[(String, String)]) -> FhirResult<LogicalId> {
+    criteria
+        .iter()
+        .find(|(name, _)| name == "_id")
+        .and_then(|(_, value)| LogicalId::parse(value).ok())
+        .ok_or_else(|| FhirError::invalid("the fake resolves _id criteria only").at("_id"))
+}
+
 #[async_trait]
 impl ResourceService for FakeService {
     async fn create(&self, ctx: &RequestContext, request: CreateRequest) -> FhirResult<WriteResult> {
@@ -213,6 +222,29 @@ impl ResourceService for FakeService {
         }
         let version = memory.append(&key, Operation::Delete, None);
         Ok(DeleteResult { version_id: Some(version.version_id) })
+    }
+
+    /// Resolves only `_id=…` criteria: enough to prove the request and result cross the wire.
+    async fn conditional_update(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalUpdateRequest,
+    ) -> FhirResult<WriteResult> {
+        let id = criteria_id(&request.criteria)?;
+        let update =
+            UpdateRequest { resource_type: request.resource_type, id, body: request.body, if_match: request.if_match };
+        self.update(ctx, update).await
+    }
+
+    async fn conditional_delete(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalDeleteRequest,
+    ) -> FhirResult<ConditionalDeleteResult> {
+        let id = criteria_id(&request.criteria)?;
+        let delete = DeleteRequest { resource_type: request.resource_type, id: id.clone(), if_match: None };
+        let deleted = self.delete(ctx, delete).await?.version_id.map(|v| (id, v)).into_iter().collect();
+        Ok(ConditionalDeleteResult { deleted })
     }
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {
@@ -554,6 +586,19 @@ async fn every_rpc_round_trips() {
     assert_eq!(rest.entries.len(), 2);
     assert_eq!(rest.next_page_token, None);
 
+    // conditional update and delete carry their criteria and results across the wire
+    let criteria = vec![("_id".to_owned(), "cond".to_owned())];
+    let body = Bytes::from(serde_json::json!({ "resourceType": "Patient", "id": "cond" }).to_string());
+    let cond = ConditionalUpdateRequest { resource_type: patient(), criteria: criteria.clone(), body, if_match: None };
+    let written = client.conditional_update(&ctx, cond).await.expect("conditional update");
+    assert_eq!((written.version.id.as_str(), written.version.version_id), ("cond", 1));
+    let cond = ConditionalDeleteRequest { resource_type: patient(), criteria };
+    let removed = client.conditional_delete(&ctx, cond).await.expect("conditional delete");
+    assert_eq!(removed, ConditionalDeleteResult { deleted: vec![(id("cond"), 2)] });
+    let bad = ConditionalDeleteRequest { resource_type: patient(), criteria: vec![("name".into(), "x".into())] };
+    let err = client.conditional_delete(&ctx, bad).await.expect_err("fake needs _id");
+    assert_eq!(err, FhirError::invalid("the fake resolves _id criteria only").at("_id"));
+
     // tenants stay apart
     let err = client.read(&self::ctx("globex"), patient(), id("other")).await.expect_err("other tenant");
     assert_eq!(err.category, ErrorCategory::NotFound);
@@ -682,6 +727,16 @@ async fn multi_issue_outcomes_cross_intact() {
         }
         async fn delete(&self, _: &RequestContext, _: DeleteRequest) -> FhirResult<DeleteResult> {
             Err(FhirError::new(ErrorCategory::TooManyRequests, "slow down"))
+        }
+        async fn conditional_update(&self, _: &RequestContext, _: ConditionalUpdateRequest) -> FhirResult<WriteResult> {
+            Err(FhirError::new(ErrorCategory::PreconditionFailed, "criteria match more than one"))
+        }
+        async fn conditional_delete(
+            &self,
+            _: &RequestContext,
+            _: ConditionalDeleteRequest,
+        ) -> FhirResult<ConditionalDeleteResult> {
+            Err(FhirError::new(ErrorCategory::PreconditionFailed, "criteria match more than one"))
         }
         async fn history(&self, _: &RequestContext, _: HistoryRequest) -> FhirResult<HistoryPage> {
             Err(FhirError::new(ErrorCategory::Unauthorized, "who are you"))
@@ -823,6 +878,19 @@ impl ResourceServiceRpc for Broken {
     async fn delete(&self, _: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         Err(Status::not_found("plain not found"))
     }
+    async fn conditional_update(
+        &self,
+        _: Request<pb::ConditionalUpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        Ok(Response::new(pb::UpdateResponse { result: None }))
+    }
+    async fn conditional_delete(
+        &self,
+        _: Request<pb::ConditionalDeleteRequest>,
+    ) -> Result<Response<pb::ConditionalDeleteResponse>, Status> {
+        let deleted = vec![pb::DeletedResource { id: "not an id!".into(), version_id: 1 }];
+        Ok(Response::new(pb::ConditionalDeleteResponse { deleted }))
+    }
     async fn history(&self, _: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         Ok(Response::new(pb::HistoryResponse { entries: vec![bad_version()], next_page_token: None }))
     }
@@ -885,6 +953,13 @@ async fn malformed_responses_are_internal_errors_not_panics() {
     assert_eq!(client.patch(&ctx, patch).await.expect_err("unimplemented").category, ErrorCategory::Unsupported);
     let delete = DeleteRequest { resource_type: patient(), id: id("a"), if_match: None };
     assert_eq!(client.delete(&ctx, delete).await.expect_err("not found").category, ErrorCategory::NotFound);
+    let cond =
+        ConditionalUpdateRequest { resource_type: patient(), criteria: vec![], body: Bytes::new(), if_match: None };
+    let err = client.conditional_update(&ctx, cond).await.expect_err("missing result");
+    assert_eq!(err.category, ErrorCategory::Internal);
+    let cond = ConditionalDeleteRequest { resource_type: patient(), criteria: vec![] };
+    let err = client.conditional_delete(&ctx, cond).await.expect_err("invalid id in the response");
+    assert_eq!(err, FhirError::internal("resource service returned an invalid id"));
 
     server.stop().await;
 }

@@ -56,6 +56,8 @@ pub struct ResourceSection {
     pub default_search_count: usize,
     /// How long a search waits for the index to apply the caller's latest write (read-your-writes).
     pub consistency_wait_ms: u64,
+    /// A conditional delete matching several resources deletes them all (else 412).
+    pub conditional_delete_multiple: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +100,7 @@ impl Default for ResourceSection {
             max_page_size: 1000,
             default_search_count: 20,
             consistency_wait_ms: 1000,
+            conditional_delete_multiple: false,
         }
     }
 }

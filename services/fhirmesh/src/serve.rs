@@ -83,6 +83,7 @@ fn resource_config(config: &Config) -> ResourceConfig {
         max_page_size: config.resource.max_page_size,
         default_search_count: config.resource.default_search_count,
         consistency_wait: std::time::Duration::from_millis(config.resource.consistency_wait_ms),
+        conditional_delete_multiple: config.resource.conditional_delete_multiple,
         ..ResourceConfig::default()
     }
 }
@@ -97,6 +98,7 @@ fn gateway_config(config: &Config) -> GatewayConfig {
             software_version: env!("CARGO_PKG_VERSION").into(),
             base_url: config.server.public_base_url.clone(),
             update_create: config.resource.update_create,
+            conditional_delete_multiple: config.resource.conditional_delete_multiple,
         },
     }
 }

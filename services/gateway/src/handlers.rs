@@ -7,8 +7,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    CreateRequest, DeleteRequest, HistoryRequest, PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
-    WriteResult,
+    ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest, PatchDocument,
+    PatchRequest, SearchRequest, UpdateRequest, WriteResult,
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, TenantId};
 use fhirmesh_fhir::outcome::information;
@@ -183,6 +183,79 @@ pub(crate) async fn create(
             let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
             write_response(&result, &headers, &prelude, status)
         }
+        Err(error) => prelude.fail(error),
+    }
+}
+
+/// The search criteria of a conditional update/delete: the query string minus presentation
+/// parameters.
+fn criteria(prelude: &Prelude) -> Vec<(String, String)> {
+    prelude.params.iter().filter(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty")).cloned().collect()
+}
+
+pub(crate) async fn conditional_update(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let resource_type = resource_type(&rtype)?;
+        negotiate::check_json_body(&headers)?;
+        let if_match = negotiate::if_match(&headers)?;
+        let body = read_body(&gw, &headers, body).await?;
+        let request = ConditionalUpdateRequest { resource_type, criteria: criteria(&prelude), body, if_match };
+        gw.service.conditional_update(&prelude.ctx, request).await
+    }
+    .await;
+    match result {
+        Ok(result) => {
+            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+            write_response(&result, &headers, &prelude, status)
+        }
+        Err(error) => prelude.fail(error),
+    }
+}
+
+pub(crate) async fn conditional_delete(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let result = async {
+        let resource_type = resource_type(&rtype)?;
+        let request = ConditionalDeleteRequest { resource_type, criteria: criteria(&prelude) };
+        gw.service.conditional_delete(&prelude.ctx, request).await
+    }
+    .await;
+    match result {
+        Ok(result) => match negotiate::prefer_return(&headers) {
+            Return::OperationOutcome => {
+                let ids: Vec<String> =
+                    result.deleted.iter().map(|(id, v)| format!("{rtype}/{id} (version {v})")).collect();
+                let message = if ids.is_empty() {
+                    "nothing matched the criteria; nothing was deleted".to_owned()
+                } else {
+                    format!("deleted {}", ids.join(", "))
+                };
+                json_response(StatusCode::OK, &information(message), prelude.pretty)
+            }
+            _ => {
+                let mut response = Response::new(Body::empty());
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                response
+            }
+        },
         Err(error) => prelude.fail(error),
     }
 }

@@ -53,7 +53,13 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .route("/metadata", get(handlers::metadata))
         .route("/", get(handlers::search_system).post(handlers::bundle))
         .route("/_history", get(handlers::history_system))
-        .route("/{rtype}", get(handlers::search_type).post(handlers::create))
+        .route(
+            "/{rtype}",
+            get(handlers::search_type)
+                .post(handlers::create)
+                .put(handlers::conditional_update)
+                .delete(handlers::conditional_delete),
+        )
         .route("/{rtype}/_search", post(handlers::search_type_post))
         .route("/{rtype}/_history", get(handlers::history_type))
         .route(

@@ -560,3 +560,106 @@ async fn base_path_prefixes_every_route_and_link() {
     expect_outcome(&body);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn conditional_update_creates_updates_or_refuses() {
+    let server = TestServer::start().await;
+    let put = |query: &'static str, body: Value| {
+        server
+            .client
+            .put(server.url(&format!("Patient?{query}")))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+    };
+    let resource =
+        json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:cu", "value": "1" }], "gender": "male" });
+
+    // No match and no id: created with a server id.
+    let response = put("identifier=urn:cu|1", resource.clone()).await.expect("sent");
+    assert_eq!(response.status(), 201);
+    let (_, created) = status_and_json(response).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    // One match: updated in place (the body needs no id).
+    let mut changed = resource.clone();
+    changed["gender"] = json!("female");
+    let response = put("identifier=urn:cu|1", changed.clone()).await.expect("sent");
+    assert_eq!(response.status(), 200);
+    let (_, updated) = status_and_json(response).await;
+    assert_eq!((updated["id"].as_str(), updated["meta"]["versionId"].as_str()), (Some(id.as_str()), Some("2")));
+    assert_eq!(updated["gender"], "female");
+
+    // One match but the body names another id: 400.
+    let mut other = changed.clone();
+    other["id"] = json!("someone-else");
+    let response = put("identifier=urn:cu|1", other).await.expect("sent");
+    assert_eq!(response.status(), 400);
+    expect_outcome(&status_and_json(response).await.1);
+
+    // No match with an id in the body: update-as-create with that id.
+    let response = put(
+        "identifier=urn:cu|2",
+        json!({ "resourceType": "Patient", "id": "cu-2", "identifier": [{ "system": "urn:cu", "value": "2" }] }),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(response.status(), 201);
+    assert_eq!(status_and_json(response).await.1["id"], "cu-2");
+
+    // Several matches: 412. Unknown criteria: 400, never a widened match.
+    let response = put("identifier=urn:cu|", resource.clone()).await.expect("sent");
+    assert_eq!(response.status(), 412);
+    expect_outcome(&status_and_json(response).await.1);
+    let response = put("no-such-param=1", resource).await.expect("sent");
+    assert_eq!(response.status(), 400);
+    expect_outcome(&status_and_json(response).await.1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn conditional_delete_single_and_multiple() {
+    let server = TestServer::start().await;
+    for value in ["a", "b", "c"] {
+        let (status, _) = server
+            .create(&json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:cd", "value": value }] }))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let delete = |query: &'static str| server.client.delete(server.url(&format!("Patient?{query}"))).send();
+    let response = delete("identifier=urn:cd|").await.expect("sent");
+    assert_eq!(response.status(), 412, "several matches, one-at-a-time server");
+    expect_outcome(&status_and_json(response).await.1);
+    let response = delete("identifier=urn:cd|a").await.expect("sent");
+    assert_eq!(response.status(), 204);
+    let (_, bundle) = server.get("Patient?identifier=urn:cd|").await;
+    assert_eq!(bundle["total"], 2, "exactly one was deleted");
+    let response = delete("identifier=urn:cd|nothing").await.expect("sent");
+    assert_eq!(response.status(), 204, "no match is not an error");
+    server.stop().await;
+
+    let server = TestServer::start_with(|c| c.resource.conditional_delete_multiple = true).await;
+    for value in ["a", "b"] {
+        server
+            .create(&json!({ "resourceType": "Patient", "identifier": [{ "system": "urn:cd", "value": value }] }))
+            .await;
+    }
+    let response = server
+        .client
+        .delete(server.url("Patient?identifier=urn:cd|"))
+        .header("prefer", "return=OperationOutcome")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    let (_, outcome) = status_and_json(response).await;
+    assert!(
+        outcome["issue"][0]["diagnostics"].as_str().is_some_and(|d| d.matches("Patient/").count() == 2),
+        "{outcome}"
+    );
+    let (_, bundle) = server.get("Patient?identifier=urn:cd|").await;
+    assert_eq!(bundle["total"], 0);
+    let (_, metadata) = server.get("metadata").await;
+    assert_eq!(metadata["rest"][0]["resource"][0]["conditionalDelete"], "multiple");
+    server.stop().await;
+}

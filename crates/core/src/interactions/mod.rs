@@ -2,6 +2,7 @@
 //! [`ResourceStore`](crate::ports::ResourceStore).
 
 mod body;
+mod conditional;
 mod create;
 mod delete;
 mod history;
@@ -21,8 +22,9 @@ use crate::error::FhirResult;
 use crate::model::ResourceVersion;
 use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use crate::service::{
-    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, PatchRequest, RequestContext,
-    ResourceService, SearchPage, SearchRequest, UpdateRequest, WriteResult,
+    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
+    DeleteResult, HistoryPage, HistoryRequest, PatchRequest, RequestContext, ResourceService, SearchPage,
+    SearchRequest, UpdateRequest, WriteResult,
 };
 
 /// Behaviour switches of the resource service.
@@ -40,6 +42,9 @@ pub struct ResourceConfig {
     pub default_search_count: usize,
     /// How long a search waits for the index to catch up with the caller's writes.
     pub consistency_wait: std::time::Duration,
+    /// A conditional delete matching several resources deletes them all (up to
+    /// `max_page_size`) instead of answering 412.
+    pub conditional_delete_multiple: bool,
 }
 
 impl Default for ResourceConfig {
@@ -51,6 +56,7 @@ impl Default for ResourceConfig {
             max_write_retries: 16,
             default_search_count: 20,
             consistency_wait: std::time::Duration::from_secs(1),
+            conditional_delete_multiple: false,
         }
     }
 }
@@ -118,6 +124,22 @@ impl ResourceService for FhirResources {
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {
         delete::delete(self, ctx, request).await
+    }
+
+    async fn conditional_update(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalUpdateRequest,
+    ) -> FhirResult<WriteResult> {
+        conditional::update(self, ctx, request).await
+    }
+
+    async fn conditional_delete(
+        &self,
+        ctx: &RequestContext,
+        request: ConditionalDeleteRequest,
+    ) -> FhirResult<ConditionalDeleteResult> {
+        conditional::delete(self, ctx, request).await
     }
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {
