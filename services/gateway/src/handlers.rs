@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::response::Response;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
@@ -14,6 +14,7 @@ use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, Tenant
 use fhirmesh_fhir::outcome::information;
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
+use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
@@ -25,7 +26,7 @@ use crate::response::{
 };
 
 /// What every FHIR handler needs from the request before doing its own work.
-struct Prelude {
+pub(crate) struct Prelude {
     params: Vec<(String, String)>,
     presentation: Presentation,
     ctx: RequestContext,
@@ -53,6 +54,16 @@ impl Prelude {
 
     fn fail(&self, error: FhirError) -> Response {
         error_response(&error, self.pretty)
+    }
+}
+
+/// Every FHIR handler starts from a [`Prelude`]: a request whose `_format`/`Accept`/`_summary`…
+/// cannot be honoured is answered before the handler runs.
+impl FromRequestParts<SharedGateway> for Prelude {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &SharedGateway) -> Result<Self, Self::Rejection> {
+        Prelude::new(gw, &parts.headers, parts.uri.query()).map_err(|response| *response)
     }
 }
 
@@ -110,6 +121,17 @@ fn self_link(base: &str, path_and_query: &str) -> String {
     format!("{base}{path_and_query}")
 }
 
+/// The response to create, update and patch: 201 when the write created the resource, else 200.
+fn written(result: FhirResult<WriteResult>, headers: &HeaderMap, prelude: &Prelude) -> Response {
+    match result {
+        Ok(result) => {
+            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+            write_response(&result, headers, prelude, status)
+        }
+        Err(error) => prelude.fail(error),
+    }
+}
+
 /// Renders create/update/patch results according to `Prefer: return`.
 fn write_response(result: &WriteResult, headers: &HeaderMap, prelude: &Prelude, status: StatusCode) -> Response {
     let version = &result.version;
@@ -144,15 +166,7 @@ fn write_response(result: &WriteResult, headers: &HeaderMap, prelude: &Prelude, 
     response
 }
 
-pub(crate) async fn metadata(
-    State(gw): State<SharedGateway>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
+pub(crate) async fn metadata(State(gw): State<SharedGateway>, prelude: Prelude) -> Response {
     let mut caps = gw.config.capabilities.clone();
     caps.base_url.get_or_insert_with(|| prelude.base.clone());
     let statement = fhirmesh_core::capabilities::capability_statement(&caps, &gw.started);
@@ -162,14 +176,10 @@ pub(crate) async fn metadata(
 pub(crate) async fn create(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let resource_type = resource_type(&rtype)?;
         negotiate::check_json_body(&headers)?;
@@ -178,13 +188,7 @@ pub(crate) async fn create(
         gw.service.create(&prelude.ctx, CreateRequest { resource_type, body, if_none_exist }).await
     }
     .await;
-    match result {
-        Ok(result) => {
-            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
-            write_response(&result, &headers, &prelude, status)
-        }
-        Err(error) => prelude.fail(error),
-    }
+    written(result, &headers, &prelude)
 }
 
 /// The search criteria of a conditional update/delete: the query string minus presentation
@@ -196,14 +200,10 @@ fn criteria(prelude: &Prelude) -> Vec<(String, String)> {
 pub(crate) async fn conditional_update(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let resource_type = resource_type(&rtype)?;
         negotiate::check_json_body(&headers)?;
@@ -213,25 +213,15 @@ pub(crate) async fn conditional_update(
         gw.service.conditional_update(&prelude.ctx, request).await
     }
     .await;
-    match result {
-        Ok(result) => {
-            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
-            write_response(&result, &headers, &prelude, status)
-        }
-        Err(error) => prelude.fail(error),
-    }
+    written(result, &headers, &prelude)
 }
 
 pub(crate) async fn conditional_delete(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let resource_type = resource_type(&rtype)?;
         let request = ConditionalDeleteRequest { resource_type, criteria: criteria(&prelude) };
@@ -263,13 +253,8 @@ pub(crate) async fn conditional_delete(
 pub(crate) async fn read(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    prelude: Prelude,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let (resource_type, id) = type_and_id(path)?;
         gw.service.read(&prelude.ctx, resource_type, id).await
@@ -284,13 +269,8 @@ pub(crate) async fn read(
 pub(crate) async fn vread(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    prelude: Prelude,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let Path((rtype, id, vid)) = path.map_err(|e| FhirError::invalid(format!("bad request path: {e}")))?;
         let (resource_type, id) = (resource_type(&rtype)?, logical_id(&id)?);
@@ -309,14 +289,10 @@ pub(crate) async fn vread(
 pub(crate) async fn update(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let (resource_type, id) = type_and_id(path)?;
         negotiate::check_json_body(&headers)?;
@@ -325,26 +301,16 @@ pub(crate) async fn update(
         gw.service.update(&prelude.ctx, UpdateRequest { resource_type, id, body, if_match }).await
     }
     .await;
-    match result {
-        Ok(result) => {
-            let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
-            write_response(&result, &headers, &prelude, status)
-        }
-        Err(error) => prelude.fail(error),
-    }
+    written(result, &headers, &prelude)
 }
 
 pub(crate) async fn patch(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let (resource_type, id) = type_and_id(path)?;
         let format = negotiate::patch_format(&headers)?;
@@ -357,22 +323,15 @@ pub(crate) async fn patch(
         gw.service.patch(&prelude.ctx, PatchRequest { resource_type, id, patch, if_match }).await
     }
     .await;
-    match result {
-        Ok(result) => write_response(&result, &headers, &prelude, StatusCode::OK),
-        Err(error) => prelude.fail(error),
-    }
+    written(result, &headers, &prelude)
 }
 
 pub(crate) async fn delete(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
 ) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
     let result = async {
         let (resource_type, id) = type_and_id(path)?;
         let if_match = negotiate::if_match(&headers)?;
@@ -406,17 +365,7 @@ pub(crate) async fn delete(
     }
 }
 
-async fn history(
-    gw: SharedGateway,
-    scope: FhirResult<HistoryScope>,
-    query: Option<String>,
-    headers: HeaderMap,
-    uri: &Uri,
-) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
+async fn history(gw: SharedGateway, scope: FhirResult<HistoryScope>, prelude: Prelude, uri: &Uri) -> Response {
     let result = async {
         let scope = scope?;
         let param = |name: &str| prelude.params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
@@ -461,35 +410,28 @@ async fn history(
     }
 }
 
-pub(crate) async fn history_system(
-    State(gw): State<SharedGateway>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response {
-    history(gw, Ok(HistoryScope::System), query, headers, &uri).await
+pub(crate) async fn history_system(State(gw): State<SharedGateway>, prelude: Prelude, uri: Uri) -> Response {
+    history(gw, Ok(HistoryScope::System), prelude, &uri).await
 }
 
 pub(crate) async fn history_type(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    prelude: Prelude,
     uri: Uri,
 ) -> Response {
     let scope = resource_type(&rtype).map(HistoryScope::Type);
-    history(gw, scope, query, headers, &uri).await
+    history(gw, scope, prelude, &uri).await
 }
 
 pub(crate) async fn history_instance(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    prelude: Prelude,
     uri: Uri,
 ) -> Response {
     let scope = type_and_id(path).map(|(rt, id)| HistoryScope::Instance(rt, id));
-    history(gw, scope, query, headers, &uri).await
+    history(gw, scope, prelude, &uri).await
 }
 
 /// What a search request asks for, before the prelude is built.
@@ -501,11 +443,7 @@ struct SearchCall {
     path: String,
 }
 
-async fn search(gw: SharedGateway, call: SearchCall, query: Option<String>, headers: HeaderMap) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
+async fn search(gw: SharedGateway, call: SearchCall, prelude: Prelude, headers: HeaderMap) -> Response {
     let result = async {
         let scope = call.scope?;
         let mut params = prelude.params.clone();
@@ -549,17 +487,17 @@ async fn search(gw: SharedGateway, call: SearchCall, query: Option<String>, head
 pub(crate) async fn search_type(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
 ) -> Response {
     let call = SearchCall { scope: resource_type(&rtype).map(SearchScope::Type), form: Vec::new(), path: rtype };
-    search(gw, call, query, headers).await
+    search(gw, call, prelude, headers).await
 }
 
 pub(crate) async fn search_type_post(
     State(gw): State<SharedGateway>,
     Path(rtype): Path<String>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -568,22 +506,18 @@ pub(crate) async fn search_type_post(
         Err(error) => return error_response(&error, false),
     };
     let call = SearchCall { scope: resource_type(&rtype).map(SearchScope::Type), form, path: rtype };
-    search(gw, call, query, headers).await
+    search(gw, call, prelude, headers).await
 }
 
-pub(crate) async fn search_system(
-    State(gw): State<SharedGateway>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Response {
+pub(crate) async fn search_system(State(gw): State<SharedGateway>, prelude: Prelude, headers: HeaderMap) -> Response {
     let call = SearchCall { scope: Ok(SearchScope::System), form: Vec::new(), path: String::new() };
-    search(gw, call, query, headers).await
+    search(gw, call, prelude, headers).await
 }
 
 pub(crate) async fn search_compartment(
     State(gw): State<SharedGateway>,
     path: Result<Path<(String, String, String)>, PathRejection>,
-    RawQuery(query): RawQuery,
+    prelude: Prelude,
     headers: HeaderMap,
 ) -> Response {
     let (scope, path) = match path {
@@ -598,14 +532,10 @@ pub(crate) async fn search_compartment(
         }
         Err(e) => (Err(FhirError::invalid(format!("bad request path: {e}"))), String::new()),
     };
-    search(gw, SearchCall { scope, form: Vec::new(), path }, query, headers).await
+    search(gw, SearchCall { scope, form: Vec::new(), path }, prelude, headers).await
 }
 
-pub(crate) async fn bundle(State(gw): State<SharedGateway>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
-    let prelude = match Prelude::new(&gw, &headers, query.as_deref()) {
-        Ok(p) => p,
-        Err(response) => return *response,
-    };
+pub(crate) async fn bundle(prelude: Prelude) -> Response {
     prelude.fail(FhirError::unsupported("transaction and batch Bundles are not supported yet"))
 }
 
