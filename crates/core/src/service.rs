@@ -155,6 +155,22 @@ pub struct SearchPage {
     pub warnings: Vec<Issue>,
 }
 
+/// How far the search index is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexStatus {
+    /// The highest change sequence the store committed.
+    pub latest_sequence: u64,
+    /// The highest change sequence the search index applied.
+    pub watermark: u64,
+}
+
+impl IndexStatus {
+    /// Changes committed but not yet searchable.
+    pub fn lag(&self) -> u64 {
+        self.latest_sequence.saturating_sub(self.watermark)
+    }
+}
+
 /// FHIR interactions on resources.
 #[async_trait]
 pub trait ResourceService: Send + Sync + 'static {
@@ -198,6 +214,9 @@ pub trait ResourceService: Send + Sync + 'static {
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage>;
 
     async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage>;
+
+    /// The search index's progress against the store (for the index-lag metric).
+    async fn index_status(&self) -> FhirResult<IndexStatus>;
 }
 
 pub type DynResourceService = Arc<dyn ResourceService>;

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage, SearchRequest, UpdateRequest,
-    WriteResult,
+    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest, SearchPage, SearchRequest,
+    UpdateRequest, WriteResult,
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
 use fhirmesh_fhir::search::query::SearchScope;
@@ -218,6 +218,17 @@ impl ResourceService for GrpcResourceClient {
             })
             .collect::<FhirResult<Vec<_>>>()?;
         Ok(ConditionalDeleteResult { deleted })
+    }
+
+    async fn index_status(&self) -> FhirResult<IndexStatus> {
+        let response = self
+            .client
+            .clone()
+            .index_status(pb::IndexStatusRequest {})
+            .await
+            .map_err(|s| self.status_error(&s))?
+            .into_inner();
+        Ok(IndexStatus { latest_sequence: response.latest_sequence, watermark: response.watermark })
     }
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {

@@ -318,6 +318,19 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
         )
     }
 
+    async fn index_status(
+        &self,
+        _: Request<pb::IndexStatusRequest>,
+    ) -> Result<Response<pb::IndexStatusResponse>, Status> {
+        respond(
+            async {
+                let status = self.0.index_status().await?;
+                Ok(pb::IndexStatusResponse { latest_sequence: status.latest_sequence, watermark: status.watermark })
+            }
+            .await,
+        )
+    }
+
     /// Transactions and batches are a later issue: validate the context, then answer UNIMPLEMENTED.
     async fn bundle(&self, request: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
         respond(decode(context_from_wire(request.into_inner().context)).and_then(|_ctx| {

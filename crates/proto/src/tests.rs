@@ -10,8 +10,8 @@ use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, PatchDocument, PatchRequest, SearchPage, SearchRequest, UpdateRequest,
-    WriteResult,
+    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest, SearchPage, SearchRequest,
+    UpdateRequest, WriteResult,
 };
 use fhirmesh_core::{
     ErrorCategory, FhirError, FhirResult, Operation, RequestContext, ResourceChanged, ResourceService, ResourceVersion,
@@ -222,6 +222,10 @@ impl ResourceService for FakeService {
         }
         let version = memory.append(&key, Operation::Delete, None);
         Ok(DeleteResult { version_id: Some(version.version_id) })
+    }
+
+    async fn index_status(&self) -> FhirResult<IndexStatus> {
+        Ok(IndexStatus { latest_sequence: 42, watermark: 40 })
     }
 
     /// Resolves only `_id=…` criteria: enough to prove the request and result cross the wire.
@@ -599,6 +603,10 @@ async fn every_rpc_round_trips() {
     let err = client.conditional_delete(&ctx, bad).await.expect_err("fake needs _id");
     assert_eq!(err, FhirError::invalid("the fake resolves _id criteria only").at("_id"));
 
+    // index status
+    let status = client.index_status().await.expect("index status");
+    assert_eq!((status.latest_sequence, status.watermark, status.lag()), (42, 40, 2));
+
     // tenants stay apart
     let err = client.read(&self::ctx("globex"), patient(), id("other")).await.expect_err("other tenant");
     assert_eq!(err.category, ErrorCategory::NotFound);
@@ -731,6 +739,9 @@ async fn multi_issue_outcomes_cross_intact() {
         async fn conditional_update(&self, _: &RequestContext, _: ConditionalUpdateRequest) -> FhirResult<WriteResult> {
             Err(FhirError::new(ErrorCategory::PreconditionFailed, "criteria match more than one"))
         }
+        async fn index_status(&self) -> FhirResult<IndexStatus> {
+            Err(FhirError::new(ErrorCategory::Unavailable, "index offline"))
+        }
         async fn conditional_delete(
             &self,
             _: &RequestContext,
@@ -787,6 +798,7 @@ async fn multi_issue_outcomes_cross_intact() {
         client.search(&ctx, search).await.expect_err("unsupported"),
         FhirError::unsupported("unknown search parameter 'foo'").at("foo")
     );
+    assert_eq!(client.index_status().await.expect_err("offline").category, ErrorCategory::Unavailable);
 
     server.stop().await;
 }
@@ -884,6 +896,12 @@ impl ResourceServiceRpc for Broken {
     ) -> Result<Response<pb::UpdateResponse>, Status> {
         Ok(Response::new(pb::UpdateResponse { result: None }))
     }
+    async fn index_status(
+        &self,
+        _: Request<pb::IndexStatusRequest>,
+    ) -> Result<Response<pb::IndexStatusResponse>, Status> {
+        Err(Status::unavailable("index offline"))
+    }
     async fn conditional_delete(
         &self,
         _: Request<pb::ConditionalDeleteRequest>,
@@ -953,6 +971,7 @@ async fn malformed_responses_are_internal_errors_not_panics() {
     assert_eq!(client.patch(&ctx, patch).await.expect_err("unimplemented").category, ErrorCategory::Unsupported);
     let delete = DeleteRequest { resource_type: patient(), id: id("a"), if_match: None };
     assert_eq!(client.delete(&ctx, delete).await.expect_err("not found").category, ErrorCategory::NotFound);
+    assert_eq!(client.index_status().await.expect_err("unavailable").category, ErrorCategory::Unavailable);
     let cond =
         ConditionalUpdateRequest { resource_type: patient(), criteria: vec![], body: Bytes::new(), if_match: None };
     let err = client.conditional_update(&ctx, cond).await.expect_err("missing result");

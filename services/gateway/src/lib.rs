@@ -7,6 +7,7 @@
 
 mod bundle;
 mod handlers;
+mod metrics;
 mod negotiate;
 mod response;
 
@@ -41,7 +42,7 @@ pub(crate) struct Gateway {
 
 pub(crate) type SharedGateway = Arc<Gateway>;
 
-/// The HTTP router: the FHIR API under `base_path`, plus `/healthz` at the root.
+/// The HTTP router: the FHIR API under `base_path`, plus `/healthz` and `/metrics` at the root.
 pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
     let base_path = config.base_path.clone();
     let gateway = Arc::new(Gateway {
@@ -49,6 +50,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         config,
         started: fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
     });
+    let metrics_state = gateway.clone();
     let fhir = Router::new()
         .route("/metadata", get(handlers::metadata))
         .route("/", get(handlers::search_system).post(handlers::bundle))
@@ -73,6 +75,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .with_state(gateway);
     let app = if base_path.is_empty() { fhir } else { Router::new().nest(&base_path, fhir) };
     app.route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(metrics::metrics).with_state(metrics_state))
         .fallback(handlers::no_route)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(response::panic_response))
 }

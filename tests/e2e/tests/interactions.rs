@@ -663,3 +663,27 @@ async fn conditional_delete_single_and_multiple() {
     assert_eq!(metadata["rest"][0]["resource"][0]["conditionalDelete"], "multiple");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_expose_the_search_index_lag() {
+    let server = TestServer::start().await;
+    server.create(&patient("Metric")).await;
+    // A search waits for the index, so afterwards the index has applied the write.
+    let (status, _) = server.get("Patient?family=metric").await;
+    assert_eq!(status, 200);
+    let root = server.base.clone();
+    let response = server.client.get(format!("{root}/metrics")).send().await.expect("sent");
+    assert_eq!(response.status(), 200);
+    assert!(header(&response, "content-type").is_some_and(|c| c.starts_with("text/plain")));
+    let text = response.text().await.expect("body");
+    let value = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+    };
+    assert_eq!(value("fhirmesh_search_index_lag_changes"), 0);
+    assert!(value("fhirmesh_store_latest_sequence") >= 1);
+    assert_eq!(value("fhirmesh_search_index_watermark"), value("fhirmesh_store_latest_sequence"));
+    server.stop().await;
+}

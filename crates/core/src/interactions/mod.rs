@@ -18,12 +18,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
-use crate::error::FhirResult;
+use crate::error::{FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use crate::service::{
     ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, PatchRequest, RequestContext, ResourceService, SearchPage,
+    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchRequest, RequestContext, ResourceService, SearchPage,
     SearchRequest, UpdateRequest, WriteResult,
 };
 
@@ -148,5 +148,12 @@ impl ResourceService for FhirResources {
 
     async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage> {
         search::search(self, ctx, request).await
+    }
+
+    async fn index_status(&self) -> FhirResult<IndexStatus> {
+        let (Some(index), Some(changes)) = (&self.index, &self.changes) else {
+            return Err(FhirError::unsupported("search is not enabled on this resource service"));
+        };
+        Ok(IndexStatus { latest_sequence: changes.latest_sequence().await?, watermark: index.watermark().await? })
     }
 }
