@@ -241,19 +241,9 @@ fn reverse_query(include: &Include, targets: &[ResourceVersion], limit: usize) -
             })
             .collect(),
     )];
-    Some(SearchQuery {
-        types: vec![include.source_type],
-        criteria,
-        sort: Vec::new(),
-        count: limit,
-        total: TotalMode::None,
-        includes: Vec::new(),
-        revincludes: Vec::new(),
-        summary: None,
-        elements: None,
-        ignored: Vec::new(),
-        applied: Vec::new(),
-    })
+    let mut query = SearchQuery::new(vec![include.source_type], criteria, limit);
+    query.total = TotalMode::None;
+    Some(query)
 }
 
 impl FhirResources {

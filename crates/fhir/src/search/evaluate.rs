@@ -825,19 +825,8 @@ mod tests {
             doc("Observation", "a", vec![]),
             doc("Condition", "z", vec![]),
         ];
-        let query = SearchQuery {
-            types: vec![rt("Patient"), rt("Observation")],
-            criteria: vec![],
-            sort: vec![SortKey { param: "value-quantity".to_owned(), kind: ParamType::Quantity, descending: false }],
-            count: 10,
-            total: TotalMode::Accurate,
-            includes: vec![],
-            revincludes: vec![],
-            summary: None,
-            elements: None,
-            ignored: vec![],
-            applied: vec![],
-        };
+        let mut query = SearchQuery::new(vec![rt("Patient"), rt("Observation")], vec![], 10);
+        query.sort = vec![SortKey { param: "value-quantity".to_owned(), kind: ParamType::Quantity, descending: false }];
         let hits = evaluate(&query, &mixed, NOW);
         assert_eq!(
             hits,

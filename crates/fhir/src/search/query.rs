@@ -35,6 +35,27 @@ pub struct SearchQuery {
     pub applied: Vec<(String, String)>,
 }
 
+impl SearchQuery {
+    /// A query over `types` matching every criterion, one page of `count`, with an accurate total,
+    /// the default order and no includes or presentation options — the base the parser and
+    /// programmatic queries (reverse includes, tests) start from.
+    pub fn new(types: Vec<ResourceType>, criteria: Vec<Criterion>, count: usize) -> SearchQuery {
+        SearchQuery {
+            types,
+            criteria,
+            sort: Vec::new(),
+            count,
+            total: TotalMode::default(),
+            includes: Vec::new(),
+            revincludes: Vec::new(),
+            summary: None,
+            elements: None,
+            ignored: Vec::new(),
+            applied: Vec::new(),
+        }
+    }
+}
+
 /// One criterion; a resource matches the query when it matches every criterion.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Criterion {

@@ -93,19 +93,9 @@ pub(super) fn number_value(value: f64) -> IndexValue {
 }
 
 pub(super) fn query(types: &[&str], criteria: Vec<Criterion>) -> SearchQuery {
-    SearchQuery {
-        types: types.iter().map(|t| rt(t)).collect(),
-        criteria,
-        sort: Vec::new(),
-        count: 100,
-        total: TotalMode::Accurate,
-        includes: Vec::new(),
-        revincludes: Vec::new(),
-        summary: None,
-        elements: None,
-        ignored: Vec::new(),
-        applied: Vec::new(),
-    }
+    let mut query = SearchQuery::new(types.iter().map(|t| rt(t)).collect(), criteria, 100);
+    query.total = TotalMode::Accurate;
+    query
 }
 
 pub(super) fn matching(

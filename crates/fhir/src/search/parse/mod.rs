@@ -123,19 +123,7 @@ const SORTABLE: [ParamType; 7] = [
 
 impl<'a> Parser<'a> {
     fn new(options: &'a ParseOptions) -> Self {
-        let query = SearchQuery {
-            types: Vec::new(),
-            criteria: Vec::new(),
-            sort: Vec::new(),
-            count: options.default_count.min(options.max_count),
-            total: TotalMode::default(),
-            includes: Vec::new(),
-            revincludes: Vec::new(),
-            summary: None,
-            elements: None,
-            ignored: Vec::new(),
-            applied: Vec::new(),
-        };
+        let query = SearchQuery::new(Vec::new(), Vec::new(), options.default_count.min(options.max_count));
         Parser { options, query, issues: Vec::new() }
     }
 
