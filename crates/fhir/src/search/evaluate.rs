@@ -320,7 +320,7 @@ mod tests {
     use crate::datetime::parse_fhir_datetime;
     use crate::search::params::ParamType;
     use crate::search::parse::{ParseOptions, UCUM_SYSTEM, parse_search};
-    use crate::search::query::{SearchScope, TotalMode};
+    use crate::search::query::SearchScope;
 
     const NOW: OffsetDateTime = datetime!(2024-06-15 12:00 UTC);
     const LOINC: &str = "http://loinc.org";
