@@ -18,7 +18,7 @@ use crate::config::Config;
 /// Which part of the mesh this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
-    /// Every service in one process: gateway + resource + relay on embedded SQLite.
+    /// Every service in one process: gateway, resource, relay and indexer on embedded SQLite.
     All,
     /// The HTTP FHIR API, calling the resource service over gRPC (gateway.resource_endpoint).
     Gateway,
