@@ -218,11 +218,16 @@ pub struct IndexHit {
 pub struct IndexPage {
     /// Matches in query order (`SearchQuery::sort`, ties by type then id).
     pub hits: Vec<IndexHit>,
-    /// Per `SearchQuery::total`: exact for `Accurate`, possibly approximate for `Estimate`.
+    /// Per `SearchQuery::total`: exact for `Accurate`; for `Estimate` exact while the count is
+    /// cheap (the SQLite index: up to 1,000 matches) and otherwise `None` or an approximation.
     pub total: Option<u64>,
     /// Opaque keyset cursors for the next and previous pages.
     pub next: Option<String>,
     pub previous: Option<String>,
+    /// The watermark of the snapshot the page was read from: the page reflects every change up
+    /// to this sequence, so a caller can tell without another round trip whether it saw its own
+    /// writes.
+    pub watermark: u64,
 }
 
 /// Search index failures.

@@ -17,7 +17,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use super::FhirResources;
 use crate::error::{FhirError, FhirResult};
 use crate::model::{ResourceVersion, TenantId};
-use crate::ports::{DynSearchIndex, IndexHit};
+use crate::ports::{DynSearchIndex, IndexHit, IndexPage};
 use crate::service::{RequestContext, SearchPage, SearchRequest};
 
 /// How many `:iterate` rounds `_include`/`_revinclude` follow at most.
@@ -47,11 +47,9 @@ pub(super) async fn search(
         .iter()
         .map(|ignored| warning(format!("parameter '{}' was ignored: {}", ignored.name, ignored.reason)))
         .collect();
-    if let Some(stale) = svc.wait_for_index(request.consistency_token).await? {
-        warnings.push(stale);
-    }
-
-    let page = index.search(&ctx.tenant, &query, request.page_token.as_deref()).await?;
+    let target = svc.consistency_target(request.consistency_token).await?;
+    let (page, stale) = svc.search_at_least(&ctx.tenant, &query, request.page_token.as_deref(), target).await?;
+    warnings.extend(stale);
     let entries = current_versions(svc, &ctx.tenant, &page.hits).await?;
     let included =
         if query.count == 0 { Vec::new() } else { includes(svc, index, &ctx.tenant, &query, &entries).await? };
@@ -76,7 +74,6 @@ pub(super) async fn find(
     params: &[(String, String)],
     limit: usize,
 ) -> FhirResult<Vec<ResourceVersion>> {
-    let index = svc.search_index()?;
     let options = ParseOptions { strict: true, default_count: limit, max_count: limit };
     let mut query = parse_search(&SearchScope::Type(resource_type), params, &options)
         .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Invalid, err.issues))?;
@@ -87,8 +84,8 @@ pub(super) async fn find(
     query.total = TotalMode::None;
     query.sort.clear();
     // Conditions must see every committed write.
-    let _ = svc.wait_for_index(None).await?;
-    let page = index.search(tenant, &query, None).await?;
+    let target = svc.consistency_target(None).await?;
+    let (page, _) = svc.search_at_least(tenant, &query, None, target).await?;
     current_versions(svc, tenant, &page.hits).await
 }
 
@@ -251,25 +248,42 @@ impl FhirResources {
         self.index.as_ref().ok_or_else(|| FhirError::unsupported("search is not enabled on this resource service"))
     }
 
-    /// Waits until the index has applied `token` (or, without one, everything committed when the
-    /// call started), at most `config.consistency_wait`. Returns a warning when it gave up.
-    pub(super) async fn wait_for_index(&self, token: Option<u64>) -> FhirResult<Option<Issue>> {
-        let Some(index) = &self.index else { return Ok(None) };
-        let target = match (token, &self.changes) {
-            (Some(token), _) => token,
-            (None, Some(changes)) => changes.latest_sequence().await?,
-            (None, None) => return Ok(None),
+    /// The change-log sequence a search must reflect: the caller's token or, without one,
+    /// everything committed when the call started. `None` when nothing is to be waited for.
+    pub(super) async fn consistency_target(&self, token: Option<u64>) -> FhirResult<Option<u64>> {
+        Ok(match (token, &self.changes) {
+            (Some(token), _) => Some(token),
+            (None, Some(changes)) => Some(changes.latest_sequence().await?),
+            (None, None) => None,
+        })
+    }
+
+    /// Runs `query` on a snapshot that reflects `target`: optimistically first (the common case,
+    /// one round trip), then — when the page's watermark is behind — after waiting, at most
+    /// `config.consistency_wait`, for the index to catch up. Returns a warning when it gave up.
+    pub(super) async fn search_at_least(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        cursor: Option<&str>,
+        target: Option<u64>,
+    ) -> FhirResult<(IndexPage, Option<Issue>)> {
+        let index = self.search_index()?;
+        let page = index.search(tenant, query, cursor).await?;
+        let Some(target) = target.filter(|target| page.watermark < *target) else {
+            return Ok((page, None));
         };
         let deadline = tokio::time::Instant::now() + self.config.consistency_wait;
         let mut pause = Duration::from_micros(250);
         loop {
             if index.watermark().await? >= target {
-                return Ok(None);
+                return Ok((index.search(tenant, query, cursor).await?, None));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Ok(Some(warning(format!(
+                let stale = warning(format!(
                     "the search index has not caught up with change {target} yet; results may miss the latest writes"
-                ))));
+                ));
+                return Ok((index.search(tenant, query, cursor).await?, Some(stale)));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(10));

@@ -203,12 +203,14 @@ pub struct SortKey {
     pub descending: bool,
 }
 
-/// `_total`.
+/// `_total`. Without the parameter the server decides: `Estimate`, which backends answer exactly
+/// while that is cheap (a bounded count) and otherwise leave out, so a broad search does not pay
+/// for counting every match unless the client asks for `accurate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TotalMode {
     None,
-    Estimate,
     #[default]
+    Estimate,
     Accurate,
 }
 

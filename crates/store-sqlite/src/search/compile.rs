@@ -12,7 +12,7 @@ use fhirmesh_core::ports::IndexError;
 use fhirmesh_fhir::ResourceType;
 use fhirmesh_fhir::search::parse::ucum_canonical;
 use fhirmesh_fhir::search::query::{
-    ChainLink, Criterion, Has, Match, Modifier, Prefix, SearchValue, SortKey, TokenSystem,
+    ChainLink, Criterion, Has, Match, Modifier, Prefix, SearchValue, SortKey, TokenSystem, TotalMode,
 };
 use fhirmesh_fhir::search::values::{DATE_MAX, DATE_MIN, normalize_string};
 use fhirmesh_fhir::search::{ParamType, SearchQuery};
@@ -70,8 +70,15 @@ pub(crate) struct CompiledPage {
     pub page: Sql,
     /// `SELECT COUNT(*)` of every match (no cursor), when a total is wanted.
     pub count: Option<Sql>,
+    /// The count stops after `cap + 1` matches: more than `cap` means "no total".
+    pub count_cap: Option<u64>,
     /// Walking backwards (a `previous` cursor): the rows come in reverse page order.
     pub reversed: bool,
+}
+
+/// `LIMIT count + 1`: the extra row says whether a next page exists.
+fn limit(query: &SearchQuery) -> i64 {
+    i64::try_from(query.count).unwrap_or(i64::MAX - 1).saturating_add(1)
 }
 
 /// How one sort key is computed and compared.
@@ -172,52 +179,77 @@ pub(crate) fn compile(
     now: OffsetDateTime,
 ) -> Result<CompiledPage, IndexError> {
     let mut compiler = Compiler { tenant: tenant.as_str().to_owned(), now, aliases: 0 };
-    let filter = compiler.filter(query)?;
-    let sort = query.sort.iter().map(|key| compiler.sort_expr(key)).collect::<Result<Vec<_>, _>>()?;
     let reversed = matches!(cursor, Some(c) if c.direction == Direction::Previous);
-
-    // SELECT type, id, version_id, k0… FROM (SELECT r.type AS type, …, <sort expr> AS k0 …
-    // FROM resources r WHERE <filter>) WHERE <keyset> ORDER BY … LIMIT ?
-    let mut page = Sql::default();
-    page.push("SELECT type, id, version_id");
-    for index in 0..sort.len() {
-        page.push(&format!(", k{index}"));
-    }
-    page.push(" FROM (SELECT r.type AS type, r.id AS id, r.version_id AS version_id");
-    for (index, key) in sort.iter().enumerate() {
-        page.push(", ").append(key.sql.clone()).push(&format!(" AS k{index}"));
-    }
-    page.push(" FROM resources r WHERE ").append(filter.clone()).push(")");
-    if let Some(cursor) = cursor {
-        page.push(" WHERE ").append(keyset(&sort, cursor)?);
-    }
-    page.push(" ORDER BY ");
-    let mut order = Vec::new();
-    for (index, key) in sort.iter().enumerate() {
-        // Missing values last in either direction; reversed for a backwards walk.
-        if key.nullable {
-            order.push(format!("(k{index} IS NULL) {}", if reversed { "DESC" } else { "ASC" }));
+    let driver = driving_criterion(query);
+    let page = match driver.filter(|&driver| query.sort.is_empty() && in_id_order(query, &query.criteria[driver])) {
+        Some(driver) => compiler.driven_page(query, driver, cursor, reversed)?,
+        None => compiler.walking_page(query, cursor, reversed)?,
+    };
+    let (count, count_cap) = match query.total {
+        TotalMode::None => (None, None),
+        TotalMode::Estimate => {
+            (Some(compiler.count(query, driver, Some(ESTIMATE_EXACT_UP_TO))?), Some(ESTIMATE_EXACT_UP_TO))
         }
-        order.push(format!("k{index} {}", if key.descending != reversed { "DESC" } else { "ASC" }));
+        TotalMode::Accurate => (Some(compiler.count(query, driver, None)?), None),
+    };
+    Ok(CompiledPage { page, count, count_cap, reversed })
+}
+
+/// The criterion that can drive the query from a value index: a positive membership test on
+/// the resource's *own* rows (a match, through a chain or not, or `:missing=false`).
+///
+/// Value and reference rows exist only for live resources: `apply` replaces a resource's rows
+/// with each newer version and a delete leaves none. So such a set (deduplicated) is exactly the
+/// live resources matching that criterion, without consulting `resources`. `_has` sets hold
+/// reference *targets*, which may be deleted or never have existed, so they never drive.
+fn driving_criterion(query: &SearchQuery) -> Option<usize> {
+    if query.types.is_empty() {
+        return None;
     }
+    query.criteria.iter().position(|criterion| match criterion {
+        Criterion::Match(m) => !m.chain.is_empty() || m.modifier != Some(Modifier::Not),
+        Criterion::Missing { chain, missing, .. } => !chain.is_empty() || !missing,
+        Criterion::Has(_) | Criterion::AnyOf(_) => false,
+    })
+}
+
+/// Whether the driving criterion's value index yields its rows in `id` order: one type and one
+/// value compared for equality on every index column before `id` (see the schema's indexes).
+/// Then a page in the default (type, id) order streams from the index and stops after `count`
+/// rows, however many resources match.
+fn in_id_order(query: &SearchQuery, criterion: &Criterion) -> bool {
+    let Criterion::Match(m) = criterion else { return false };
+    if query.types.len() != 1 || !m.chain.is_empty() || m.values.len() != 1 {
+        return false;
+    }
+    matches!(
+        (m.kind, &m.modifier, &m.values[0]),
+        (ParamType::Token, None, SearchValue::Token { code: Some(_), .. })
+            | (ParamType::String, Some(Modifier::Exact), SearchValue::String(_))
+            | (ParamType::Uri, None, SearchValue::Uri(_))
+            | (
+                ParamType::Reference,
+                None | Some(Modifier::Type(_)),
+                SearchValue::Reference { target_type: Some(_), id: Some(_), url: None },
+            )
+    )
+}
+
+/// `Estimate` totals are exact up to this many matches; beyond it the count stops and no total
+/// is given (`_total=accurate` asks for the full count).
+pub(crate) const ESTIMATE_EXACT_UP_TO: u64 = 1000;
+
+/// The default `ORDER BY` tail: type then id, reversed for a backwards walk.
+fn row_order(reversed: bool, order: &mut Vec<String>) {
     let ascending = if reversed { "DESC" } else { "ASC" };
     order.push(format!("type {ascending}"));
     order.push(format!("id {ascending}"));
-    page.push(&order.join(", "));
-    page.push(" LIMIT ").bind(i64::try_from(query.count).unwrap_or(i64::MAX - 1).saturating_add(1));
-
-    let count = (query.total != fhirmesh_fhir::search::query::TotalMode::None).then(|| {
-        let mut count = Sql::default();
-        count.push("SELECT COUNT(*) FROM resources r WHERE ").append(filter);
-        count
-    });
-    Ok(CompiledPage { page, count, reversed })
 }
 
 /// The keyset condition "strictly after the cursor's row" in the walk's order: a lexicographic
 /// comparison over (per sort key: is-null flag, value), type, id, written as an OR chain, plus a
 /// leading non-strict bound on the first component so SQLite can range-seek an ordered index.
-fn keyset(sort: &[SortExpr], cursor: &Cursor) -> Result<Sql, IndexError> {
+fn keyset(sort: &[SortExpr], cursor: &Cursor, (type_col, id_col): (&str, &str)) -> Result<Sql, IndexError> {
     let backwards = cursor.direction == Direction::Previous;
     let (values, row) = cursor.keys.split_at(sort.len());
     // (column, descending, value)
@@ -233,8 +265,8 @@ fn keyset(sort: &[SortExpr], cursor: &Cursor) -> Result<Sql, IndexError> {
             components.push((format!("k{index}"), key.descending, value.clone()));
         }
     }
-    components.push(("type".to_owned(), false, row[0].clone()));
-    components.push(("id".to_owned(), false, row[1].clone()));
+    components.push((type_col.to_owned(), false, row[0].clone()));
+    components.push((id_col.to_owned(), false, row[1].clone()));
 
     let after = |descending: bool| descending == backwards;
     let mut sql = Sql::default();
@@ -260,6 +292,22 @@ fn keyset(sort: &[SortExpr], cursor: &Cursor) -> Result<Sql, IndexError> {
 enum Leaf<'a> {
     Match(&'a Match),
     Missing { param: &'a str, kind: ParamType, missing: bool },
+}
+
+/// A criterion as a membership test: `(a.type, a.id) [NOT] IN (<set>)`, the set's columns
+/// named `type` and `id`.
+struct Membership {
+    negated: bool,
+    set: Sql,
+}
+
+impl Membership {
+    /// The empty set (a criterion on no resource types).
+    fn nothing() -> Membership {
+        let mut set = Sql::default();
+        set.push("SELECT NULL AS type, NULL AS id WHERE 0");
+        Membership { negated: false, set }
+    }
 }
 
 struct Compiler {
@@ -291,6 +339,118 @@ impl Compiler {
         Ok(sql)
     }
 
+    /// The general page: walk `resources` filtered by every criterion, each a membership test
+    /// SQLite may drive from its value index or probe.
+    ///
+    /// `SELECT type, id, version_id, k0… FROM (SELECT r.type AS type, …, <sort expr> AS k0 … FROM
+    /// resources r WHERE <filter>) WHERE <keyset> ORDER BY … LIMIT ?`
+    fn walking_page(
+        &mut self,
+        query: &SearchQuery,
+        cursor: Option<&Cursor>,
+        reversed: bool,
+    ) -> Result<Sql, IndexError> {
+        let filter = self.filter(query)?;
+        let sort = query.sort.iter().map(|key| self.sort_expr(key)).collect::<Result<Vec<_>, _>>()?;
+        let mut page = Sql::default();
+        page.push("SELECT type, id, version_id");
+        for index in 0..sort.len() {
+            page.push(&format!(", k{index}"));
+        }
+        page.push(" FROM (SELECT r.type AS type, r.id AS id, r.version_id AS version_id");
+        for (index, key) in sort.iter().enumerate() {
+            page.push(", ").append(key.sql.clone()).push(&format!(" AS k{index}"));
+        }
+        page.push(" FROM resources r WHERE ").append(filter).push(")");
+        if let Some(cursor) = cursor {
+            page.push(" WHERE ").append(keyset(&sort, cursor, ("type", "id"))?);
+        }
+        page.push(" ORDER BY ");
+        let mut order = Vec::new();
+        for (index, key) in sort.iter().enumerate() {
+            // Missing values last in either direction; reversed for a backwards walk.
+            if key.nullable {
+                order.push(format!("(k{index} IS NULL) {}", if reversed { "DESC" } else { "ASC" }));
+            }
+            order.push(format!("k{index} {}", if key.descending != reversed { "DESC" } else { "ASC" }));
+        }
+        row_order(reversed, &mut order);
+        page.push(&order.join(", "));
+        page.push(" LIMIT ").bind(limit(query));
+        Ok(page)
+    }
+
+    /// A page in the default order driven by a criterion whose index yields rows in id order
+    /// ([`in_id_order`]): the join streams, so the page costs `count` rows, not every match.
+    ///
+    /// `SELECT DISTINCT m.type AS type, m.id AS id, r.version_id AS version_id FROM (<driver set>) m
+    /// JOIN resources r ON … WHERE r.deleted = 0 AND <other criteria on r> AND <keyset on m>
+    /// ORDER BY type, id LIMIT ?`
+    fn driven_page(
+        &mut self,
+        query: &SearchQuery,
+        driver: usize,
+        cursor: Option<&Cursor>,
+        reversed: bool,
+    ) -> Result<Sql, IndexError> {
+        let set = self.driver_set(query, driver)?;
+        let mut page = Sql::default();
+        page.push("SELECT DISTINCT m.type AS type, m.id AS id, r.version_id AS version_id FROM (");
+        page.append(set).push(") m JOIN resources r ON r.tenant = ").bind(self.tenant.clone());
+        page.push(" AND r.type = m.type AND r.id = m.id WHERE r.deleted = 0");
+        for (_, criterion) in query.criteria.iter().enumerate().filter(|(index, _)| *index != driver) {
+            page.push(" AND ");
+            self.criterion(&mut page, "r", &query.types, criterion)?;
+        }
+        if let Some(cursor) = cursor {
+            page.push(" AND ").append(keyset(&[], cursor, ("m.type", "m.id"))?);
+        }
+        let mut order = Vec::new();
+        row_order(reversed, &mut order);
+        page.push(" ORDER BY ").push(&order.join(", "));
+        page.push(" LIMIT ").bind(limit(query));
+        Ok(page)
+    }
+
+    /// The set of the driving criterion ([`driving_criterion`]), a positive membership test.
+    fn driver_set(&mut self, query: &SearchQuery, driver: usize) -> Result<Sql, IndexError> {
+        match self.membership(&query.types, &query.criteria[driver])? {
+            Membership { negated: false, set } => Ok(set),
+            Membership { negated: true, .. } => {
+                Err(IndexError::Internal("the driving criterion is not a positive membership test".to_owned()))
+            }
+        }
+    }
+
+    /// `SELECT COUNT(*)` of every match, or of at most `cap + 1` of them. With a driving
+    /// criterion ([`driving_criterion`]) the count runs on its value index alone instead of
+    /// seeking `resources` once per match.
+    fn count(&mut self, query: &SearchQuery, driver: Option<usize>, cap: Option<u64>) -> Result<Sql, IndexError> {
+        let mut matches = Sql::default();
+        match driver {
+            None => {
+                let filter = self.filter(query)?;
+                matches.push("SELECT 1 FROM resources r WHERE ").append(filter);
+            }
+            Some(driver) => {
+                let set = self.driver_set(query, driver)?;
+                matches.push("SELECT 1 FROM (SELECT DISTINCT type, id FROM (").append(set).push(")) r");
+                let mut separator = " WHERE ";
+                for (_, criterion) in query.criteria.iter().enumerate().filter(|(index, _)| *index != driver) {
+                    matches.push(separator);
+                    separator = " AND ";
+                    self.criterion(&mut matches, "r", &query.types, criterion)?;
+                }
+            }
+        }
+        if let Some(cap) = cap {
+            matches.push(" LIMIT ").bind(i64::try_from(cap).unwrap_or(i64::MAX - 1).saturating_add(1));
+        }
+        let mut count = Sql::default();
+        count.push("SELECT COUNT(*) FROM (").append(matches).push(")");
+        Ok(count)
+    }
+
     /// A predicate on `alias` (a `resources` row of one of `types`, in this tenant).
     fn criterion(
         &mut self,
@@ -299,93 +459,99 @@ impl Compiler {
         types: &[ResourceType],
         criterion: &Criterion,
     ) -> Result<(), IndexError> {
+        if let Criterion::AnyOf(inner) = criterion {
+            if inner.is_empty() {
+                sql.push("0");
+                return Ok(());
+            }
+            sql.push("(");
+            for (index, criterion) in inner.iter().enumerate() {
+                if index > 0 {
+                    sql.push(" OR ");
+                }
+                self.criterion(sql, alias, types, criterion)?;
+            }
+            sql.push(")");
+            return Ok(());
+        }
+        let Membership { negated, set } = self.membership(types, criterion)?;
+        sql.push(&format!("({alias}.type, {alias}.id) {}IN (", if negated { "NOT " } else { "" }));
+        sql.append(set).push(")");
+        Ok(())
+    }
+
+    /// A criterion other than AnyOf as a membership test: `(a.type, a.id) [NOT] IN (<set>)`.
+    fn membership(&mut self, types: &[ResourceType], criterion: &Criterion) -> Result<Membership, IndexError> {
         match criterion {
-            Criterion::Match(m) => self.chained(sql, alias, types, &m.chain, &Leaf::Match(m)),
+            Criterion::Match(m) => self.chained(types, &m.chain, &Leaf::Match(m)),
             Criterion::Missing { chain, param, kind, missing } => {
-                self.chained(sql, alias, types, chain, &Leaf::Missing { param, kind: *kind, missing: *missing })
+                self.chained(types, chain, &Leaf::Missing { param, kind: *kind, missing: *missing })
             }
-            Criterion::Has(has) => self.has(sql, alias, types, has),
-            Criterion::AnyOf(inner) => {
-                if inner.is_empty() {
-                    sql.push("0");
-                    return Ok(());
-                }
-                sql.push("(");
-                for (index, criterion) in inner.iter().enumerate() {
-                    if index > 0 {
-                        sql.push(" OR ");
-                    }
-                    self.criterion(sql, alias, types, criterion)?;
-                }
-                sql.push(")");
-                Ok(())
-            }
+            Criterion::Has(has) => self.has(types, has),
+            Criterion::AnyOf(_) => Err(IndexError::Internal("an AnyOf is not a membership test".to_owned())),
         }
     }
 
     /// Follows `chain` through the reference table, then applies `leaf` to the resources reached.
     fn chained(
         &mut self,
-        sql: &mut Sql,
-        alias: &str,
         types: &[ResourceType],
         chain: &[ChainLink],
         leaf: &Leaf<'_>,
-    ) -> Result<(), IndexError> {
+    ) -> Result<Membership, IndexError> {
         let Some((link, rest)) = chain.split_first() else {
-            return self.leaf(sql, alias, types, leaf);
+            return self.leaf(types, leaf);
         };
         if types.is_empty() || link.targets.is_empty() {
-            sql.push("0");
-            return Ok(());
+            return Ok(Membership::nothing());
         }
         let (x, t) = (self.alias("x"), self.alias("t"));
-        sql.push(&format!("({alias}.type, {alias}.id) IN (SELECT {x}.type, {x}.id FROM reference_values {x} WHERE "));
-        sql.push(&format!("{x}.tenant = ")).bind(self.tenant.clone());
-        sql.push(&format!(" AND {x}.type IN ")).bind_types(types);
-        sql.push(&format!(" AND {x}.param = ")).bind(link.param.clone());
-        sql.push(&format!(" AND {x}.target_type IN ")).bind_types(&link.targets);
-        sql.push(&format!(
+        let mut set = Sql::default();
+        set.push(&format!("SELECT {x}.type AS type, {x}.id AS id FROM reference_values {x} WHERE "));
+        set.push(&format!("{x}.tenant = ")).bind(self.tenant.clone());
+        set.push(&format!(" AND {x}.type IN ")).bind_types(types);
+        set.push(&format!(" AND {x}.param = ")).bind(link.param.clone());
+        set.push(&format!(" AND {x}.target_type IN ")).bind_types(&link.targets);
+        set.push(&format!(
             " AND ({x}.target_type, {x}.target_id) IN (SELECT {t}.type, {t}.id FROM resources {t} WHERE "
         ));
-        sql.push(&format!("{t}.tenant = ")).bind(self.tenant.clone());
-        sql.push(&format!(" AND {t}.type IN ")).bind_types(&link.targets);
-        sql.push(&format!(" AND {t}.deleted = 0 AND "));
-        self.chained(sql, &t, &link.targets, rest, leaf)?;
-        sql.push("))");
-        Ok(())
+        set.push(&format!("{t}.tenant = ")).bind(self.tenant.clone());
+        set.push(&format!(" AND {t}.type IN ")).bind_types(&link.targets);
+        set.push(&format!(" AND {t}.deleted = 0 AND "));
+        let inner = self.chained(&link.targets, rest, leaf)?;
+        set.push(&format!("({t}.type, {t}.id) {}IN (", if inner.negated { "NOT " } else { "" }));
+        set.append(inner.set).push("))");
+        Ok(Membership { negated: false, set })
     }
 
-    /// `_has:Type:param:…`: `alias` is the target of a `param` reference from a live `Type`
-    /// resource matching the inner criterion.
-    fn has(&mut self, sql: &mut Sql, alias: &str, types: &[ResourceType], has: &Has) -> Result<(), IndexError> {
+    /// `_has:Type:param:…`: the targets of a `param` reference from a live `Type` resource
+    /// matching the inner criterion (targets that may themselves be deleted or never existed).
+    fn has(&mut self, types: &[ResourceType], has: &Has) -> Result<Membership, IndexError> {
         if types.is_empty() {
-            sql.push("0");
-            return Ok(());
+            return Ok(Membership::nothing());
         }
         let (x, o) = (self.alias("x"), self.alias("o"));
         let referrer = [has.resource_type];
-        sql.push(&format!(
-            "({alias}.type, {alias}.id) IN (SELECT {x}.target_type, {x}.target_id FROM reference_values {x} WHERE "
-        ));
-        sql.push(&format!("{x}.tenant = ")).bind(self.tenant.clone());
-        sql.push(&format!(" AND {x}.type = ")).bind(has.resource_type.as_str().to_owned());
-        sql.push(&format!(" AND {x}.param = ")).bind(has.reference_param.clone());
-        sql.push(&format!(" AND {x}.target_type IN ")).bind_types(types);
-        sql.push(&format!(" AND {x}.id IN (SELECT {o}.id FROM resources {o} WHERE "));
-        sql.push(&format!("{o}.tenant = ")).bind(self.tenant.clone());
-        sql.push(&format!(" AND {o}.type = ")).bind(has.resource_type.as_str().to_owned());
-        sql.push(&format!(" AND {o}.deleted = 0 AND "));
-        self.criterion(sql, &o, &referrer, &has.criterion)?;
-        sql.push("))");
-        Ok(())
+        let mut set = Sql::default();
+        set.push(&format!("SELECT {x}.target_type AS type, {x}.target_id AS id FROM reference_values {x} WHERE "));
+        set.push(&format!("{x}.tenant = ")).bind(self.tenant.clone());
+        set.push(&format!(" AND {x}.type = ")).bind(has.resource_type.as_str().to_owned());
+        set.push(&format!(" AND {x}.param = ")).bind(has.reference_param.clone());
+        set.push(&format!(" AND {x}.target_type IN ")).bind_types(types);
+        set.push(&format!(" AND {x}.id IN (SELECT {o}.id FROM resources {o} WHERE "));
+        set.push(&format!("{o}.tenant = ")).bind(self.tenant.clone());
+        set.push(&format!(" AND {o}.type = ")).bind(has.resource_type.as_str().to_owned());
+        set.push(&format!(" AND {o}.deleted = 0 AND "));
+        self.criterion(&mut set, &o, &referrer, &has.criterion)?;
+        set.push(")");
+        Ok(Membership { negated: false, set })
     }
 
-    /// `(alias.type, alias.id) [NOT] IN (SELECT v.type, v.id FROM <table> v WHERE <scope> AND …)`.
-    fn leaf(&mut self, sql: &mut Sql, alias: &str, types: &[ResourceType], leaf: &Leaf<'_>) -> Result<(), IndexError> {
+    /// `SELECT v.type, v.id FROM <table> v WHERE <scope> AND …`, negated for `:not` and
+    /// `:missing=true`.
+    fn leaf(&mut self, types: &[ResourceType], leaf: &Leaf<'_>) -> Result<Membership, IndexError> {
         if types.is_empty() {
-            sql.push("0");
-            return Ok(());
+            return Ok(Membership::nothing());
         }
         let (param, kind) = match leaf {
             Leaf::Match(m) => (m.param.as_str(), m.kind),
@@ -397,38 +563,35 @@ impl Compiler {
         };
         let v = self.alias("v");
         let table = table(kind)?;
-        sql.push(&format!(
-            "({alias}.type, {alias}.id) {}IN (SELECT {v}.type, {v}.id FROM {table} {v} WHERE ",
-            if negated { "NOT " } else { "" }
-        ));
-        sql.push(&format!("{v}.tenant = ")).bind(self.tenant.clone());
-        sql.push(&format!(" AND {v}.type IN ")).bind_types(types);
-        sql.push(&format!(" AND {v}.param = ")).bind(param.to_owned());
+        let mut set = Sql::default();
+        set.push(&format!("SELECT {v}.type AS type, {v}.id AS id FROM {table} {v} WHERE "));
+        set.push(&format!("{v}.tenant = ")).bind(self.tenant.clone());
+        set.push(&format!(" AND {v}.type IN ")).bind_types(types);
+        set.push(&format!(" AND {v}.param = ")).bind(param.to_owned());
         if let Leaf::Match(m) = leaf {
             if m.values.is_empty() {
                 // No value can match: the (positive or negated) set is empty.
-                sql.push(" AND 0");
+                set.push(" AND 0");
             } else {
-                sql.push(" AND (");
+                set.push(" AND (");
                 for (index, value) in m.values.iter().enumerate() {
                     if index > 0 {
-                        sql.push(" OR ");
+                        set.push(" OR ");
                     }
-                    sql.push("(");
+                    set.push("(");
                     // `:not` negates the set of resources with a plainly matching value.
                     let modifier = if negated { &None } else { &m.modifier };
                     if kind == ParamType::Composite {
-                        self.composite(sql, &v, param, modifier, value)?;
+                        self.composite(&mut set, &v, param, modifier, value)?;
                     } else {
-                        self.value(sql, &v, kind, modifier, value)?;
+                        self.value(&mut set, &v, kind, modifier, value)?;
                     }
-                    sql.push(")");
+                    set.push(")");
                 }
-                sql.push(")");
+                set.push(")");
             }
         }
-        sql.push(")");
-        Ok(())
+        Ok(Membership { negated, set })
     }
 
     /// Every component of `value` matches the component row with the same `ord` as the

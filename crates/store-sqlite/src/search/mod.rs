@@ -124,7 +124,8 @@ impl SqliteSearchIndex {
         let mut compiled = compile::compile(tenant, query, cursor.as_ref(), now)?;
         let count = query.count;
         if count == 0 && compiled.count.is_none() {
-            return Ok(IndexPage { hits: Vec::new(), total: None, next: None, previous: None });
+            let watermark = self.read(write::watermark).await?;
+            return Ok(IndexPage { hits: Vec::new(), total: None, next: None, previous: None, watermark });
         }
         if count == 0 {
             // Only the total: skip the page statement.
@@ -133,9 +134,9 @@ impl SqliteSearchIndex {
         }
         let sort_keys = query.sort.len();
         let reversed = compiled.reversed;
-        let (mut rows, total) = self.read(move |conn| run_page(conn, &compiled, sort_keys)).await?;
+        let (mut rows, total, watermark) = self.read(move |conn| run_page(conn, &compiled, sort_keys)).await?;
         if count == 0 {
-            return Ok(IndexPage { hits: Vec::new(), total, next: None, previous: None });
+            return Ok(IndexPage { hits: Vec::new(), total, next: None, previous: None, watermark });
         }
         let more = rows.len() > count;
         rows.truncate(count);
@@ -158,7 +159,7 @@ impl SqliteSearchIndex {
                 (Some(make(Direction::Next, last)), more.then(|| make(Direction::Previous, first)))
             }
         };
-        Ok(IndexPage { hits: rows.into_iter().map(|row| row.hit).collect(), total, next, previous })
+        Ok(IndexPage { hits: rows.into_iter().map(|row| row.hit).collect(), total, next, previous, watermark })
     }
 }
 
@@ -202,8 +203,9 @@ struct Row {
     keys: Vec<Value>,
 }
 
-/// Runs the page (and count) statements in one read transaction, so both see one snapshot.
-fn run_page(conn: &Connection, compiled: &CompiledPage, sort_keys: usize) -> Result<(Vec<Row>, Option<u64>)> {
+/// Runs the page (and count) statements in one read transaction, so both see one snapshot, and
+/// reads that snapshot's watermark.
+fn run_page(conn: &Connection, compiled: &CompiledPage, sort_keys: usize) -> Result<(Vec<Row>, Option<u64>, u64)> {
     let tx = conn.unchecked_transaction()?;
     let mut rows = Vec::new();
     {
@@ -230,12 +232,15 @@ fn run_page(conn: &Connection, compiled: &CompiledPage, sort_keys: usize) -> Res
         Some(count) => {
             let total: i64 =
                 tx.prepare_cached(&count.text)?.query_row(params_from_iter(count.params.iter()), |row| row.get(0))?;
-            Some(crate::rows::to_u64(total, "count")?)
+            let total = crate::rows::to_u64(total, "count")?;
+            // Past the cap the count stopped early: no total rather than a wrong one.
+            compiled.count_cap.is_none_or(|cap| total <= cap).then_some(total)
         }
         None => None,
     };
+    let watermark = write::watermark(&tx)?;
     tx.commit()?;
-    Ok((rows, total))
+    Ok((rows, total, watermark))
 }
 
 #[async_trait]

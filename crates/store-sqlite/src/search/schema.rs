@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// Kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of a search-index file ("FHSX"), so the store's own database (or any
 /// other SQLite file) is refused rather than silently extended.
@@ -29,11 +29,12 @@ pub(crate) const VALUE_TABLES: [&str; 8] = [
 pub(crate) const NO_LAST_UPDATED_ASC: i64 = i64::MAX;
 pub(crate) const NO_LAST_UPDATED_DESC: i64 = i64::MIN;
 
-/// Version 1. Every key starts with the tenant. Value rows are keyed by
+/// Version 2. Every key starts with the tenant. Value rows are keyed by
 /// `(tenant, type, id, param, ord)` where `ord` is the entry's position in the update, so the
 /// correlated lookups (sort keys, composite components) are primary-key seeks; each table has
-/// secondary indexes on `(tenant, type, param, <value columns>)` for the search shapes.
-const SCHEMA_V1: &str = "
+/// secondary indexes on `(tenant, type, param, <value columns>)` for the search shapes. (Version
+/// 2 put `id` before `system` in `token_values_code`, so a code lookup yields rows in id order.)
+const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT    PRIMARY KEY,
     value INTEGER NOT NULL
@@ -77,7 +78,7 @@ CREATE TABLE token_values (
     text_norm TEXT,
     PRIMARY KEY (tenant, type, id, param, ord)
 ) WITHOUT ROWID;
-CREATE INDEX token_values_code ON token_values (tenant, type, param, code, system);
+CREATE INDEX token_values_code ON token_values (tenant, type, param, code, id, system);
 CREATE INDEX token_values_text ON token_values (tenant, type, param, text_norm);
 
 CREATE TABLE reference_values (
@@ -154,9 +155,19 @@ pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connect
     Ok(conn)
 }
 
+/// What opening found.
+enum Opened {
+    Current,
+    Created,
+    /// An index of an older schema version, dropped and recreated empty.
+    Rebuilt {
+        from: i64,
+    },
+}
+
 fn migrate(conn: &Connection) -> Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let outcome = (|| -> Result<bool> {
+    let outcome = (|| -> Result<Opened> {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         let application_id: i64 = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
         if version == 0 && application_id == 0 {
@@ -164,26 +175,50 @@ fn migrate(conn: &Connection) -> Result<()> {
             if tables != 0 {
                 return Err(Error::Corrupt("the file is a database but not a search index".to_owned()));
             }
-            conn.execute_batch(SCHEMA_V1)?;
-            conn.pragma_update(None, "application_id", APPLICATION_ID)?;
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            return Ok(true);
+            create(conn)?;
+            return Ok(Opened::Created);
         }
         if application_id != APPLICATION_ID {
             return Err(Error::Corrupt("the file is a database but not a search index".to_owned()));
         }
-        if version != SCHEMA_VERSION {
+        if version > SCHEMA_VERSION {
             return Err(Error::Corrupt(format!(
-                "search index schema version {version} is not supported (this build reads version {SCHEMA_VERSION})"
+                "search index schema version {version} is newer than this build reads ({SCHEMA_VERSION})"
             )));
         }
-        Ok(false)
+        if version < SCHEMA_VERSION {
+            // The index is derived data: start it over at watermark 0 and the indexer rebuilds it
+            // from the store's change log, as after `fhirmesh reindex`.
+            let tables: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")?
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for table in tables {
+                conn.execute_batch(&format!("DROP TABLE \"{}\"", table.replace('"', "\"\"")))?;
+            }
+            create(conn)?;
+            return Ok(Opened::Rebuilt { from: version });
+        }
+        Ok(Opened::Current)
     })();
     match outcome {
-        Ok(created) => {
+        Ok(opened) => {
             conn.execute_batch("COMMIT")?;
-            if created {
-                tracing::info!(schema_version = SCHEMA_VERSION, "sqlite search index schema created");
+            match opened {
+                Opened::Current => {}
+                Opened::Created => {
+                    tracing::info!(schema_version = SCHEMA_VERSION, "sqlite search index schema created")
+                }
+                Opened::Rebuilt { from } => {
+                    // Give the dropped tables' pages back to the file system (cheap: nothing is
+                    // left to copy).
+                    conn.execute_batch("VACUUM")?;
+                    tracing::warn!(
+                        from,
+                        to = SCHEMA_VERSION,
+                        "sqlite search index schema changed: the index starts empty and is rebuilt from the change log"
+                    );
+                }
             }
             Ok(())
         }
@@ -192,4 +227,11 @@ fn migrate(conn: &Connection) -> Result<()> {
             Err(err)
         }
     }
+}
+
+fn create(conn: &Connection) -> Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
 }

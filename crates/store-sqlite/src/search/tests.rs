@@ -1031,6 +1031,69 @@ async fn totals_and_count_zero() {
 }
 
 #[tokio::test]
+async fn estimate_totals_are_exact_up_to_the_cap_and_absent_beyond() {
+    let dir = TempDir::new().expect("temp dir");
+    let index = open(&dir);
+    let cap = super::compile::ESTIMATE_EXACT_UP_TO;
+    let updates = (0..=cap).map(|i| {
+        update(
+            "t",
+            "Patient",
+            &format!("p{i}"),
+            1,
+            i + 1,
+            Some(vec![entry("gender", token_value(None, Some("female"), None))]),
+        )
+    });
+    apply(&index, updates.collect()).await;
+    let t = tenant("t");
+    let female = || matching("gender", ParamType::Token, None, vec![tok(TokenSystem::Any, Some("female"))]);
+    for (criteria, matches) in [(vec![female()], cap + 1), (vec![], cap + 1)] {
+        let mut q = query(&["Patient"], criteria);
+        q.count = 3;
+        q.total = TotalMode::Estimate;
+        let page = index.search_at(&t, &q, None, now()).await.expect("search");
+        assert_eq!((page.hits.len(), page.total), (3, None), "more than the cap: no total");
+        q.total = TotalMode::Accurate;
+        assert_eq!(index.search_at(&t, &q, None, now()).await.expect("search").total, Some(matches));
+    }
+    // At the cap an estimate is exact.
+    let deleted = update("t", "Patient", "p0", 2, cap + 2, None);
+    apply(&index, vec![deleted]).await;
+    let mut q = query(&["Patient"], vec![female()]);
+    q.total = TotalMode::Estimate;
+    assert_eq!(index.search_at(&t, &q, None, now()).await.expect("search").total, Some(cap));
+}
+
+#[test]
+fn an_older_schema_is_dropped_and_rebuilt_from_watermark_zero() {
+    let dir = TempDir::new().expect("temp dir");
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let index = open(&dir);
+    runtime.block_on(apply(&index, vec![update("t", "Patient", "a", 1, 5, Some(vec![string("name", "x")]))]));
+    drop(index);
+    let conn = rusqlite::Connection::open(dir.path().join("search.db")).expect("open");
+    conn.pragma_update(None, "user_version", 1).expect("downgrade");
+    drop(conn);
+    let index = open(&dir);
+    let t = tenant("t");
+    let q = query(&["Patient"], vec![]);
+    let page = runtime.block_on(index.search_at(&t, &q, None, now())).expect("search");
+    assert_eq!((page.hits.len(), page.watermark), (0, 0), "an empty index the indexer refills from the change log");
+    drop(index);
+    let conn = rusqlite::Connection::open(dir.path().join("search.db")).expect("open");
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("version");
+    assert_eq!(version, super::schema::SCHEMA_VERSION);
+    // A newer schema than this build reads is refused, not dropped.
+    conn.pragma_update(None, "user_version", version + 1).expect("upgrade");
+    drop(conn);
+    assert!(matches!(
+        SqliteSearchIndex::open(SqliteSearchConfig::new(dir.path().join("search.db"))),
+        Err(IndexError::Internal(_))
+    ));
+}
+
+#[tokio::test]
 async fn tenants_are_isolated() {
     let dir = TempDir::new().expect("temp dir");
     let index = open(&dir);
@@ -1150,6 +1213,15 @@ async fn common_shapes_use_indexes() {
             .expect("plan");
         rows.collect::<Result<Vec<_>, _>>().expect("plan rows")
     };
+    let count_plan = |q: &SearchQuery| -> Vec<String> {
+        let compiled = super::compile::compile(&t, q, None, now()).expect("compile");
+        let count = compiled.count.expect("a total is wanted");
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {}", count.text)).expect("explain");
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(count.params.iter()), |row| row.get::<_, String>(3))
+            .expect("plan");
+        rows.collect::<Result<Vec<_>, _>>().expect("plan rows")
+    };
     let no_scans = |plan: &[String]| plan.iter().all(|step| !step.starts_with("SCAN"));
     let shapes = [
         (
@@ -1202,6 +1274,35 @@ async fn common_shapes_use_indexes() {
         assert!(plan.iter().any(|step| step.contains(index_name)), "{name} uses {index_name}: {plan:?}");
         assert!(plan.iter().any(|step| step.contains("r USING PRIMARY KEY")), "{name} seeks resources: {plan:?}");
         eprintln!("{name}: {plan:?}");
+        // The total is counted on the value index alone: no seek into `resources` per match.
+        let count = count_plan(&q);
+        assert!(count.iter().any(|step| step.contains(index_name)), "{name} count uses {index_name}: {count:?}");
+        assert!(!count.iter().any(|step| step.contains("PRIMARY KEY")), "{name} count seeks resources: {count:?}");
+        eprintln!("{name} count: {count:?}");
+    }
+    // One code (or an exact string, a typed reference, a uri) in the default order: the page
+    // streams from the value index in id order and stops after `count` rows — no sort of every
+    // match however broad the code (`gender=female`).
+    let streamed = [
+        query(
+            &["Patient"],
+            vec![matching("gender", ParamType::Token, None, vec![tok(TokenSystem::Any, Some("female"))])],
+        ),
+        query(&["Patient"], vec![matching("family", ParamType::String, Some(Modifier::Exact), vec![s("Smith")])]),
+        query(
+            &["Observation"],
+            vec![matching(
+                "subject",
+                ParamType::Reference,
+                None,
+                vec![SearchValue::Reference { target_type: Some(rt("Patient")), id: Some("1".to_owned()), url: None }],
+            )],
+        ),
+    ];
+    for q in streamed {
+        let steps = plan(&q);
+        assert!(no_scans(&steps), "{steps:?}");
+        assert!(!steps.iter().any(|step| step.contains("FOR ORDER BY")), "streams in id order: {steps:?}");
     }
     for descending in [false, true] {
         let mut q = query(&["Patient"], vec![]);

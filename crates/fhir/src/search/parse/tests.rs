@@ -491,7 +491,7 @@ fn sort_keys() {
 #[test]
 fn count_total_summary_elements() {
     let query = ok("Patient", &[]);
-    assert_eq!((query.count, query.total, query.summary, &query.elements), (20, TotalMode::Accurate, None, &None));
+    assert_eq!((query.count, query.total, query.summary, &query.elements), (20, TotalMode::Estimate, None, &None));
     assert_eq!(ok("Patient", &[("_count", "0")]).count, 0);
     assert_eq!(ok("Patient", &[("_count", "50")]).count, 50);
     let capped = ok("Patient", &[("_count", "5000")]);
