@@ -25,7 +25,7 @@ pub struct IndexerConfig {
 impl Default for IndexerConfig {
     fn default() -> Self {
         IndexerConfig {
-            batch_size: 256,
+            batch_size: 1024,
             poll_interval: Duration::from_millis(200),
             retry_delay: Duration::from_millis(500),
         }
@@ -45,15 +45,32 @@ impl Indexer {
 
     /// Applies everything in the change log after the watermark; returns the new watermark.
     pub async fn catch_up(&self) -> Result<u64, String> {
+        self.catch_up_reporting(|_| {}).await
+    }
+
+    /// [`Indexer::catch_up`], calling `progress` with the position after each batch. Pipelined:
+    /// the next batch is read and its values extracted while the current one is written, so the
+    /// two halves (JSON + FHIRPath, SQLite B-trees) run on different cores.
+    pub async fn catch_up_reporting(&self, mut progress: impl FnMut(u64)) -> Result<u64, String> {
         let mut position = self.index.watermark().await.map_err(|e| e.to_string())?;
-        loop {
-            let batch =
-                self.changes.changes_after(position, self.config.batch_size).await.map_err(|e| e.to_string())?;
-            let Some(last) = batch.last().map(|c| c.version.sequence) else { return Ok(position) };
-            let events: Vec<ResourceChanged> = batch.into_iter().map(ResourceChanged::from).collect();
-            self.apply(events).await?;
+        let mut next = self.prepare(position).await?;
+        while let Some((last, updates)) = next {
+            let (applied, prepared) = tokio::join!(self.index.apply(updates), self.prepare(last));
+            applied.map_err(|e| e.to_string())?;
             position = last;
+            progress(position);
+            next = prepared?;
         }
+        Ok(position)
+    }
+
+    /// Reads the batch of changes after `position` and extracts its index updates; `None` when
+    /// there are none. Returns the batch's last sequence with the updates.
+    async fn prepare(&self, position: u64) -> Result<Option<(u64, Vec<IndexUpdate>)>, String> {
+        let batch = self.changes.changes_after(position, self.config.batch_size).await.map_err(|e| e.to_string())?;
+        let Some(last) = batch.last().map(|c| c.version.sequence) else { return Ok(None) };
+        let events: Vec<ResourceChanged> = batch.into_iter().map(ResourceChanged::from).collect();
+        Ok(Some((last, extract_updates(events).await?)))
     }
 
     /// Turns events into index updates (extracting search values off the async executor) and
@@ -62,9 +79,7 @@ impl Indexer {
         if events.is_empty() {
             return Ok(());
         }
-        let updates = tokio::task::spawn_blocking(move || events.into_iter().map(to_update).collect::<Vec<_>>())
-            .await
-            .map_err(|e| format!("extraction task failed: {e}"))?;
+        let updates = extract_updates(events).await?;
         self.index.apply(updates).await.map_err(|e| e.to_string())
     }
 
@@ -140,6 +155,13 @@ impl Indexer {
             }
         }
     }
+}
+
+/// Extracts the index updates of `events` on the blocking pool (CPU-bound: JSON and FHIRPath).
+async fn extract_updates(events: Vec<ResourceChanged>) -> Result<Vec<IndexUpdate>, String> {
+    tokio::task::spawn_blocking(move || events.into_iter().map(to_update).collect::<Vec<_>>())
+        .await
+        .map_err(|e| format!("extraction task failed: {e}"))
 }
 
 fn to_update(event: ResourceChanged) -> IndexUpdate {

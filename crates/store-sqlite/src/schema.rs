@@ -87,6 +87,10 @@ pub(crate) fn open_wal_writer(path: &Path, synchronous_full: bool) -> Result<Con
     // checkpoint the WAL less often.
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+    // Pages missing from the cache are read through the memory map rather than copied by a
+    // pread each (writes still go through the WAL); in a reindex of 100k Patients the copies
+    // were a third of the time.
+    conn.pragma_update(None, "mmap_size", READER_MMAP_BYTES)?;
     Ok(conn)
 }
 

@@ -3,14 +3,13 @@
 //! applying new writes) and the rebuild never undo each other.
 
 use anyhow::Context;
-use fhirmesh_core::ResourceChanged;
 use fhirmesh_core::indexer::{Indexer, IndexerConfig};
 use fhirmesh_core::ports::{ChangeLog, SearchIndex};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 
-const BATCH: usize = 1000;
+const BATCH: usize = 4000;
 
 pub fn run(config: &Config) -> anyhow::Result<()> {
     let runtime =
@@ -20,21 +19,17 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
         let total = store.latest_sequence().await.context("cannot read the change log")?;
         index.clear().await.context("cannot clear the search index")?;
-        let indexer = Indexer::new(index.clone(), store.clone(), IndexerConfig::default());
+        let indexer =
+            Indexer::new(index.clone(), store.clone(), IndexerConfig { batch_size: BATCH, ..IndexerConfig::default() });
         let progress = ProgressBar::new(total).with_style(
             ProgressStyle::with_template("{spinner} reindexing [{bar:40}] {pos}/{len} changes ({per_sec}, eta {eta})")
                 .context("progress template")?
                 .progress_chars("=> "),
         );
-        let mut position = 0;
-        loop {
-            let batch = store.changes_after(position, BATCH).await.context("cannot read the change log")?;
-            let Some(last) = batch.last().map(|c| c.version.sequence) else { break };
-            let events: Vec<ResourceChanged> = batch.into_iter().map(ResourceChanged::from).collect();
-            indexer.apply(events).await.map_err(|e| anyhow::anyhow!("indexing failed: {e}"))?;
-            position = last;
-            progress.set_position(position.min(total));
-        }
+        let position = indexer
+            .catch_up_reporting(|position| progress.set_position(position.min(total)))
+            .await
+            .map_err(|e| anyhow::anyhow!("indexing failed: {e}"))?;
         progress.finish_and_clear();
         println!("fhirmesh: reindexed {position} changes into {}", config.storage.data_dir.display());
         Ok(())

@@ -641,7 +641,9 @@ impl Compiler {
                 sql.push(&format!("instr({v}.normalized, ")).bind(normalize_string(s)).push(") > 0");
             }
             (ParamType::String, Some(Modifier::Exact), SearchValue::String(s)) => {
-                sql.push(&format!("{v}.exact = ")).bind(s.clone());
+                // Equal strings have equal normalised forms: seek the normalised index.
+                sql.push(&format!("{v}.normalized = ")).bind(normalize_string(s));
+                sql.push(&format!(" AND {v}.exact = ")).bind(s.clone());
             }
             (ParamType::Token, None, SearchValue::Token { system, code }) => {
                 token(sql, &format!("{v}.system"), &format!("{v}.code"), system, code.as_deref());

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// Kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of a search-index file ("FHSX"), so the store's own database (or any
 /// other SQLite file) is refused rather than silently extended.
@@ -29,11 +29,13 @@ pub(crate) const VALUE_TABLES: [&str; 8] = [
 pub(crate) const NO_LAST_UPDATED_ASC: i64 = i64::MAX;
 pub(crate) const NO_LAST_UPDATED_DESC: i64 = i64::MIN;
 
-/// Version 2. Every key starts with the tenant. Value rows are keyed by
+/// Version 3. Every key starts with the tenant. Value rows are keyed by
 /// `(tenant, type, id, param, ord)` where `ord` is the entry's position in the update, so the
 /// correlated lookups (sort keys, composite components) are primary-key seeks; each table has
 /// secondary indexes on `(tenant, type, param, <value columns>)` for the search shapes. (Version
-/// 2 put `id` before `system` in `token_values_code`, so a code lookup yields rows in id order.)
+/// 2 put `id` before `system` in `token_values_code`, so a code lookup yields rows in id order;
+/// version 3 dropped the `exact` string index — `:exact` seeks `normalized` — and made the
+/// token-text and reference-identifier indexes partial, skipping the rows without a value.)
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT    PRIMARY KEY,
@@ -68,7 +70,6 @@ CREATE TABLE string_values (
     PRIMARY KEY (tenant, type, id, param, ord)
 ) WITHOUT ROWID;
 CREATE INDEX string_values_normalized ON string_values (tenant, type, param, normalized);
-CREATE INDEX string_values_exact ON string_values (tenant, type, param, exact);
 
 CREATE TABLE token_values (
     tenant TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ord INTEGER NOT NULL,
@@ -79,7 +80,7 @@ CREATE TABLE token_values (
     PRIMARY KEY (tenant, type, id, param, ord)
 ) WITHOUT ROWID;
 CREATE INDEX token_values_code ON token_values (tenant, type, param, code, id, system);
-CREATE INDEX token_values_text ON token_values (tenant, type, param, text_norm);
+CREATE INDEX token_values_text ON token_values (tenant, type, param, text_norm) WHERE text_norm IS NOT NULL;
 
 CREATE TABLE reference_values (
     tenant TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ord INTEGER NOT NULL,
@@ -93,7 +94,8 @@ CREATE TABLE reference_values (
 ) WITHOUT ROWID;
 CREATE INDEX reference_values_target ON reference_values (tenant, type, param, target_id, target_type);
 CREATE INDEX reference_values_url ON reference_values (tenant, type, param, url);
-CREATE INDEX reference_values_identifier ON reference_values (tenant, type, param, ident_value);
+CREATE INDEX reference_values_identifier ON reference_values (tenant, type, param, ident_value)
+    WHERE ident_value IS NOT NULL;
 -- _has and reverse lookups: who points at (target_type, target_id)?
 CREATE INDEX reference_values_referrer ON reference_values (tenant, target_type, target_id, param);
 
