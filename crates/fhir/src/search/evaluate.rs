@@ -140,8 +140,8 @@ fn value_matches(search: &SearchValue, modifier: Option<&Modifier>, stored: &Ind
         (SearchValue::Date { prefix, start, end }, IndexValue::Date { start: t_start, end: t_end }) => {
             date_matches(*prefix, *t_start, *t_end, *start, *end, now)
         }
-        (SearchValue::Number { prefix, value, low, high }, IndexValue::Number { value: t, .. }) => {
-            number_matches(*prefix, *t, *low, *high, *value)
+        (SearchValue::Number { prefix, value, low, high }, IndexValue::Number { low: t_low, high: t_high, .. }) => {
+            number_matches(*prefix, *t_low, *t_high, *low, *high, *value)
         }
         (
             SearchValue::Quantity { prefix, value, low, high, system, code, canonical },
@@ -155,7 +155,8 @@ fn value_matches(search: &SearchValue, modifier: Option<&Modifier>, stored: &Ind
                 } else {
                     code.as_deref().and_then(|c| ucum_canonical(1.0, c)).map_or(1.0, |(factor, _)| factor)
                 };
-                return s_unit == t_unit && number_matches(*prefix, *t_value, low * scale, high * scale, *s_value);
+                return s_unit == t_unit
+                    && number_matches(*prefix, *t_value, *t_value, low * scale, high * scale, *s_value);
             }
             let unit_matches = match (system, code) {
                 (Some(system), Some(code)) => t_system.as_ref() == Some(system) && t_code.as_ref() == Some(code),
@@ -163,7 +164,7 @@ fn value_matches(search: &SearchValue, modifier: Option<&Modifier>, stored: &Ind
                 (Some(system), None) => t_system.as_ref() == Some(system),
                 (None, None) => true,
             };
-            unit_matches && number_matches(*prefix, *t, *low, *high, *value)
+            unit_matches && number_matches(*prefix, *t, *t, *low, *high, *value)
         }
         (SearchValue::Uri(v), IndexValue::Uri(u)) => match modifier {
             Some(Modifier::Above) => v.starts_with(u.as_str()),
@@ -231,19 +232,26 @@ pub fn date_matches(
     }
 }
 
-/// A stored number against a search number with its implicit-precision range `[low, high)`:
-/// eq `low <= t < high`; ne not eq; gt/sa `t > value`; lt/eb `t < value`; ge `t >= low`;
-/// le `t < high`; ap `|t - value| <= 10 % of |value|`.
-pub fn number_matches(prefix: Prefix, stored_value: f64, low: f64, high: f64, search_value: f64) -> bool {
-    let eq = low <= stored_value && stored_value < high;
+/// Whether a stored number covering `[t_low, t_high]` (a point for a decimal, the bounds of a
+/// Range) matches the search `prefix` + `value` whose implicit-precision range is `[low, high)`,
+/// per the R4 prefix table: `eq` — the search range contains the stored one; `gt`/`lt` — the
+/// stored range reaches above/below the value; `ge`/`le` — either; `sa`/`eb` — the stored range
+/// lies wholly above/below the search range; `ap` — within 10 % of the value.
+pub fn number_matches(prefix: Prefix, t_low: f64, t_high: f64, low: f64, high: f64, value: f64) -> bool {
+    let eq = t_low >= low && t_high < high;
     match prefix {
         Prefix::Eq => eq,
         Prefix::Ne => !eq,
-        Prefix::Gt | Prefix::Sa => stored_value > search_value,
-        Prefix::Lt | Prefix::Eb => stored_value < search_value,
-        Prefix::Ge => stored_value >= low,
-        Prefix::Le => stored_value < high,
-        Prefix::Ap => (stored_value - search_value).abs() <= 0.1 * search_value.abs(),
+        Prefix::Gt => t_high > value,
+        Prefix::Lt => t_low < value,
+        Prefix::Ge => t_high > value || eq,
+        Prefix::Le => t_low < value || eq,
+        Prefix::Sa => t_low >= high,
+        Prefix::Eb => t_high < low,
+        Prefix::Ap => {
+            let tolerance = 0.1 * value.abs();
+            t_low <= value + tolerance && t_high >= value - tolerance
+        }
     }
 }
 
@@ -386,7 +394,7 @@ mod tests {
     }
 
     fn number(value: f64) -> IndexValue {
-        IndexValue::Number { value, low: value - 0.005, high: value + 0.005 }
+        IndexValue::Number { value, low: value, high: value }
     }
 
     fn quantity(value: f64, system: Option<&str>, code: Option<&str>, unit: Option<&str>) -> IndexValue {
@@ -494,17 +502,47 @@ mod tests {
                 ("probability", "1e2", &["a", "b", "c", "d"]),
                 ("probability", "ne100", &["c", "d", "e"]),
                 ("probability", "gt100", &["b", "c", "e"]),
-                ("probability", "sa100", &["b", "c", "e"]),
+                // Wholly above / below the search range [99.5, 100.5), not just the value.
+                ("probability", "sa100", &["c", "e"]),
                 ("probability", "lt100", &["a", "d"]),
-                ("probability", "eb100", &["a", "d"]),
+                ("probability", "eb100", &["d"]),
                 ("probability", "ge100", &["a", "b", "c", "e"]),
                 ("probability", "le100", &["a", "b", "d"]),
                 ("probability", "ap100", &["a", "b", "c"]),
                 ("probability", "60,151", &["d", "e"]),
             ],
         );
-        assert!(number_matches(Prefix::Ap, 0.0, -0.5, 0.5, 0.0));
-        assert!(!number_matches(Prefix::Ap, 0.1, -0.5, 0.5, 0.0));
+        assert!(number_matches(Prefix::Ap, 0.0, 0.0, -0.5, 0.5, 0.0));
+        assert!(!number_matches(Prefix::Ap, 0.1, 0.1, -0.5, 0.5, 0.0));
+    }
+
+    #[test]
+    fn number_ranges_match_as_intervals() {
+        // A Range [10, 30] (midpoint 20) and an open-ended one [40, ∞).
+        let range = |low: f64, high: f64| IndexValue::Number { value: low + (high - low) / 2.0, low, high };
+        let corpus = [
+            doc("RiskAssessment", "closed", vec![("probability", range(10.0, 30.0))]),
+            doc("RiskAssessment", "open", vec![("probability", range(40.0, f64::MAX))]),
+        ];
+        check(
+            "RiskAssessment",
+            &corpus,
+            &[
+                // [19.5, 20.5) cannot contain [10, 30]: not its midpoint.
+                ("probability", "20", &[]),
+                ("probability", "1e2", &[]),
+                ("probability", "gt25", &["closed", "open"]),
+                ("probability", "lt15", &["closed"]),
+                ("probability", "sa5", &["closed", "open"]),
+                ("probability", "sa35", &["open"]),
+                ("probability", "eb35", &["closed"]),
+                ("probability", "ge29", &["closed", "open"]),
+                ("probability", "ge30", &["open"]),
+                ("probability", "le10", &[]),
+                ("probability", "ap20", &["closed"]),
+                ("probability", "ne20", &["closed", "open"]),
+            ],
+        );
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub enum IndexValue {
     /// precision (a date `2020-01` is the whole month; a Period spans start..end, open ends are
     /// unbounded: [`DATE_MIN`]/[`DATE_MAX`]).
     Date { start: OffsetDateTime, end: OffsetDateTime },
-    /// `number` parameters: the value and its implicit-precision range `[low, high)`
-    /// (`100` → [99.5, 100.5), `1e2` → [50, 150)).
+    /// `number` parameters: the value (the sort key) and the interval `[low, high]` it covers — a
+    /// point for a decimal or integer (stored values are taken as exact), the bounds of a Range
+    /// (its midpoint as the value; an open side is `f64::MIN`/`f64::MAX`).
     Number { value: f64, low: f64, high: f64 },
     /// `quantity` parameters: as `Number`, plus the unit. `canonical` is the value converted to a
     /// canonical UCUM unit (value, code) where the conversion is a simple scaling.

@@ -735,7 +735,7 @@ impl Compiler {
                 }
             }
             (ParamType::Number, None, SearchValue::Number { prefix, value, low, high }) => {
-                number(sql, &format!("{v}.value"), *prefix, *value, *low, *high);
+                number(sql, (&format!("{v}.low"), &format!("{v}.high")), *prefix, *value, *low, *high);
             }
             (
                 ParamType::Quantity,
@@ -743,7 +743,8 @@ impl Compiler {
                 SearchValue::Quantity { prefix, value, low, high, system, code, canonical },
             ) => {
                 let plain = |sql: &mut Sql| {
-                    number(sql, &format!("{v}.value"), *prefix, *value, *low, *high);
+                    let stored = format!("{v}.value");
+                    number(sql, (&stored, &stored), *prefix, *value, *low, *high);
                     match (system, code) {
                         (Some(system), Some(code)) => {
                             sql.push(&format!(" AND {v}.system = ")).bind(system.clone());
@@ -769,7 +770,8 @@ impl Compiler {
                         };
                         let (c_low, c_high) = (low * factor, high * factor);
                         sql.push(&format!("CASE WHEN {v}.canonical_code IS NOT NULL THEN ("));
-                        number(sql, &format!("{v}.canonical_value"), *prefix, *canonical_value, c_low, c_high);
+                        let stored = format!("{v}.canonical_value");
+                        number(sql, (&stored, &stored), *prefix, *canonical_value, c_low, c_high);
                         sql.push(&format!(" AND {v}.canonical_code = ")).bind(canonical_code.clone());
                         sql.push(") ELSE (");
                         plain(sql);
@@ -863,29 +865,45 @@ fn token(sql: &mut Sql, system_col: &str, code_col: &str, system: &TokenSystem, 
     }
 }
 
-/// The number rules of `query.rs` on `column`.
-fn number(sql: &mut Sql, column: &str, prefix: Prefix, value: f64, low: f64, high: f64) {
+/// A stored interval `[t_low, t_high]` (columns; the same column for a point) against a search
+/// `prefix` + `value` with implicit-precision range `[low, high)` — the rules of
+/// `fhirmesh_fhir::search::evaluate::number_matches`.
+fn number(sql: &mut Sql, (t_low, t_high): (&str, &str), prefix: Prefix, value: f64, low: f64, high: f64) {
+    let eq = |sql: &mut Sql| {
+        sql.push(&format!("({t_low} >= ")).bind(low).push(&format!(" AND {t_high} < ")).bind(high).push(")");
+    };
     match prefix {
-        Prefix::Eq => {
-            sql.push(&format!("({column} >= ")).bind(low).push(&format!(" AND {column} < ")).bind(high).push(")");
-        }
+        Prefix::Eq => eq(sql),
         Prefix::Ne => {
-            sql.push(&format!("NOT ({column} >= ")).bind(low).push(&format!(" AND {column} < ")).bind(high).push(")");
+            sql.push("NOT ");
+            eq(sql);
         }
-        Prefix::Gt | Prefix::Sa => {
-            sql.push(&format!("{column} > ")).bind(value);
+        Prefix::Gt => {
+            sql.push(&format!("{t_high} > ")).bind(value);
         }
-        Prefix::Lt | Prefix::Eb => {
-            sql.push(&format!("{column} < ")).bind(value);
+        Prefix::Lt => {
+            sql.push(&format!("{t_low} < ")).bind(value);
         }
         Prefix::Ge => {
-            sql.push(&format!("{column} >= ")).bind(low);
+            sql.push(&format!("({t_high} > ")).bind(value).push(" OR ");
+            eq(sql);
+            sql.push(")");
         }
         Prefix::Le => {
-            sql.push(&format!("{column} < ")).bind(high);
+            sql.push(&format!("({t_low} < ")).bind(value).push(" OR ");
+            eq(sql);
+            sql.push(")");
+        }
+        Prefix::Sa => {
+            sql.push(&format!("{t_low} >= ")).bind(high);
+        }
+        Prefix::Eb => {
+            sql.push(&format!("{t_high} < ")).bind(low);
         }
         Prefix::Ap => {
-            sql.push(&format!("abs({column} - ")).bind(value).push(") <= ").bind(0.1 * value.abs());
+            let tolerance = 0.1 * value.abs();
+            sql.push(&format!("({t_low} <= ")).bind(value + tolerance);
+            sql.push(&format!(" AND {t_high} >= ")).bind(value - tolerance).push(")");
         }
     }
 }

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// Kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// `PRAGMA application_id` of a search-index file ("FHSX"), so the store's own database (or any
 /// other SQLite file) is refused rather than silently extended.
@@ -29,13 +29,14 @@ pub(crate) const VALUE_TABLES: [&str; 8] = [
 pub(crate) const NO_LAST_UPDATED_ASC: i64 = i64::MAX;
 pub(crate) const NO_LAST_UPDATED_DESC: i64 = i64::MIN;
 
-/// Version 3. Every key starts with the tenant. Value rows are keyed by
+/// Version 4. Every key starts with the tenant. Value rows are keyed by
 /// `(tenant, type, id, param, ord)` where `ord` is the entry's position in the update, so the
 /// correlated lookups (sort keys, composite components) are primary-key seeks; each table has
 /// secondary indexes on `(tenant, type, param, <value columns>)` for the search shapes. (Version
 /// 2 put `id` before `system` in `token_values_code`, so a code lookup yields rows in id order;
 /// version 3 dropped the `exact` string index — `:exact` seeks `normalized` — and made the
-/// token-text and reference-identifier indexes partial, skipping the rows without a value.)
+/// token-text and reference-identifier indexes partial, skipping the rows without a value;
+/// version 4 stores the interval a number covers, for Ranges.)
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT    PRIMARY KEY,
@@ -110,10 +111,13 @@ CREATE INDEX date_values_end ON date_values (tenant, type, param, end_us);
 
 CREATE TABLE number_values (
     tenant TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ord INTEGER NOT NULL,
-    value REAL NOT NULL,
+    value REAL NOT NULL, -- the sort key (a Range's midpoint)
+    low   REAL NOT NULL, -- [low, high]: the interval covered, a point for a decimal
+    high  REAL NOT NULL,
     PRIMARY KEY (tenant, type, id, param, ord)
 ) WITHOUT ROWID;
-CREATE INDEX number_values_value ON number_values (tenant, type, param, value);
+CREATE INDEX number_values_low ON number_values (tenant, type, param, low);
+CREATE INDEX number_values_high ON number_values (tenant, type, param, high);
 
 CREATE TABLE quantity_values (
     tenant TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ord INTEGER NOT NULL,

@@ -169,14 +169,15 @@ fn insert_value(conn: &Connection, key: &Key<'_>, param: &str, ord: i64, value: 
             )?
             .execute(params![k.0, k.1, k.2, k.3, k.4, to_micros(*start)?, to_micros(*end)?])?;
         }
-        IndexValue::Number { value, .. } => {
-            if value.is_nan() {
+        IndexValue::Number { value, low, high } => {
+            if value.is_nan() || low.is_nan() || high.is_nan() {
                 return Ok(());
             }
             conn.prepare_cached(
-                "INSERT INTO number_values (tenant, type, id, param, ord, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO number_values (tenant, type, id, param, ord, value, low, high) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
-            .execute(params![k.0, k.1, k.2, k.3, k.4, value])?;
+            .execute(params![k.0, k.1, k.2, k.3, k.4, value, low, high])?;
         }
         IndexValue::Quantity { value, system, code, unit, canonical, .. } => {
             if value.is_nan() {

@@ -300,9 +300,10 @@ pub fn number_range(number: &Number) -> Option<(f64, f64, f64)> {
 
 fn number_values(item: Item<'_>, out: &mut Vec<IndexValue>) {
     match item {
+        // A stored decimal is taken as exact (its written precision is not kept): a point.
         Item::Node(Value::Number(number), _) => {
-            if let Some((value, low, high)) = number_range(number) {
-                out.push(IndexValue::Number { value, low, high });
+            if let Some(value) = number.as_f64() {
+                out.push(IndexValue::Number { value, low: value, high: value });
             }
         }
         Item::Number(value) => out.push(IndexValue::Number { value, low: value, high: value }),
