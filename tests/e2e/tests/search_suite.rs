@@ -79,6 +79,9 @@ async fn search_conformance_suite() {
         {
             failures.push(format!("{name}: total {} instead of {total}", bundle["total"]));
         }
+        if case["total_absent"].as_bool() == Some(true) && bundle.get("total").is_some() {
+            failures.push(format!("{name}: a total {} where none was asked for", bundle["total"]));
+        }
         let mut matches = Vec::new();
         let mut includes = BTreeSet::new();
         let mut warnings = Vec::new();
