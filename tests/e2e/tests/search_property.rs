@@ -15,27 +15,6 @@ const CORPORA: usize = 12;
 const RESOURCES: usize = 60;
 const QUERIES: usize = 40;
 
-/// xorshift64*: deterministic, seeded per corpus.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
-
 const FAMILIES: [&str; 6] = ["Smith", "Smyth", "Jones", "Müller", "Muller", "Johnson"];
 const GIVENS: [&str; 4] = ["Ann", "Anna", "Bob", "Élodie"];
 const GENDERS: [&str; 3] = ["male", "female", "other"];
@@ -44,97 +23,133 @@ const CODES: [&str; 4] = ["8867-4", "29463-7", "8480-6", "15074-8"];
 const STATUSES: [&str; 3] = ["final", "preliminary", "amended"];
 const PREFIXES: [&str; 9] = ["", "eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"];
 
-fn random_date(rng: &mut Rng) -> String {
-    let year = 1990 + rng.below(6);
-    match rng.below(3) {
+fn random_date(rng: &mut fastrand::Rng) -> String {
+    let year = 1990 + rng.usize(..6);
+    match rng.usize(..3) {
         0 => format!("{year}"),
-        1 => format!("{year}-{:02}", 1 + rng.below(12)),
-        _ => format!("{year}-{:02}-{:02}", 1 + rng.below(12), 1 + rng.below(28)),
+        1 => format!("{year}-{:02}", 1 + rng.usize(..12)),
+        _ => format!("{year}-{:02}-{:02}", 1 + rng.usize(..12), 1 + rng.usize(..28)),
     }
 }
 
-fn random_patient(rng: &mut Rng, n: usize) -> Value {
+fn random_patient(rng: &mut fastrand::Rng, n: usize) -> Value {
     let mut patient = json!({ "resourceType": "Patient", "id": format!("p{n}") });
-    if rng.chance(90) {
-        let mut name = json!({ "family": rng.pick(&FAMILIES) });
-        if rng.chance(70) {
-            name["given"] = json!([rng.pick(&GIVENS)]);
+    if rng.usize(..100) < 90 {
+        let mut name = json!({ "family": rng.choice(&FAMILIES).expect("a non-empty choice") });
+        if rng.usize(..100) < 70 {
+            name["given"] = json!([rng.choice(&GIVENS).expect("a non-empty choice")]);
         }
         patient["name"] = json!([name]);
     }
-    if rng.chance(80) {
-        patient["gender"] = json!(rng.pick(&GENDERS));
+    if rng.usize(..100) < 80 {
+        patient["gender"] = json!(rng.choice(&GENDERS).expect("a non-empty choice"));
     }
-    if rng.chance(80) {
+    if rng.usize(..100) < 80 {
         patient["birthDate"] = json!(random_date(rng));
     }
-    if rng.chance(70) {
-        patient["identifier"] = json!([{ "system": rng.pick(&SYSTEMS), "value": format!("{}", rng.below(5)) }]);
+    if rng.usize(..100) < 70 {
+        patient["identifier"] = json!([{ "system": rng.choice(&SYSTEMS).expect("a non-empty choice"), "value": format!("{}", rng.usize(..5)) }]);
     }
     patient
 }
 
-fn random_observation(rng: &mut Rng, n: usize, patients: usize) -> Value {
+fn random_observation(rng: &mut fastrand::Rng, n: usize, patients: usize) -> Value {
     let mut observation = json!({
         "resourceType": "Observation",
         "id": format!("o{n}"),
-        "status": rng.pick(&STATUSES),
-        "code": { "coding": [{ "system": "http://loinc.org", "code": rng.pick(&CODES) }] },
+        "status": rng.choice(&STATUSES).expect("a non-empty choice"),
+        "code": { "coding": [{ "system": "http://loinc.org", "code": rng.choice(&CODES).expect("a non-empty choice") }] },
     });
-    if rng.chance(85) {
-        observation["subject"] = json!({ "reference": format!("Patient/p{}", rng.below(patients)) });
+    if rng.usize(..100) < 85 {
+        observation["subject"] = json!({ "reference": format!("Patient/p{}", rng.usize(..patients)) });
     }
-    if rng.chance(75) {
-        let (value, code) =
-            if rng.chance(50) { (rng.below(120) as f64, "kg") } else { ((rng.below(120) * 1000) as f64, "g") };
+    if rng.usize(..100) < 75 {
+        let (value, code) = if rng.usize(..100) < 50 {
+            (rng.usize(..120) as f64, "kg")
+        } else {
+            ((rng.usize(..120) * 1000) as f64, "g")
+        };
         observation["valueQuantity"] = json!({ "value": value, "system": "http://unitsofmeasure.org", "code": code });
     }
-    if rng.chance(75) {
+    if rng.usize(..100) < 75 {
         observation["effectiveDateTime"] = json!(random_date(rng));
     }
     observation
 }
 
 /// A random query string (one or two criteria, sometimes sorted and paged) for Patient or Observation.
-fn random_query(rng: &mut Rng, patients: usize) -> (ResourceType, Vec<(String, String)>) {
-    let patient = rng.chance(50);
+fn random_query(rng: &mut fastrand::Rng, patients: usize) -> (ResourceType, Vec<(String, String)>) {
+    let patient = rng.usize(..100) < 50;
     let mut params: Vec<(String, String)> = Vec::new();
-    for _ in 0..1 + rng.below(2) {
+    for _ in 0..1 + rng.usize(..2) {
         let (name, value) = if patient {
-            match rng.below(7) {
+            match rng.usize(..7) {
                 0 => {
-                    let take = 2 + rng.below(3);
-                    ("family".to_owned(), rng.pick(&FAMILIES).chars().take(take).collect())
+                    let take = 2 + rng.usize(..3);
+                    (
+                        "family".to_owned(),
+                        rng.choice(&FAMILIES).expect("a non-empty choice").chars().take(take).collect(),
+                    )
                 }
-                1 => ("name".to_owned(), rng.pick(&GIVENS).to_lowercase()),
-                2 => ("gender".to_owned(), format!("{},{}", rng.pick(&GENDERS), rng.pick(&GENDERS))),
-                3 => ("birthdate".to_owned(), format!("{}{}", rng.pick(&PREFIXES), random_date(rng))),
-                4 => ("identifier".to_owned(), format!("{}|{}", rng.pick(&SYSTEMS), rng.below(5))),
-                5 => ("_has:Observation:subject:code".to_owned(), rng.pick(&CODES).to_string()),
-                _ => ("family:missing".to_owned(), if rng.chance(50) { "true" } else { "false" }.to_owned()),
+                1 => ("name".to_owned(), rng.choice(&GIVENS).expect("a non-empty choice").to_lowercase()),
+                2 => (
+                    "gender".to_owned(),
+                    format!(
+                        "{},{}",
+                        rng.choice(&GENDERS).expect("a non-empty choice"),
+                        rng.choice(&GENDERS).expect("a non-empty choice")
+                    ),
+                ),
+                3 => (
+                    "birthdate".to_owned(),
+                    format!("{}{}", rng.choice(&PREFIXES).expect("a non-empty choice"), random_date(rng)),
+                ),
+                4 => (
+                    "identifier".to_owned(),
+                    format!("{}|{}", rng.choice(&SYSTEMS).expect("a non-empty choice"), rng.usize(..5)),
+                ),
+                5 => (
+                    "_has:Observation:subject:code".to_owned(),
+                    rng.choice(&CODES).expect("a non-empty choice").to_string(),
+                ),
+                _ => ("family:missing".to_owned(), if rng.usize(..100) < 50 { "true" } else { "false" }.to_owned()),
             }
         } else {
-            match rng.below(7) {
-                0 => ("code".to_owned(), format!("http://loinc.org|{}", rng.pick(&CODES))),
-                1 => ("status:not".to_owned(), rng.pick(&STATUSES).to_string()),
-                2 => ("subject".to_owned(), format!("Patient/p{}", rng.below(patients))),
-                3 => ("date".to_owned(), format!("{}{}", rng.pick(&PREFIXES), random_date(rng))),
+            match rng.usize(..7) {
+                0 => {
+                    ("code".to_owned(), format!("http://loinc.org|{}", rng.choice(&CODES).expect("a non-empty choice")))
+                }
+                1 => ("status:not".to_owned(), rng.choice(&STATUSES).expect("a non-empty choice").to_string()),
+                2 => ("subject".to_owned(), format!("Patient/p{}", rng.usize(..patients))),
+                3 => (
+                    "date".to_owned(),
+                    format!("{}{}", rng.choice(&PREFIXES).expect("a non-empty choice"), random_date(rng)),
+                ),
                 4 => (
                     "value-quantity".to_owned(),
-                    format!("{}{}|http://unitsofmeasure.org|kg", rng.pick(&PREFIXES), rng.below(120)),
+                    format!(
+                        "{}{}|http://unitsofmeasure.org|kg",
+                        rng.choice(&PREFIXES).expect("a non-empty choice"),
+                        rng.usize(..120)
+                    ),
                 ),
-                5 => ("subject:Patient.family".to_owned(), rng.pick(&FAMILIES).to_string()),
-                _ => ("subject:Patient.gender".to_owned(), rng.pick(&GENDERS).to_string()),
+                5 => (
+                    "subject:Patient.family".to_owned(),
+                    rng.choice(&FAMILIES).expect("a non-empty choice").to_string(),
+                ),
+                _ => {
+                    ("subject:Patient.gender".to_owned(), rng.choice(&GENDERS).expect("a non-empty choice").to_string())
+                }
             }
         };
         params.push((name, value));
     }
-    if rng.chance(40) {
+    if rng.usize(..100) < 40 {
         let keys: &[&str] =
             if patient { &["birthdate", "-birthdate", "family", "-_id"] } else { &["date", "-date", "value-quantity"] };
-        params.push(("_sort".to_owned(), rng.pick(keys).to_string()));
+        params.push(("_sort".to_owned(), rng.choice(keys).expect("a non-empty choice").to_string()));
     }
-    params.push(("_count".to_owned(), (1 + rng.below(7)).to_string()));
+    params.push(("_count".to_owned(), (1 + rng.usize(..7)).to_string()));
     let resource_type = ResourceType::parse(if patient { "Patient" } else { "Observation" }).expect("type");
     (resource_type, params)
 }
@@ -146,7 +161,7 @@ async fn the_index_answers_random_queries_like_the_reference_evaluator() {
     let mut compared = 0;
     let mut with_hits = 0;
     for corpus_seed in 0..CORPORA {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (corpus_seed as u64 + 1));
+        let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15 ^ (corpus_seed as u64 + 1));
         let dir = tempfile::tempdir().expect("tempdir");
         let index = fhirmesh_resource::open_sqlite_search_index(dir.path()).expect("index");
         let patients = RESOURCES / 2;

@@ -16,30 +16,6 @@ use time::{Duration, OffsetDateTime};
 
 use super::tests::{all_pages, now, open, query, rt, tenant, update};
 
-/// A tiny deterministic generator (xorshift64*), so failures reproduce from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
-
 const TYPES: [&str; 2] = ["Patient", "Observation"];
 const WORDS: [&str; 9] = ["ann", "Anna", "Ánne", "bob", "bo  b", "Zoë", "50%_x", "", "a\\b"];
 const STRING_QUERIES: [&str; 10] = ["a", "an", "AN", "b", "bo b", "z", "%", "_x", "", "\\"];
@@ -55,38 +31,43 @@ fn base() -> OffsetDateTime {
     datetime!(2024-05-01 0:00 UTC)
 }
 
-fn random_type(rng: &mut Rng) -> ResourceType {
-    let name: &&str = rng.pick(&TYPES);
+fn random_type(rng: &mut fastrand::Rng) -> ResourceType {
+    let name: &&str = rng.choice(&TYPES).expect("a non-empty choice");
     rt(name)
 }
 
-fn random_id(rng: &mut Rng) -> String {
-    format!("i{}", rng.below(IDS))
+fn random_id(rng: &mut fastrand::Rng) -> String {
+    format!("i{}", rng.usize(..IDS))
 }
 
-fn random_date(rng: &mut Rng) -> (OffsetDateTime, OffsetDateTime) {
-    if rng.chance(5) {
-        return (DATE_MIN, base() + Duration::days(rng.below(40) as i64));
+fn random_date(rng: &mut fastrand::Rng) -> (OffsetDateTime, OffsetDateTime) {
+    if rng.usize(..100) < 5 {
+        return (DATE_MIN, base() + Duration::days(rng.usize(..40) as i64));
     }
-    if rng.chance(5) {
-        return (base() + Duration::days(rng.below(40) as i64), DATE_MAX);
+    if rng.usize(..100) < 5 {
+        return (base() + Duration::days(rng.usize(..40) as i64), DATE_MAX);
     }
-    let far = if rng.chance(15) { Duration::days(-9000) } else { Duration::ZERO };
-    let start = base() + far + Duration::days(rng.below(40) as i64) + Duration::hours(rng.below(3) as i64 * 8);
-    let length = *rng.pick(&[Duration::SECOND, Duration::DAY, Duration::days(30), Duration::milliseconds(1)]);
+    let far = if rng.usize(..100) < 15 { Duration::days(-9000) } else { Duration::ZERO };
+    let start = base() + far + Duration::days(rng.usize(..40) as i64) + Duration::hours(rng.usize(..3) as i64 * 8);
+    let length = *rng
+        .choice(&[Duration::SECOND, Duration::DAY, Duration::days(30), Duration::milliseconds(1)])
+        .expect("a non-empty choice");
     (start, start + length)
 }
 
-fn number(rng: &mut Rng) -> (f64, f64, f64) {
-    let value = *rng.pick(&NUMBERS);
-    let half = *rng.pick(&[0.5, 0.05]);
+fn number(rng: &mut fastrand::Rng) -> (f64, f64, f64) {
+    let value = *rng.choice(&NUMBERS).expect("a non-empty choice");
+    let half = *rng.choice(&[0.5, 0.05]).expect("a non-empty choice");
     (value, value - half, value + half)
 }
 
 /// A quantity's (system, code, unit, canonical) from one of a few consistent shapes.
 #[allow(clippy::type_complexity)]
-fn unit(rng: &mut Rng, value: f64) -> (Option<String>, Option<String>, Option<String>, Option<(f64, String)>) {
-    match rng.below(5) {
+fn unit(
+    rng: &mut fastrand::Rng,
+    value: f64,
+) -> (Option<String>, Option<String>, Option<String>, Option<(f64, String)>) {
+    match rng.usize(..5) {
         0 => (Some(UCUM.into()), Some("mg".into()), Some("mg".into()), Some((value * 0.001, "g".into()))),
         1 => (Some(UCUM.into()), Some("g".into()), None, Some((value, "g".into()))),
         2 => (None, None, Some("mg".into()), None),
@@ -95,37 +76,41 @@ fn unit(rng: &mut Rng, value: f64) -> (Option<String>, Option<String>, Option<St
     }
 }
 
-fn token_value(rng: &mut Rng) -> IndexValue {
+fn token_value(rng: &mut fastrand::Rng) -> IndexValue {
     IndexValue::Token {
-        system: rng.pick(&SYSTEMS).map(str::to_owned),
-        code: rng.pick(&CODES).map(str::to_owned),
-        text: rng.pick(&TEXTS).map(str::to_owned),
+        system: rng.choice(&SYSTEMS).expect("a non-empty choice").map(str::to_owned),
+        code: rng.choice(&CODES).expect("a non-empty choice").map(str::to_owned),
+        text: rng.choice(&TEXTS).expect("a non-empty choice").map(str::to_owned),
     }
 }
 
-fn quantity_value(rng: &mut Rng) -> IndexValue {
+fn quantity_value(rng: &mut fastrand::Rng) -> IndexValue {
     let (value, low, high) = number(rng);
     let (system, code, unit, canonical) = unit(rng, value);
     IndexValue::Quantity { value, low, high, system, code, unit, canonical }
 }
 
-fn random_entries(rng: &mut Rng, id: &str) -> Vec<IndexEntry> {
+fn random_entries(rng: &mut fastrand::Rng, id: &str) -> Vec<IndexEntry> {
     let mut entries = Vec::new();
     let mut add = |param: &str, value: IndexValue| entries.push(IndexEntry { param: param.to_owned(), value });
-    for _ in 0..rng.below(3) {
-        let word = *rng.pick(&WORDS);
+    for _ in 0..rng.usize(..3) {
+        let word = *rng.choice(&WORDS).expect("a non-empty choice");
         add("name", IndexValue::String { normalized: normalize_string(word), exact: word.to_owned() });
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let value = token_value(rng);
         add("code", value);
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let target_type = random_type(rng);
         let target_id = random_id(rng);
-        let identifier =
-            rng.chance(20).then(|| (rng.pick(&SYSTEMS).map(str::to_owned), rng.pick(&["1", "2"]).to_string()));
-        let value = match rng.below(6) {
+        let identifier = (rng.usize(..100) < 20).then(|| {
+            (
+                rng.choice(&SYSTEMS).expect("a non-empty choice").map(str::to_owned),
+                rng.choice(&["1", "2"]).expect("a non-empty choice").to_string(),
+            )
+        });
+        let value = match rng.usize(..6) {
             0 => IndexValue::Reference {
                 target_type: None,
                 id: None,
@@ -150,61 +135,61 @@ fn random_entries(rng: &mut Rng, id: &str) -> Vec<IndexEntry> {
         };
         add("subject", value);
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let (start, end) = random_date(rng);
         add("date", IndexValue::Date { start, end });
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let (value, low, high) = number(rng);
         add("value", IndexValue::Number { value, low, high });
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let value = quantity_value(rng);
         add("qty", value);
     }
-    for _ in 0..rng.below(3) {
-        add("url", IndexValue::Uri(rng.pick(&URIS).to_string()));
+    for _ in 0..rng.usize(..3) {
+        add("url", IndexValue::Uri(rng.choice(&URIS).expect("a non-empty choice").to_string()));
     }
-    for _ in 0..rng.below(3) {
+    for _ in 0..rng.usize(..3) {
         let components =
-            if rng.chance(15) { vec![token_value(rng)] } else { vec![token_value(rng), quantity_value(rng)] };
+            if rng.usize(..100) < 15 { vec![token_value(rng)] } else { vec![token_value(rng), quantity_value(rng)] };
         add("combo", IndexValue::Composite(components));
     }
-    if rng.chance(85) {
-        let at = base() + Duration::minutes(rng.below(20) as i64);
-        let precision = *rng.pick(&[Duration::milliseconds(1), Duration::SECOND]);
+    if rng.usize(..100) < 85 {
+        let at = base() + Duration::minutes(rng.usize(..20) as i64);
+        let precision = *rng.choice(&[Duration::milliseconds(1), Duration::SECOND]).expect("a non-empty choice");
         add("_lastUpdated", IndexValue::Date { start: at, end: at + precision });
     }
-    if rng.chance(5) {
-        let code = if rng.chance(50) { id.to_owned() } else { "other".to_owned() };
+    if rng.usize(..100) < 5 {
+        let code = if rng.usize(..100) < 50 { id.to_owned() } else { "other".to_owned() };
         add("_id", IndexValue::Token { system: None, code: Some(code), text: None });
     }
     entries
 }
 
-fn token_search(rng: &mut Rng) -> SearchValue {
-    let system = match rng.below(4) {
+fn token_search(rng: &mut fastrand::Rng) -> SearchValue {
+    let system = match rng.usize(..4) {
         0 => TokenSystem::None,
         1 => TokenSystem::Is("s1".to_owned()),
         2 => TokenSystem::Is("s2".to_owned()),
         _ => TokenSystem::Any,
     };
     let code = match system {
-        TokenSystem::Any => Some(rng.pick(&["a", "A", "b", "c", "i3"]).to_string()),
-        _ if rng.chance(25) => None,
-        _ => Some(rng.pick(&["a", "A", "b", "c"]).to_string()),
+        TokenSystem::Any => Some(rng.choice(&["a", "A", "b", "c", "i3"]).expect("a non-empty choice").to_string()),
+        _ if rng.usize(..100) < 25 => None,
+        _ => Some(rng.choice(&["a", "A", "b", "c"]).expect("a non-empty choice").to_string()),
     };
     SearchValue::Token { system, code }
 }
 
-fn quantity_search(rng: &mut Rng) -> SearchValue {
+fn quantity_search(rng: &mut fastrand::Rng) -> SearchValue {
     let (value, low, high) = number(rng);
     let (system, code, _, canonical) = unit(rng, value);
     SearchValue::Quantity { prefix: random_prefix(rng), value, low, high, system, code, canonical }
 }
 
-fn random_prefix(rng: &mut Rng) -> Prefix {
-    *rng.pick(&[
+fn random_prefix(rng: &mut fastrand::Rng) -> Prefix {
+    *rng.choice(&[
         Prefix::Eq,
         Prefix::Ne,
         Prefix::Gt,
@@ -215,51 +200,61 @@ fn random_prefix(rng: &mut Rng) -> Prefix {
         Prefix::Eb,
         Prefix::Ap,
     ])
+    .expect("a non-empty choice")
 }
 
-fn values<F: FnMut(&mut Rng) -> SearchValue>(rng: &mut Rng, mut one: F) -> Vec<SearchValue> {
-    (0..1 + rng.below(2)).map(|_| one(rng)).collect()
+fn values<F: FnMut(&mut fastrand::Rng) -> SearchValue>(rng: &mut fastrand::Rng, mut one: F) -> Vec<SearchValue> {
+    (0..1 + rng.usize(..2)).map(|_| one(rng)).collect()
 }
 
 /// A leaf criterion (no chain) on one of the parameters.
-fn leaf(rng: &mut Rng) -> (String, ParamType, Option<Modifier>, Vec<SearchValue>) {
-    let string = |rng: &mut Rng| SearchValue::String(rng.pick(&STRING_QUERIES).to_string());
-    match rng.below(11) {
+fn leaf(rng: &mut fastrand::Rng) -> (String, ParamType, Option<Modifier>, Vec<SearchValue>) {
+    let string = |rng: &mut fastrand::Rng| {
+        SearchValue::String(rng.choice(&STRING_QUERIES).expect("a non-empty choice").to_string())
+    };
+    match rng.usize(..11) {
         0 => {
-            let modifier = rng.pick(&[None, Some(Modifier::Contains), Some(Modifier::Exact)]).clone();
+            let modifier = rng
+                .choice(&[None, Some(Modifier::Contains), Some(Modifier::Exact)])
+                .expect("a non-empty choice")
+                .clone();
             let values = if modifier == Some(Modifier::Exact) {
-                values(rng, |rng| SearchValue::String(rng.pick(&WORDS).to_string()))
+                values(rng, |rng| SearchValue::String(rng.choice(&WORDS).expect("a non-empty choice").to_string()))
             } else {
                 values(rng, string)
             };
             ("name".into(), ParamType::String, modifier, values)
         }
         1 => ("code".into(), ParamType::Token, None, values(rng, token_search)),
-        2 => match rng.below(3) {
+        2 => match rng.usize(..3) {
             0 => ("code".into(), ParamType::Token, Some(Modifier::Not), values(rng, token_search)),
             1 => (
                 "code".into(),
                 ParamType::Token,
                 Some(Modifier::Text),
-                values(rng, |rng| SearchValue::String(rng.pick(&["bl", "BLOOD", "of", "b", "blu"]).to_string())),
+                values(rng, |rng| {
+                    SearchValue::String(
+                        rng.choice(&["bl", "BLOOD", "of", "b", "blu"]).expect("a non-empty choice").to_string(),
+                    )
+                }),
             ),
             _ => {
                 let value = SearchValue::OfType {
                     type_system: "t".to_owned(),
                     type_code: "MR".to_owned(),
-                    value: rng.pick(&["1", "2"]).to_string(),
+                    value: rng.choice(&["1", "2"]).expect("a non-empty choice").to_string(),
                 };
                 ("code".into(), ParamType::Token, Some(Modifier::OfType), vec![value])
             }
         },
         3 => {
-            if rng.chance(20) {
+            if rng.usize(..100) < 20 {
                 return ("subject".into(), ParamType::Reference, Some(Modifier::Identifier), values(rng, token_search));
             }
-            let reference = |rng: &mut Rng| {
+            let reference = |rng: &mut fastrand::Rng| {
                 let target_type = random_type(rng);
                 let id = random_id(rng);
-                match rng.below(5) {
+                match rng.usize(..5) {
                     0 => SearchValue::Reference { target_type: None, id: Some(id), url: None },
                     1 => SearchValue::Reference { target_type: None, id: None, url: Some("urn:uuid:1".to_owned()) },
                     2 => SearchValue::Reference {
@@ -273,15 +268,15 @@ fn leaf(rng: &mut Rng) -> (String, ParamType, Option<Modifier>, Vec<SearchValue>
             ("subject".into(), ParamType::Reference, None, values(rng, reference))
         }
         4 => {
-            let date = |rng: &mut Rng| {
+            let date = |rng: &mut fastrand::Rng| {
                 let (start, end) = random_date(rng);
                 SearchValue::Date { prefix: random_prefix(rng), start, end }
             };
-            let param = if rng.chance(20) { "_lastUpdated" } else { "date" };
+            let param = if rng.usize(..100) < 20 { "_lastUpdated" } else { "date" };
             (param.into(), ParamType::Date, None, values(rng, date))
         }
         5 => {
-            let number = |rng: &mut Rng| {
+            let number = |rng: &mut fastrand::Rng| {
                 let (value, low, high) = number(rng);
                 SearchValue::Number { prefix: random_prefix(rng), value, low, high }
             };
@@ -289,14 +284,16 @@ fn leaf(rng: &mut Rng) -> (String, ParamType, Option<Modifier>, Vec<SearchValue>
         }
         6 => ("qty".into(), ParamType::Quantity, None, values(rng, quantity_search)),
         7 => {
-            let modifier = rng.pick(&[None, Some(Modifier::Above), Some(Modifier::Below)]).clone();
-            let uri = |rng: &mut Rng| SearchValue::Uri(rng.pick(&URIS).to_string());
+            let modifier =
+                rng.choice(&[None, Some(Modifier::Above), Some(Modifier::Below)]).expect("a non-empty choice").clone();
+            let uri =
+                |rng: &mut fastrand::Rng| SearchValue::Uri(rng.choice(&URIS).expect("a non-empty choice").to_string());
             ("url".into(), ParamType::Uri, modifier, values(rng, uri))
         }
         8 => {
-            let composite = |rng: &mut Rng| {
+            let composite = |rng: &mut fastrand::Rng| {
                 let token = token_search(rng);
-                if rng.chance(10) {
+                if rng.usize(..100) < 10 {
                     SearchValue::Composite(vec![token])
                 } else {
                     SearchValue::Composite(vec![token, quantity_search(rng)])
@@ -327,31 +324,33 @@ const PARAMS: [(&str, ParamType); 10] = [
     ("_id", ParamType::Token),
 ];
 
-fn random_targets(rng: &mut Rng) -> Vec<ResourceType> {
-    match rng.below(4) {
+fn random_targets(rng: &mut fastrand::Rng) -> Vec<ResourceType> {
+    match rng.usize(..4) {
         0 => vec![rt("Patient"), rt("Observation")],
         1 => vec![rt("Observation")],
         _ => vec![rt("Patient")],
     }
 }
 
-fn random_criterion(rng: &mut Rng, depth: usize) -> Criterion {
-    let chain: Vec<ChainLink> = if rng.chance(25) {
-        (0..1 + rng.below(2)).map(|_| ChainLink { param: "subject".to_owned(), targets: random_targets(rng) }).collect()
+fn random_criterion(rng: &mut fastrand::Rng, depth: usize) -> Criterion {
+    let chain: Vec<ChainLink> = if rng.usize(..100) < 25 {
+        (0..1 + rng.usize(..2))
+            .map(|_| ChainLink { param: "subject".to_owned(), targets: random_targets(rng) })
+            .collect()
     } else {
         Vec::new()
     };
-    match rng.below(10) {
+    match rng.usize(..10) {
         0 => {
-            let (param, kind) = *rng.pick(&PARAMS);
-            Criterion::Missing { chain, param: param.to_owned(), kind, missing: rng.chance(50) }
+            let (param, kind) = *rng.choice(&PARAMS).expect("a non-empty choice");
+            Criterion::Missing { chain, param: param.to_owned(), kind, missing: rng.usize(..100) < 50 }
         }
         1 if depth < 2 => Criterion::Has(Has {
             resource_type: random_type(rng),
             reference_param: "subject".to_owned(),
             criterion: Box::new(random_criterion(rng, depth + 1)),
         }),
-        2 if depth < 2 => Criterion::AnyOf((0..rng.below(3) + 1).map(|_| random_criterion(rng, depth + 1)).collect()),
+        2 if depth < 2 => Criterion::AnyOf((0..rng.usize(..3) + 1).map(|_| random_criterion(rng, depth + 1)).collect()),
         _ => {
             let (param, kind, modifier, values) = leaf(rng);
             Criterion::Match(Match { chain, param, kind, modifier, values })
@@ -359,30 +358,30 @@ fn random_criterion(rng: &mut Rng, depth: usize) -> Criterion {
     }
 }
 
-fn random_query(rng: &mut Rng) -> SearchQuery {
-    let types: Vec<&str> = match rng.below(3) {
+fn random_query(rng: &mut fastrand::Rng) -> SearchQuery {
+    let types: Vec<&str> = match rng.usize(..3) {
         0 => vec!["Patient", "Observation"],
         1 => vec!["Observation"],
         _ => vec!["Patient"],
     };
-    let criteria = (0..rng.below(3)).map(|_| random_criterion(rng, 0)).collect();
+    let criteria = (0..rng.usize(..3)).map(|_| random_criterion(rng, 0)).collect();
     let mut q = query(&types, criteria);
     let sortable: Vec<(&str, ParamType)> =
         PARAMS.iter().copied().filter(|(_, kind)| *kind != ParamType::Composite).collect();
-    q.sort = (0..rng.below(3))
+    q.sort = (0..rng.usize(..3))
         .map(|_| {
-            let (param, kind) = *rng.pick(&sortable);
-            SortKey { param: param.to_owned(), kind, descending: rng.chance(50) }
+            let (param, kind) = *rng.choice(&sortable).expect("a non-empty choice");
+            SortKey { param: param.to_owned(), kind, descending: rng.usize(..100) < 50 }
         })
         .collect();
-    q.count = 1 + rng.below(8);
+    q.count = 1 + rng.usize(..8);
     q.total = TotalMode::Accurate;
     q
 }
 
 /// Random versions of `docs` for one tenant: older versions, deletes and redeliveries, shuffled.
 fn updates_for(
-    rng: &mut Rng,
+    rng: &mut fastrand::Rng,
     tenant_name: &str,
     docs: &[(String, String, bool)],
     live: &mut Vec<Doc>,
@@ -391,7 +390,7 @@ fn updates_for(
     let mut updates = Vec::new();
     for (resource_type, id, deleted) in docs {
         let final_entries = random_entries(rng, id);
-        let versions = 1 + rng.below(2) as u64;
+        let versions = 1 + rng.usize(..2) as u64;
         for version in 1..versions {
             *seq += 1;
             updates.push(update(tenant_name, resource_type, id, version, *seq, Some(random_entries(rng, id))));
@@ -404,15 +403,15 @@ fn updates_for(
         } else {
             live.push(Doc { resource_type: rt(resource_type), id: id.clone(), entries: final_entries });
         }
-        if rng.chance(20) {
+        if rng.usize(..100) < 20 {
             // A redelivery of an older version.
-            let again = updates[rng.below(updates.len())].clone();
+            let again = updates[rng.usize(..updates.len())].clone();
             updates.push(again);
         }
     }
     // Shuffle (Fisher–Yates).
     for i in (1..updates.len()).rev() {
-        let j = rng.below(i + 1);
+        let j = rng.usize(..i + 1);
         updates.swap(i, j);
     }
     updates
@@ -430,15 +429,15 @@ async fn index_agrees_with_the_reference_evaluator() {
     let mut nonempty = 0;
     for case in 0..CASES {
         let seed = 0x9e37_79b9_7f4a_7c15 ^ (case + 1).wrapping_mul(0x0100_0000_01b3);
-        let mut rng = Rng(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
         index.clear().await.expect("clear");
         // Distinct (type, id) pairs; the same id may exist under both types.
         let mut docs: Vec<(String, String, bool)> = Vec::new();
         while docs.len() < DOCS {
-            let resource_type = rng.pick(&TYPES).to_string();
+            let resource_type = rng.choice(&TYPES).expect("a non-empty choice").to_string();
             let id = random_id(&mut rng);
             if !docs.iter().any(|(t, i, _)| *t == resource_type && *i == id) {
-                docs.push((resource_type, id, rng.chance(10)));
+                docs.push((resource_type, id, rng.usize(..100) < 10));
             }
         }
         let mut live = Vec::new();
@@ -447,7 +446,7 @@ async fn index_agrees_with_the_reference_evaluator() {
         // The same keys in another tenant, with other values: must never leak into tenant t.
         let mut elsewhere = Vec::new();
         updates.extend(updates_for(&mut rng, "other", &docs, &mut elsewhere, &mut sequence));
-        let split = rng.below(updates.len());
+        let split = rng.usize(..updates.len());
         let rest = updates.split_off(split);
         index.apply(updates).await.expect("apply");
         index.apply(rest).await.expect("apply");
