@@ -155,6 +155,56 @@ pub struct SearchPage {
     pub warnings: Vec<Issue>,
 }
 
+/// A `transaction` or `batch` Bundle (`POST /`), as the client sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleRequest {
+    pub body: Bytes,
+}
+
+/// Which kind of Bundle was processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    Transaction,
+    Batch,
+}
+
+impl BundleKind {
+    /// `Bundle.type` of the response.
+    pub fn response_type(self) -> &'static str {
+        match self {
+            BundleKind::Transaction => "transaction-response",
+            BundleKind::Batch => "batch-response",
+        }
+    }
+}
+
+/// The outcome of a processed Bundle: one entry per request entry, in the request's order. (A
+/// transaction that fails fails as a whole, as an error, not as a result.)
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleResult {
+    pub kind: BundleKind,
+    pub entries: Vec<EntryResult>,
+    /// The change-log sequence of the bundle's writes (a consistency token), if it wrote.
+    pub last_sequence: Option<u64>,
+}
+
+/// What one entry did: `Bundle.entry.response` and what to render in `entry.resource`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntryResult {
+    /// HTTP status code (`201`, `200`, `204`, `304`, `4xx`…).
+    pub status: u16,
+    /// `Type/id/_history/vid` of a written or read resource; for a search entry, the path searched
+    /// (`Patient`), relative to the base, from which the searchset's links are built.
+    pub location: Option<String>,
+    /// The resource version written or read (its `ETag`, `Last-Modified`, and the representation
+    /// `Prefer: return=representation` asks for).
+    pub version: Option<ResourceVersion>,
+    /// A search entry's page (rendered as a `searchset` Bundle).
+    pub search: Option<SearchPage>,
+    /// A failed batch entry, or a warning-bearing one (rendered as `response.outcome`).
+    pub error: Option<crate::error::FhirError>,
+}
+
 /// How far the search index is behind the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexStatus {
@@ -214,6 +264,9 @@ pub trait ResourceService: Send + Sync + 'static {
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage>;
 
     async fn search(&self, ctx: &RequestContext, request: SearchRequest) -> FhirResult<SearchPage>;
+
+    /// A `transaction` (all or nothing) or `batch` (entries independent) Bundle.
+    async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult>;
 
     /// The search index's progress against the store (for the index-lag metric).
     async fn index_status(&self) -> FhirResult<IndexStatus>;

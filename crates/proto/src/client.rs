@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest, SearchPage, SearchRequest,
-    UpdateRequest, WriteResult,
+    BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest,
+    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest,
+    SearchPage, SearchRequest, UpdateRequest, WriteResult,
 };
-use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
+use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::Status;
@@ -69,14 +68,6 @@ impl GrpcResourceClient {
     /// The endpoint this client calls (for logs and error messages).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
-    }
-
-    /// A FHIR transaction or batch: the Bundle JSON in, the response Bundle JSON out. Servers answer
-    /// `Unsupported` until transactions are implemented.
-    pub async fn bundle(&self, ctx: &RequestContext, bundle: Bytes) -> FhirResult<Bytes> {
-        let request = pb::BundleRequest { context: Some(context_to_wire(ctx)), bundle };
-        let response = self.client.clone().bundle(request).await.map_err(|s| self.status_error(&s))?;
-        Ok(response.into_inner().bundle)
     }
 
     fn status_error(&self, status: &Status) -> FhirError {
@@ -274,21 +265,12 @@ impl ResourceService for GrpcResourceClient {
             consistency_token: request.consistency_token,
         };
         let response = self.client.clone().search(request).await.map_err(|s| self.status_error(&s))?.into_inner();
-        let warnings = if response.warnings.is_empty() {
-            Vec::new()
-        } else {
-            let outcome: serde_json::Value = serde_json::from_slice(&response.warnings)
-                .map_err(|_| FhirError::internal("resource service sent malformed search warnings"))?;
-            FhirError::from_operation_outcome(ErrorCategory::Internal, &outcome).issues
-        };
-        Ok(SearchPage {
-            entries: self.decoded(versions_from_wire(response.entries))?,
-            included: self.decoded(versions_from_wire(response.included))?,
-            total: response.total,
-            next_page_token: response.next_page_token,
-            previous_page_token: response.previous_page_token,
-            applied: response.applied.into_iter().map(|p| (p.name, p.value)).collect(),
-            warnings,
-        })
+        self.decoded(SearchPage::try_from(response))
+    }
+
+    async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult> {
+        let request = pb::BundleRequest { context: Some(context_to_wire(ctx)), bundle: request.body };
+        let response = self.client.clone().bundle(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        self.decoded(BundleResult::try_from(response))
     }
 }

@@ -18,6 +18,9 @@
 //!   first issue's diagnostics, ASCII metadata [`CATEGORY_METADATA_KEY`] with the category name and
 //!   binary metadata [`OUTCOME_METADATA_KEY`] with the OperationOutcome JSON, so a `FhirError`
 //!   arrives with its category (`not-found` vs `gone`) and issues (expressions) intact.
+//! - A Bundle's per-entry errors are data, not statuses: each travels inside the response as an
+//!   `ErrorOutcome` (the same category name and OperationOutcome JSON, unclipped). A Bundle that
+//!   fails as a whole is a status like any other failed RPC.
 //! - Malformed wire input is rejected as [`fhirmesh_core::ErrorCategory::Invalid`] by the server;
 //!   a malformed response is an [`fhirmesh_core::ErrorCategory::Internal`] error for the client.
 //!   Nothing here panics on wire data.

@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest, PatchDocument,
-    PatchRequest, SearchRequest, UpdateRequest,
+    BundleRequest, ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest,
+    PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
 };
-use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService};
-use fhirmesh_fhir::outcome::operation_outcome;
+use fhirmesh_core::{FhirResult, RequestContext, ResourceService};
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::{Request, Response, Status};
@@ -177,6 +175,10 @@ fn search_from_wire(req: pb::SearchRequest) -> Result<(RequestContext, SearchReq
     Ok((ctx, request))
 }
 
+fn bundle_from_wire(req: pb::BundleRequest) -> Result<(RequestContext, BundleRequest), WireError> {
+    Ok((context_from_wire(req.context)?, BundleRequest { body: req.bundle }))
+}
+
 #[tonic::async_trait]
 impl ResourceServiceRpc for GrpcResourceAdapter {
     async fn create(&self, request: Request<pb::CreateRequest>) -> Result<Response<pb::CreateResponse>, Status> {
@@ -299,20 +301,7 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
             async {
                 let (ctx, request) = decode(search_from_wire(request.into_inner()))?;
                 let page = self.0.search(&ctx, request).await?;
-                let warnings = if page.warnings.is_empty() {
-                    Bytes::new()
-                } else {
-                    Bytes::from(operation_outcome(&page.warnings).to_string())
-                };
-                Ok(pb::SearchResponse {
-                    entries: page.entries.into_iter().map(Into::into).collect(),
-                    total: page.total,
-                    next_page_token: page.next_page_token,
-                    included: page.included.into_iter().map(Into::into).collect(),
-                    previous_page_token: page.previous_page_token,
-                    applied: page.applied.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
-                    warnings,
-                })
+                Ok(page.into())
             }
             .await,
         )
@@ -331,10 +320,14 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
         )
     }
 
-    /// Transactions and batches are a later issue: validate the context, then answer UNIMPLEMENTED.
     async fn bundle(&self, request: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
-        respond(decode(context_from_wire(request.into_inner().context)).and_then(|_ctx| {
-            Err(FhirError::unsupported("transaction and batch bundles are not implemented by the resource service yet"))
-        }))
+        respond(
+            async {
+                let (ctx, request) = decode(bundle_from_wire(request.into_inner()))?;
+                let result = self.0.bundle(&ctx, request).await?;
+                Ok(result.into())
+            }
+            .await,
+        )
     }
 }

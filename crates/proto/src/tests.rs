@@ -9,15 +9,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest, SearchPage, SearchRequest,
-    UpdateRequest, WriteResult,
+    BundleKind, BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult,
+    ConditionalUpdateRequest, CreateRequest, DeleteRequest, DeleteResult, EntryResult, HistoryPage, HistoryRequest,
+    IndexStatus, PatchDocument, PatchRequest, SearchPage, SearchRequest, UpdateRequest, WriteResult,
 };
 use fhirmesh_core::{
     ErrorCategory, FhirError, FhirResult, Operation, RequestContext, ResourceChanged, ResourceService, ResourceVersion,
     TenantId,
 };
-use fhirmesh_fhir::outcome::{Issue, IssueType};
+use fhirmesh_fhir::outcome::{Issue, IssueType, Severity};
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use time::OffsetDateTime;
@@ -322,6 +322,79 @@ impl ResourceService for FakeService {
             warnings,
         })
     }
+
+    /// Answers [`sample_bundle`] of the kind `Bundle.type` names, so the body is seen to cross the
+    /// wire; any other type fails the whole call.
+    async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult> {
+        let _memory = Memory::lock(self, ctx);
+        let json: serde_json::Value =
+            serde_json::from_slice(&request.body).map_err(|_| FhirError::invalid("body is not JSON"))?;
+        match json["type"].as_str() {
+            Some("transaction") => Ok(sample_bundle(BundleKind::Transaction)),
+            Some("batch") => Ok(sample_bundle(BundleKind::Batch)),
+            _ => Err(FhirError::invalid("Bundle.type must be 'transaction' or 'batch'").at("Bundle.type")),
+        }
+    }
+}
+
+/// One entry of each shape: a written version with its location, a search page, a failed entry
+/// (several issues, an expression) and a 204 with nothing.
+fn sample_bundle(kind: BundleKind) -> BundleResult {
+    let written = ResourceVersion {
+        resource_type: patient(),
+        id: id("b1"),
+        version_id: 1,
+        last_updated: instant(17),
+        operation: Operation::Create,
+        body: Some(body(serde_json::json!({"resourceType": "Patient", "id": "b1"}))),
+        sequence: 17,
+    };
+    let included = ResourceVersion {
+        resource_type: ResourceType::parse("Observation").expect("Observation is a resource type"),
+        id: id("o1"),
+        version_id: 4,
+        last_updated: instant(9),
+        operation: Operation::Update,
+        body: Some(body(serde_json::json!({"resourceType": "Observation", "id": "o1"}))),
+        sequence: 9,
+    };
+    let search = SearchPage {
+        entries: vec![written.clone()],
+        included: vec![included],
+        total: Some(1),
+        next_page_token: Some("after-b1".into()),
+        previous_page_token: None,
+        applied: vec![("_id".into(), "b1".into()), ("_revinclude".into(), "Observation:subject".into())],
+        warnings: vec![Issue {
+            severity: Severity::Warning,
+            code: IssueType::NotSupported,
+            diagnostics: "unknown parameter 'foo' ignored".into(),
+            expression: Some("foo".into()),
+        }],
+    };
+    let failed = FhirError::with_issues(
+        ErrorCategory::Unprocessable,
+        vec![
+            Issue::error(IssueType::Required, "name is required").at("Bundle.entry[2].resource.name"),
+            Issue {
+                severity: Severity::Warning,
+                code: IssueType::Value,
+                diagnostics: "gender looks odd".into(),
+                expression: None,
+            },
+        ],
+    );
+    let entry = |status| EntryResult { status, location: None, version: None, search: None, error: None };
+    BundleResult {
+        kind,
+        entries: vec![
+            EntryResult { location: Some("Patient/b1/_history/1".into()), version: Some(written), ..entry(201) },
+            EntryResult { search: Some(search), ..entry(200) },
+            EntryResult { error: Some(failed), ..entry(422) },
+            entry(204),
+        ],
+        last_sequence: Some(17),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,6 +688,21 @@ async fn every_rpc_round_trips() {
 }
 
 #[tokio::test]
+async fn bundle_results_round_trip() {
+    let (fake, server, client) = start_fake().await;
+    let ctx = ctx("acme");
+
+    for (kind, bundle_type) in [(BundleKind::Transaction, "transaction"), (BundleKind::Batch, "batch")] {
+        let request = BundleRequest { body: body(serde_json::json!({"resourceType": "Bundle", "type": bundle_type})) };
+        let result = client.bundle(&ctx, request).await.expect("bundle");
+        assert_eq!(result, sample_bundle(kind));
+    }
+    assert_eq!(fake.0.lock().expect("lock").last_context.as_ref(), Some(&ctx), "context crossed the wire");
+
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn errors_keep_their_category_and_outcome() {
     let (_fake, server, client) = start_fake().await;
     let ctx = ctx("acme");
@@ -691,12 +779,12 @@ async fn errors_keep_their_category_and_outcome() {
     assert_eq!(err.category, ErrorCategory::Invalid);
     assert_eq!(err.issues[0].expression.as_deref(), Some("_count"));
 
+    // A Bundle that fails as a whole is a status, not a result, and keeps its expression.
     let err = client
-        .bundle(&ctx, body(serde_json::json!({"resourceType": "Bundle", "type": "batch"})))
+        .bundle(&ctx, BundleRequest { body: body(serde_json::json!({"resourceType": "Bundle", "type": "collection"})) })
         .await
-        .expect_err("bundle");
-    assert_eq!(err.category, ErrorCategory::Unsupported);
-    assert!(err.issues[0].diagnostics.contains("not implemented"), "{err}");
+        .expect_err("not a transaction or batch");
+    assert_eq!(err, FhirError::invalid("Bundle.type must be 'transaction' or 'batch'").at("Bundle.type"));
 
     server.stop().await;
 }
@@ -755,6 +843,15 @@ async fn multi_issue_outcomes_cross_intact() {
         async fn search(&self, _: &RequestContext, _: SearchRequest) -> FhirResult<SearchPage> {
             Err(FhirError::unsupported("unknown search parameter 'foo'").at("foo"))
         }
+        async fn bundle(&self, _: &RequestContext, _: BundleRequest) -> FhirResult<BundleResult> {
+            Err(FhirError::with_issues(
+                ErrorCategory::Conflict,
+                vec![
+                    Issue::error(IssueType::Conflict, "version conflict: rolled back").at("Bundle.entry[1]"),
+                    Issue::error(IssueType::Duplicate, "duplicate fullUrl").at("Bundle.entry[3].fullUrl"),
+                ],
+            ))
+        }
     }
 
     let server = TestServer::start(Server::builder().add_service(resource_service_server(Arc::new(Failing)))).await;
@@ -799,6 +896,10 @@ async fn multi_issue_outcomes_cross_intact() {
         FhirError::unsupported("unknown search parameter 'foo'").at("foo")
     );
     assert_eq!(client.index_status().await.expect_err("offline").category, ErrorCategory::Unavailable);
+    let err = client.bundle(&ctx, BundleRequest { body: Bytes::new() }).await.expect_err("rolled back");
+    assert_eq!(err.category, ErrorCategory::Conflict);
+    assert_eq!(err.issues.len(), 2);
+    assert_eq!(err.issues[1].expression.as_deref(), Some("Bundle.entry[3].fullUrl"));
 
     server.stop().await;
 }
@@ -856,6 +957,12 @@ async fn malformed_requests_are_invalid() {
         .await
         .expect_err("id without type");
     assert_eq!(as_error(status), FhirError::invalid("instance history needs a resource type"));
+
+    let status = raw
+        .bundle(pb::BundleRequest { context: None, bundle: Bytes::from_static(b"{}") })
+        .await
+        .expect_err("bundle without context");
+    assert_eq!(as_error(status), FhirError::invalid("missing field `context`"));
 
     server.stop().await;
 }
@@ -923,7 +1030,11 @@ impl ResourceServiceRpc for Broken {
         Ok(Response::new(pb::SearchResponse { entries: vec![version], ..Default::default() }))
     }
     async fn bundle(&self, _: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
-        Ok(Response::new(pb::BundleResponse { bundle: Bytes::from_static(b"{}") }))
+        let entries = vec![
+            pb::BundleEntryResult { status: 204, ..Default::default() },
+            pb::BundleEntryResult { status: 0, ..Default::default() },
+        ];
+        Ok(Response::new(pb::BundleResponse { kind: pb::BundleKind::Batch.into(), entries, last_sequence: None }))
     }
 }
 
@@ -979,6 +1090,13 @@ async fn malformed_responses_are_internal_errors_not_panics() {
     let cond = ConditionalDeleteRequest { resource_type: patient(), criteria: vec![] };
     let err = client.conditional_delete(&ctx, cond).await.expect_err("invalid id in the response");
     assert_eq!(err, FhirError::internal("resource service returned an invalid id"));
+    let err = client.bundle(&ctx, BundleRequest { body: Bytes::new() }).await.expect_err("entry without a status");
+    assert_eq!(
+        err,
+        FhirError::internal(
+            "malformed response from the resource service: bundle entry 1: invalid HTTP status 0: expected 100 to 599"
+        )
+    );
 
     server.stop().await;
 }

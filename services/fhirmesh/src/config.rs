@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub public_base_url: Option<String>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Largest accepted transaction or batch Bundle (`POST /`), in bytes.
+    pub max_bundle_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,8 @@ pub struct ResourceSection {
     pub consistency_wait_ms: u64,
     /// A conditional delete matching several resources deletes them all (else 412).
     pub conditional_delete_multiple: bool,
+    /// Most entries a transaction or batch Bundle may have (else 413, nothing written).
+    pub max_bundle_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +85,8 @@ impl Default for ServerConfig {
             base_path: String::new(),
             public_base_url: None,
             max_body_bytes: 16 * 1024 * 1024,
+            // Synthea writes a patient's whole record as one transaction of 30 MB and more.
+            max_bundle_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -101,6 +107,7 @@ impl Default for ResourceSection {
             default_search_count: 20,
             consistency_wait_ms: 1000,
             conditional_delete_multiple: false,
+            max_bundle_entries: 10_000,
         }
     }
 }
@@ -169,6 +176,12 @@ impl Config {
         }
         if self.server.max_body_bytes < 1024 {
             bail!("server.max_body_bytes must be at least 1024, got {}", self.server.max_body_bytes);
+        }
+        if self.server.max_bundle_bytes < 1024 {
+            bail!("server.max_bundle_bytes must be at least 1024, got {}", self.server.max_bundle_bytes);
+        }
+        if self.resource.max_bundle_entries == 0 {
+            bail!("resource.max_bundle_entries must be at least 1");
         }
         if self.resource.default_page_size == 0 || self.resource.default_page_size > self.resource.max_page_size {
             bail!(

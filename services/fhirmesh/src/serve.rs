@@ -84,6 +84,7 @@ fn resource_config(config: &Config) -> ResourceConfig {
         default_search_count: config.resource.default_search_count,
         consistency_wait: std::time::Duration::from_millis(config.resource.consistency_wait_ms),
         conditional_delete_multiple: config.resource.conditional_delete_multiple,
+        max_bundle_entries: config.resource.max_bundle_entries,
         ..ResourceConfig::default()
     }
 }
@@ -93,6 +94,7 @@ fn gateway_config(config: &Config) -> GatewayConfig {
         base_path: config.server.base_path.clone(),
         public_base_url: config.server.public_base_url.clone(),
         max_body_bytes: config.server.max_body_bytes,
+        max_bundle_bytes: config.server.max_bundle_bytes,
         capabilities: Capabilities {
             software_name: "fhirmesh".into(),
             software_version: env!("CARGO_PKG_VERSION").into(),

@@ -63,6 +63,30 @@ async fn gateway_serves_fhir_through_a_remote_resource_service() {
     );
     assert_eq!(history["entry"].as_array().map(Vec::len), Some(2));
 
+    // A batch crosses the gRPC hop too: a written entry, a failed one with its outcome, and a
+    // search answered inline.
+    let batch = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "active": true}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "gender": 1}, "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": "Patient?active=true"}}]});
+    let response = client
+        .post(format!("{base}/"))
+        .header("content-type", "application/fhir+json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .expect("batch");
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("json");
+    let statuses: Vec<&str> =
+        answer["entry"].as_array().expect("entries").iter().filter_map(|e| e["response"]["status"].as_str()).collect();
+    assert_eq!(statuses, ["201 Created", "400 Bad Request", "200 OK"], "{answer}");
+    assert_eq!(
+        answer["entry"][1]["response"]["outcome"]["issue"][0]["expression"][0],
+        "Bundle.entry[1].resource.gender"
+    );
+    assert_eq!(answer["entry"][2]["resource"]["type"], "searchset");
+
     // With the resource service gone, the gateway answers 503 with an OperationOutcome.
     resource.kill_9().await;
     let response = client.get(format!("{base}/Patient/{id}")).send().await.expect("read");

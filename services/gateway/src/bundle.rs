@@ -3,14 +3,14 @@
 //! a page of search results is never parsed into a tree and printed again.
 
 use bytes::Bytes;
-use fhirmesh_core::service::{HistoryPage, SearchPage};
+use fhirmesh_core::service::{BundleResult, HistoryPage, SearchPage};
 use fhirmesh_core::{FhirError, Operation, ResourceVersion};
 use fhirmesh_fhir::datetime::format_instant;
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::negotiate::Presentation;
+use crate::negotiate::{Presentation, Return};
 use crate::response::{json_bytes_of, shaped_value};
 
 /// Absolute URL of a resource.
@@ -193,4 +193,111 @@ pub(crate) fn search_bundle(
         link.push(Link { relation: "previous", url: previous });
     }
     Ok(json_bytes_of(&Bundle::new("searchset", page.total, link, entries), presentation.pretty))
+}
+
+#[derive(Serialize)]
+struct ResponseEntry<'a> {
+    #[serde(rename = "fullUrl", skip_serializing_if = "Option::is_none")]
+    full_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<Embedded<'a>>,
+    response: EntryResponse,
+}
+
+#[derive(Serialize)]
+struct EntryResponse {
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    location: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
+    #[serde(rename = "lastModified", skip_serializing_if = "Option::is_none")]
+    last_modified: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<Value>,
+}
+
+/// `transaction-response` / `batch-response`: one entry per request entry, in order. Resources
+/// (written or read) are included as `Prefer: return` asks — representation by default, an
+/// outcome, or nothing; search entries carry a `searchset` Bundle and failed batch entries their
+/// OperationOutcome.
+pub(crate) fn bundle_response(
+    base: &str,
+    result: &BundleResult,
+    prefer: Return,
+    presentation: &Presentation,
+) -> Result<Bytes, FhirError> {
+    let mut nested = Vec::new();
+    for entry in &result.entries {
+        nested.push(match (&entry.search, &entry.location) {
+            (Some(page), path) => {
+                let path = path.as_deref().unwrap_or_default();
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                for (k, v) in &page.applied {
+                    query.append_pair(k, v);
+                }
+                let query = query.finish();
+                let separator = if query.is_empty() { "" } else { "?" };
+                // Later pages are fetched with a plain search request (its token is bound to the query).
+                let link = |token: Option<&str>| {
+                    let mut url = format!("{base}/{path}{separator}{query}");
+                    if let Some(token) = token {
+                        url.push_str(if query.is_empty() { "?" } else { "&" });
+                        url.push_str("_page_token=");
+                        url.push_str(token);
+                    }
+                    url
+                };
+                let links = SearchLinks {
+                    self_link: link(None),
+                    next: page.next_page_token.as_deref().map(|t| link(Some(t))),
+                    previous: page.previous_page_token.as_deref().map(|t| link(Some(t))),
+                };
+                Some(search_bundle(base, &links, page, presentation)?)
+            }
+            (None, _) => None,
+        });
+    }
+    let mut entries = Vec::with_capacity(result.entries.len());
+    for (entry, searchset) in result.entries.iter().zip(&nested) {
+        let reason = http::StatusCode::from_u16(entry.status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+        let mut response = EntryResponse {
+            status: format!("{} {reason}", entry.status).trim_end().to_owned(),
+            location: None,
+            etag: None,
+            last_modified: None,
+            outcome: entry.error.as_ref().map(FhirError::to_operation_outcome),
+        };
+        let mut resource = None;
+        let mut full_url = None;
+        if let Some(version) = &entry.version {
+            response.location = entry.location.clone();
+            response.etag = Some(version.etag());
+            response.last_modified = Some(format_instant(version.last_updated));
+            full_url = Some(resource_url(base, version));
+            match prefer {
+                Return::Representation => {
+                    resource = version.body.as_ref().map(|body| embed(body, presentation)).transpose()?;
+                }
+                Return::OperationOutcome if response.outcome.is_none() => {
+                    let message = format!(
+                        "{} {}/{} version {}",
+                        entry.status, version.resource_type, version.id, version.version_id
+                    );
+                    response.outcome = Some(fhirmesh_fhir::outcome::information(message));
+                }
+                Return::Minimal | Return::OperationOutcome => {}
+            }
+        } else if entry.search.is_none() {
+            response.location = entry.location.clone();
+        }
+        if let Some(searchset) = searchset {
+            let text = std::str::from_utf8(searchset).map_err(|_| FhirError::internal("searchset is not UTF-8"))?;
+            let raw = serde_json::from_str::<&RawValue>(text)
+                .map_err(|err| FhirError::internal(format!("searchset is not JSON: {err}")))?;
+            resource = Some(Embedded::Raw(raw));
+        }
+        entries.push(ResponseEntry { full_url, resource, response });
+    }
+    Ok(json_bytes_of(&Bundle::new(result.kind.response_type(), None, Vec::new(), entries), presentation.pretty))
 }

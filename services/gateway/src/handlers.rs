@@ -7,8 +7,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
-    ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest, PatchDocument,
-    PatchRequest, SearchRequest, UpdateRequest, WriteResult,
+    BundleRequest, ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest,
+    PatchDocument, PatchRequest, SearchRequest, UpdateRequest, WriteResult,
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, TenantId};
 use fhirmesh_fhir::outcome::information;
@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
 use crate::SharedGateway;
-use crate::bundle::{SearchLinks, history_bundle, search_bundle};
+use crate::bundle::{SearchLinks, bundle_response, history_bundle, search_bundle};
 use crate::negotiate::{self, PatchFormat, Presentation, Return};
 use crate::response::{
     bytes_response, error_response, json_response, resource_response, set_location, version_headers,
@@ -91,7 +91,10 @@ fn type_and_id(path: Result<Path<(String, String)>, PathRejection>) -> FhirResul
 }
 
 async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
-    let limit = gw.config.max_body_bytes;
+    read_body_up_to(gw.config.max_body_bytes, headers, body).await
+}
+
+async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
     let too_large =
         || FhirError::new(ErrorCategory::TooLarge, format!("request body is larger than the {limit}-byte limit"));
     let declared =
@@ -535,8 +538,33 @@ pub(crate) async fn search_compartment(
     search(gw, SearchCall { scope, form: Vec::new(), path }, prelude, headers).await
 }
 
-pub(crate) async fn bundle(prelude: Prelude) -> Response {
-    prelude.fail(FhirError::unsupported("transaction and batch Bundles are not supported yet"))
+/// `POST /` with a `transaction` or `batch` Bundle: a `transaction-response` / `batch-response`,
+/// entries rendered per `Prefer: return`.
+pub(crate) async fn bundle(
+    State(gw): State<SharedGateway>,
+    prelude: Prelude,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        negotiate::check_json_body(&headers)?;
+        let body = read_body_up_to(gw.config.max_bundle_bytes, &headers, body).await?;
+        let result = gw.service.bundle(&prelude.ctx, BundleRequest { body }).await?;
+        let rendered =
+            bundle_response(&prelude.base, &result, negotiate::prefer_return(&headers), &prelude.presentation)?;
+        Ok::<_, FhirError>((rendered, result.last_sequence))
+    }
+    .await;
+    match result {
+        Ok((rendered, last_sequence)) => {
+            let mut response = bytes_response(StatusCode::OK, rendered);
+            if let Some(sequence) = last_sequence {
+                set_consistency_token(&mut response, sequence);
+            }
+            response
+        }
+        Err(error) => prelude.fail(error),
+    }
 }
 
 pub(crate) async fn healthz() -> Response {

@@ -30,6 +30,8 @@ pub struct GatewayConfig {
     pub public_base_url: Option<String>,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: usize,
+    /// Largest transaction or batch Bundle accepted (`POST /`); larger ones get 413.
+    pub max_bundle_bytes: usize,
     pub capabilities: Capabilities,
 }
 

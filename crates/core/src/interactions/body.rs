@@ -37,14 +37,30 @@ pub(crate) async fn prepare(
     version_id: u64,
     last_updated: OffsetDateTime,
 ) -> FhirResult<Bytes> {
-    let resource = check_identity(resource, resource_type, id, id_rule)?;
-    let resource = if size_hint > INLINE_VALIDATION_LIMIT {
-        tokio::task::spawn_blocking(move || validated(resource))
-            .await
-            .map_err(|_| FhirError::internal("validation task failed"))??
+    if size_hint > INLINE_VALIDATION_LIMIT {
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || {
+            prepare_blocking(resource, resource_type, &id, id_rule, version_id, last_updated)
+        })
+        .await
+        .map_err(|_| FhirError::internal("validation task failed"))?
     } else {
-        validated(resource)?
-    };
+        prepare_blocking(resource, resource_type, id, id_rule, version_id, last_updated)
+    }
+}
+
+/// [`prepare`] on the calling thread: for callers that already run on the blocking pool (a
+/// transaction validates its entries there, several at a time).
+pub(crate) fn prepare_blocking(
+    resource: Value,
+    resource_type: ResourceType,
+    id: &LogicalId,
+    id_rule: IdRule,
+    version_id: u64,
+    last_updated: OffsetDateTime,
+) -> FhirResult<Bytes> {
+    let resource = check_identity(resource, resource_type, id, id_rule)?;
+    let resource = validated(resource)?;
     stamp(resource, id, version_id, last_updated)
 }
 

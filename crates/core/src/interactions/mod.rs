@@ -2,6 +2,7 @@
 //! [`ResourceStore`](crate::ports::ResourceStore).
 
 mod body;
+mod bundle;
 mod conditional;
 mod create;
 mod delete;
@@ -22,9 +23,9 @@ use crate::error::{FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use crate::service::{
-    ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
-    DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchRequest, RequestContext, ResourceService, SearchPage,
-    SearchRequest, UpdateRequest, WriteResult,
+    BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest,
+    CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchRequest, RequestContext,
+    ResourceService, SearchPage, SearchRequest, UpdateRequest, WriteResult,
 };
 
 /// Behaviour switches of the resource service.
@@ -45,6 +46,8 @@ pub struct ResourceConfig {
     /// A conditional delete matching several resources deletes them all (up to
     /// `max_page_size`) instead of answering 412.
     pub conditional_delete_multiple: bool,
+    /// Most entries a transaction or batch Bundle may have (more: 413, nothing written).
+    pub max_bundle_entries: usize,
 }
 
 impl Default for ResourceConfig {
@@ -57,6 +60,7 @@ impl Default for ResourceConfig {
             default_search_count: 20,
             consistency_wait: std::time::Duration::from_secs(1),
             conditional_delete_multiple: false,
+            max_bundle_entries: 10_000,
         }
     }
 }
@@ -124,6 +128,10 @@ impl ResourceService for FhirResources {
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {
         delete::delete(self, ctx, request).await
+    }
+
+    async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult> {
+        bundle::bundle(self, ctx, request).await
     }
 
     async fn conditional_update(
