@@ -1,10 +1,13 @@
-//! The FHIRPath subset FHIRPath Patch paths may use, parsed and evaluated over FHIR JSON.
+//! The FHIRPath subset FHIRPath Patch paths may use, evaluated over FHIR JSON.
 //!
+//! Paths are parsed by the crate's one FHIRPath parser (`crate::fhirpath`) and converted into [`Step`]s.
 //! Supported: the resource type as root, dotted element names (choice elements by base name: `value` finds
 //! `valueQuantity`), `[n]` indexers, `first()`, `last()`, and `where(a.b = literal)` equality filters with
 //! string, number and boolean literals. Everything else is reported as unsupported, never guessed at.
 
 use serde_json::Value;
+
+use crate::fhirpath::{self, Ast, BinaryOp};
 
 /// One step of a parsed path.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,34 +86,97 @@ pub(crate) struct PathError(pub String);
 
 /// Parses `expression` relative to a resource of type `resource_type` (a leading `Patient.` is the root).
 pub(crate) fn parse(expression: &str, resource_type: &str) -> Result<Vec<Step>, PathError> {
-    let tokens = tokenize(expression)?;
-    let mut parser = Parser { tokens, pos: 0 };
+    let ast = fhirpath::parse(expression).map_err(|error| PathError(error.0))?;
     let mut steps = Vec::new();
-    let first = parser.identifier().ok_or_else(|| PathError("a path must start with an element name".into()))?;
-    if first != resource_type {
-        if first.starts_with(|c: char| c.is_ascii_uppercase()) {
-            return Err(PathError(format!("path starts with '{first}' but the resource is a {resource_type}")));
-        }
-        if parser.peek() == Some(&Token::LParen) {
-            return Err(PathError(format!("function '{first}()' is not supported here")));
-        }
-        steps.push(Step::Child(first));
-    }
-    parser.indexers(&mut steps)?;
-    while !parser.done() {
-        if parser.next() != Some(Token::Dot) {
-            return Err(PathError("only '.', '[n]', first(), last() and where(x = literal) are supported".into()));
-        }
-        let name = parser.identifier().ok_or_else(|| PathError("expected an element name after '.'".into()))?;
-        if parser.peek() == Some(&Token::LParen) {
-            parser.next();
-            steps.push(parser.function(&name)?);
-        } else {
-            steps.push(Step::Child(name));
-        }
-        parser.indexers(&mut steps)?;
-    }
+    push_steps(&ast, resource_type, &mut steps)?;
     Ok(steps)
+}
+
+/// What a patch path may use, for the messages that reject everything else.
+const SUBSET: &str = "a patch path may only use the resource type, element names, '[n]', first(), last() and \
+                      where(path = literal)";
+
+/// Appends the steps of `ast`, a path in the patch subset, to `steps`.
+fn push_steps(ast: &Ast, resource_type: &str, steps: &mut Vec<Step>) -> Result<(), PathError> {
+    match ast {
+        Ast::Member { input: None, name } if name == resource_type => {}
+        Ast::Member { input: None, name } if name.starts_with(|c: char| c.is_ascii_uppercase()) => {
+            return Err(PathError(format!("path starts with '{name}' but the resource is a {resource_type}")));
+        }
+        Ast::Member { input, name } => {
+            if let Some(input) = input {
+                push_steps(input, resource_type, steps)?;
+            }
+            steps.push(Step::Child(name.clone()));
+        }
+        Ast::Index { input, index } => {
+            push_steps(input, resource_type, steps)?;
+            let index = match index.as_ref() {
+                Ast::Number(text) => text.parse().ok(),
+                _ => None,
+            };
+            let index = index.ok_or_else(|| PathError("an indexer must be a non-negative integer".into()))?;
+            steps.push(Step::Index(index));
+        }
+        Ast::Call { input: None, name, .. } => {
+            return Err(PathError(format!(
+                "function '{name}()' is not supported here: a path starts with an element name"
+            )));
+        }
+        Ast::Call { input: Some(input), name, args } => {
+            push_steps(input, resource_type, steps)?;
+            steps.push(function(name, args)?);
+        }
+        Ast::Binary { op, .. } => {
+            return Err(PathError(format!("operator '{}' is not supported: {SUBSET}", op.symbol())));
+        }
+        Ast::TypeOp { op, .. } => {
+            return Err(PathError(format!("operator '{}' is not supported: {SUBSET}", op.keyword())));
+        }
+        Ast::Variable(name) => {
+            return Err(PathError(format!("variable '%{name}' is not supported: {SUBSET}")));
+        }
+        Ast::String(_) | Ast::Boolean(_) | Ast::Number(_) => {
+            return Err(PathError("a path must start with an element name, not a literal".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The step of the function `name(args)` applied to a path.
+fn function(name: &str, args: &[Ast]) -> Result<Step, PathError> {
+    match (name, args) {
+        ("first", []) => Ok(Step::First),
+        ("last", []) => Ok(Step::Last),
+        ("first" | "last", _) => Err(PathError(format!("{name}() takes no arguments"))),
+        ("where", [Ast::Binary { op: BinaryOp::Equal, left, right }]) => {
+            let mut sub_path = Vec::new();
+            element_path(left, &mut sub_path)?;
+            let literal = match right.as_ref() {
+                Ast::String(text) => Literal::String(text.clone()),
+                Ast::Boolean(value) => Literal::Boolean(*value),
+                Ast::Number(text) => {
+                    Literal::Number(text.parse().map_err(|_| PathError(format!("invalid number '{text}'")))?)
+                }
+                _ => return Err(PathError("where() must compare with a string, number or boolean literal".into())),
+            };
+            Ok(Step::Where(sub_path, literal))
+        }
+        ("where", _) => Err(PathError("only where(path = literal) is supported".into())),
+        _ => Err(PathError(format!("function '{name}()' is not supported"))),
+    }
+}
+
+/// The element names of `ast`, a dotted path of names (the left side of a `where` comparison).
+fn element_path(ast: &Ast, names: &mut Vec<String>) -> Result<(), PathError> {
+    let Ast::Member { input, name } = ast else {
+        return Err(PathError("where() must compare an element path (names and dots only)".into()));
+    };
+    if let Some(input) = input {
+        element_path(input, names)?;
+    }
+    names.push(name.clone());
+    Ok(())
 }
 
 /// Evaluates parsed steps from the document root; returns the locations of all matches in document order.
@@ -164,186 +230,6 @@ fn children(document: &Value, location: &Location, name: &str) -> Vec<Location> 
             .collect(),
         Some(Value::Null) | None => Vec::new(),
         Some(_) => vec![child],
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Token {
-    Identifier(String),
-    String(String),
-    Number(f64),
-    Integer(usize),
-    Dot,
-    LBracket,
-    RBracket,
-    LParen,
-    RParen,
-    Equals,
-}
-
-fn tokenize(expression: &str) -> Result<Vec<Token>, PathError> {
-    let mut tokens = Vec::new();
-    let mut chars = expression.char_indices().peekable();
-    while let Some((start, c)) = chars.next() {
-        let token = match c {
-            c if c.is_whitespace() => continue,
-            '.' => Token::Dot,
-            '[' => Token::LBracket,
-            ']' => Token::RBracket,
-            '(' => Token::LParen,
-            ')' => Token::RParen,
-            '=' => Token::Equals,
-            '\'' => {
-                let mut text = String::new();
-                loop {
-                    match chars.next() {
-                        Some((_, '\'')) => break,
-                        Some((_, '\\')) => match chars.next() {
-                            Some((_, 'n')) => text.push('\n'),
-                            Some((_, 't')) => text.push('\t'),
-                            Some((_, 'r')) => text.push('\r'),
-                            Some((_, other @ ('\'' | '"' | '`' | '\\' | '/'))) => text.push(other),
-                            _ => {
-                                return Err(PathError("unsupported escape in a string literal".into()));
-                            }
-                        },
-                        Some((_, other)) => text.push(other),
-                        None => return Err(PathError("unterminated string literal".into())),
-                    }
-                }
-                Token::String(text)
-            }
-            '`' => {
-                let mut name = String::new();
-                loop {
-                    match chars.next() {
-                        Some((_, '`')) => break,
-                        Some((_, other)) => name.push(other),
-                        None => return Err(PathError("unterminated delimited identifier".into())),
-                    }
-                }
-                Token::Identifier(name)
-            }
-            c if c.is_ascii_digit() || c == '-' => {
-                let mut end = start + c.len_utf8();
-                while let Some(&(index, next)) = chars.peek() {
-                    if next.is_ascii_digit()
-                        || next == '.' && expression[index + 1..].starts_with(|d: char| d.is_ascii_digit())
-                    {
-                        end = index + next.len_utf8();
-                        chars.next();
-                    } else {
-                        break;
-                    }
-                }
-                let text = &expression[start..end];
-                match text.parse::<usize>() {
-                    Ok(integer) => Token::Integer(integer),
-                    Err(_) => {
-                        Token::Number(text.parse::<f64>().map_err(|_| PathError(format!("invalid number '{text}'")))?)
-                    }
-                }
-            }
-            c if c.is_ascii_alphabetic() || c == '_' => {
-                let mut end = start + 1;
-                while let Some(&(index, next)) = chars.peek() {
-                    if next.is_ascii_alphanumeric() || next == '_' {
-                        end = index + 1;
-                        chars.next();
-                    } else {
-                        break;
-                    }
-                }
-                Token::Identifier(expression[start..end].to_owned())
-            }
-            other => return Err(PathError(format!("'{other}' is not supported"))),
-        };
-        tokens.push(token);
-    }
-    Ok(tokens)
-}
-
-struct Parser {
-    tokens: Vec<Token>,
-    pos: usize,
-}
-
-impl Parser {
-    fn done(&self) -> bool {
-        self.pos >= self.tokens.len()
-    }
-
-    fn peek(&self) -> Option<&Token> {
-        self.tokens.get(self.pos)
-    }
-
-    fn next(&mut self) -> Option<Token> {
-        let token = self.tokens.get(self.pos).cloned();
-        self.pos += 1;
-        token
-    }
-
-    fn identifier(&mut self) -> Option<String> {
-        match self.peek() {
-            Some(Token::Identifier(name)) => {
-                let name = name.clone();
-                self.pos += 1;
-                Some(name)
-            }
-            _ => None,
-        }
-    }
-
-    fn expect(&mut self, token: &Token, what: &str) -> Result<(), PathError> {
-        if self.next().as_ref() == Some(token) { Ok(()) } else { Err(PathError(format!("expected {what}"))) }
-    }
-
-    fn indexers(&mut self, steps: &mut Vec<Step>) -> Result<(), PathError> {
-        while self.peek() == Some(&Token::LBracket) {
-            self.next();
-            match self.next() {
-                Some(Token::Integer(index)) => steps.push(Step::Index(index)),
-                _ => {
-                    return Err(PathError("an indexer must be a non-negative integer".into()));
-                }
-            }
-            self.expect(&Token::RBracket, "']'")?;
-        }
-        Ok(())
-    }
-
-    /// The function call after `name(`.
-    fn function(&mut self, name: &str) -> Result<Step, PathError> {
-        match name {
-            "first" | "last" => {
-                self.expect(&Token::RParen, &format!("')' after {name}("))?;
-                Ok(if name == "first" { Step::First } else { Step::Last })
-            }
-            "where" => {
-                let mut sub_path =
-                    vec![self.identifier().ok_or_else(|| PathError("where() must compare an element path".into()))?];
-                while self.peek() == Some(&Token::Dot) {
-                    self.next();
-                    sub_path.push(self.identifier().ok_or_else(|| PathError("expected an element name".into()))?);
-                }
-                if self.next() != Some(Token::Equals) {
-                    return Err(PathError("only where(path = literal) is supported".into()));
-                }
-                let literal = match self.next() {
-                    Some(Token::String(text)) => Literal::String(text),
-                    Some(Token::Integer(integer)) => Literal::Number(integer as f64),
-                    Some(Token::Number(number)) => Literal::Number(number),
-                    Some(Token::Identifier(word)) if word == "true" => Literal::Boolean(true),
-                    Some(Token::Identifier(word)) if word == "false" => Literal::Boolean(false),
-                    _ => {
-                        return Err(PathError("where() must compare with a string, number or boolean literal".into()));
-                    }
-                };
-                self.expect(&Token::RParen, "')' closing where(")?;
-                Ok(Step::Where(sub_path, literal))
-            }
-            other => Err(PathError(format!("function '{other}()' is not supported"))),
-        }
     }
 }
 
@@ -415,5 +301,55 @@ mod tests {
         ] {
             assert!(paths(&p, expression).is_err(), "{expression} should be rejected");
         }
+    }
+
+    #[test]
+    fn converts_the_general_ast_into_steps() {
+        let steps =
+            parse("Patient.identifier.where(type.text = 'it\\'s').value[1].first()", "Patient").expect("parses");
+        assert_eq!(
+            steps,
+            [
+                Step::Child("identifier".into()),
+                Step::Where(vec!["type".into(), "text".into()], Literal::String("it's".into())),
+                Step::Child("value".into()),
+                Step::Index(1),
+                Step::First,
+            ]
+        );
+        assert_eq!(
+            parse("name.last().where(`use` = -2.5)", "Patient"),
+            Ok(vec![Step::Child("name".into()), Step::Last, Step::Where(vec!["use".into()], Literal::Number(-2.5)),])
+        );
+        assert_eq!(parse(" Patient [0] . active . where ( x = true ) ", "Patient").expect("spaces").len(), 3);
+    }
+
+    #[test]
+    fn rejects_shapes_outside_the_subset_with_precise_messages() {
+        let error = |expression: &str| parse(expression, "Patient").expect_err(expression).0;
+        assert_eq!(error("Patient.name.exists()"), "function 'exists()' is not supported");
+        assert_eq!(
+            error("Patient.name | Patient.identifier"),
+            "operator '|' is not supported: a patch path may only use the resource type, element names, '[n]', \
+             first(), last() and where(path = literal)"
+        );
+        assert!(error("Patient.name is HumanName").starts_with("operator 'is' is not supported: "));
+        assert!(error("%resource.name").starts_with("variable '%resource' is not supported: "));
+        assert_eq!(error("first()"), "function 'first()' is not supported here: a path starts with an element name");
+        assert_eq!(error("Observation.code"), "path starts with 'Observation' but the resource is a Patient");
+        assert_eq!(error("Patient.name[-1]"), "an indexer must be a non-negative integer");
+        assert_eq!(error("Patient.name.first(1)"), "first() takes no arguments");
+        assert_eq!(error("Patient.name.where(use != 'x')"), "only where(path = literal) is supported");
+        assert_eq!(
+            error("Patient.name.where(use = given)"),
+            "where() must compare with a string, number or boolean literal"
+        );
+        assert_eq!(
+            error("Patient.name.where(given[0] = 'x')"),
+            "where() must compare an element path (names and dots only)"
+        );
+        assert_eq!(error("'Patient'.name"), "a path must start with an element name, not a literal");
+        assert_eq!(error("Patient.name."), "expected a name after '.'");
+        assert_eq!(error("Patient.name)"), "unexpected ')' after the expression");
     }
 }

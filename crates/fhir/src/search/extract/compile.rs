@@ -11,9 +11,9 @@
 
 use serde_json::{Map, Value};
 
-use super::fhirpath::{Ast, BinaryOp, TypeOp};
 use crate::ResourceType;
 use crate::definitions;
+use crate::fhirpath::{Ast, BinaryOp, TypeOp};
 
 /// A FHIR type name: a data type (`HumanName`, `dateTime`), a backbone element definition
 /// (`Observation_Component`), a resource type, `ResourceList` (an inline resource, typed at run time
@@ -738,7 +738,7 @@ pub(crate) fn reference_target_type<'a>(reference: &'a Value, root: &'a Value) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::search::extract::fhirpath::parse;
+    use crate::fhirpath::parse;
 
     fn types(expression: &str, resource: &str) -> Result<Vec<Ty>, String> {
         let rt = ResourceType::parse(resource).expect("type");

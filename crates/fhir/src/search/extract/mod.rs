@@ -2,10 +2,11 @@
 //! of its type.
 //!
 //! Each parameter's FHIRPath `expression` is compiled ONCE per resource type ([`warm_up`], or on
-//! first use) into a small typed plan (`compile.rs`, parsed by `fhirpath.rs`): the FHIRPath subset the base R4 definitions
-//! use — path navigation, `|`, `where(...)`, `resolve() is Type`, `as`/`ofType`/`is` (operator and
-//! function forms), `exists()`, `empty()`, `not()`, `first()`, `[n]`, `extension('url')`, `=`, `!=`,
-//! `and`, `or`, string/boolean/number literals and `%resource`. Types come from the embedded R4
+//! first use) into a small typed plan (`compile.rs`, parsed by the crate-wide `fhirpath.rs`): the
+//! FHIRPath subset the base R4 definitions use — path navigation, `|`, `where(...)`,
+//! `resolve() is Type`, `as`/`ofType`/`is` (operator and function forms), `exists()`, `empty()`,
+//! `not()`, `first()`, `[n]`, `extension('url')`, `=`, `!=`, `and`, `or`, string/boolean/number
+//! literals and `%resource`. Types come from the embedded R4
 //! schema, so choice elements (`Observation.value.as(Quantity)` → `valueQuantity`,
 //! `Observation.effective` → every `effective[x]`) and the `Type.` prefixes of multi-type
 //! expressions (`AllergyIntolerance.code | Condition.code` on a Condition is `Condition.code`) are
@@ -48,7 +49,6 @@
 
 mod compile;
 pub(crate) mod convert;
-mod fhirpath;
 
 #[cfg(test)]
 mod tests;
@@ -62,6 +62,7 @@ use self::compile::{Context, Item, Plan, Ty};
 use self::convert::Target;
 pub use self::convert::{ISO_4217, number_range};
 use crate::ResourceType;
+use crate::fhirpath;
 use crate::search::params::{ParamType, SearchParamDef, registry};
 use crate::search::values::{IndexEntry, IndexValue};
 

@@ -1,7 +1,12 @@
-//! Parser for the FHIRPath subset that SearchParameter expressions use: path navigation, indexers,
-//! function invocations, `|`, `is`/`as`, `=`/`!=`, `and`/`or`, string/boolean/number literals,
-//! parentheses and `%resource`-style variables. Produces an untyped [`Ast`]; typing and
-//! compilation happen in [`super::compile`].
+//! The one FHIRPath parser of this crate, for the subset it needs: path navigation, indexers,
+//! function invocations, `|`, `is`/`as`, `=`/`!=`, `and`/`or`, string/boolean/number literals
+//! (negative numbers included), parentheses and `%resource`-style variables. Produces an untyped
+//! [`Ast`]; its users decide what they accept:
+//! - search-parameter extraction compiles it into a typed plan (`search::extract::compile`);
+//! - FHIRPath Patch converts it into the path steps it evaluates (`patch::path`).
+//!
+//! Expressions are bounded ([`MAX_TOKENS`] tokens, [`MAX_NESTING`] nested sub-expressions) so that
+//! untrusted input (FHIRPath Patch paths arrive over HTTP) cannot exhaust the stack.
 
 use std::fmt;
 
@@ -43,6 +48,35 @@ pub(crate) enum TypeOp {
     As,
 }
 
+impl BinaryOp {
+    /// The operator as written in FHIRPath.
+    pub(crate) fn symbol(self) -> &'static str {
+        match self {
+            BinaryOp::Union => "|",
+            BinaryOp::Equal => "=",
+            BinaryOp::NotEqual => "!=",
+            BinaryOp::And => "and",
+            BinaryOp::Or => "or",
+        }
+    }
+}
+
+impl TypeOp {
+    /// The operator as written in FHIRPath.
+    pub(crate) fn keyword(self) -> &'static str {
+        match self {
+            TypeOp::Is => "is",
+            TypeOp::As => "as",
+        }
+    }
+}
+
+/// The most tokens an expression may have (the longest base R4 search expression has about 330).
+const MAX_TOKENS: usize = 1_000;
+
+/// The deepest nesting of parenthesised expressions, function arguments and indexers.
+const MAX_NESTING: usize = 32;
+
 /// Why an expression does not parse (or uses syntax outside the subset).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ParseError(pub String);
@@ -56,10 +90,25 @@ impl fmt::Display for ParseError {
 #[derive(Debug, Clone, PartialEq)]
 enum Token {
     Identifier(String),
+    /// A `` `delimited` `` identifier: a name, never a keyword or literal (`` `true` `` is an element).
+    Delimited(String),
     String(String),
     Number(String),
     Variable(String),
     Symbol(&'static str),
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Token::Identifier(name) => write!(f, "identifier '{name}'"),
+            Token::Delimited(name) => write!(f, "identifier `{name}`"),
+            Token::String(text) => write!(f, "string '{text}'"),
+            Token::Number(text) => write!(f, "number {text}"),
+            Token::Variable(name) => write!(f, "variable '%{name}'"),
+            Token::Symbol(symbol) => write!(f, "'{symbol}'"),
+        }
+    }
 }
 
 fn tokenize(input: &str) -> Result<Vec<Token>, ParseError> {
@@ -84,14 +133,22 @@ fn tokenize(input: &str) -> Result<Vec<Token>, ParseError> {
                 .iter()
                 .position(|c| *c == '`')
                 .ok_or_else(|| ParseError("unterminated `identifier`".into()))?;
-            tokens.push(Token::Identifier(chars[i + 1..i + 1 + end].iter().collect()));
+            tokens.push(Token::Delimited(chars[i + 1..i + 1 + end].iter().collect()));
             i += end + 2;
             continue;
         }
-        if c.is_ascii_digit() {
+        // `digits('.' digits)?`, with a leading `-` for negative numbers (there is no arithmetic here).
+        if c.is_ascii_digit() || c == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit) {
             let start = i;
-            while chars.get(i).is_some_and(|c| c.is_ascii_digit() || *c == '.') {
+            i += 1;
+            while chars.get(i).is_some_and(char::is_ascii_digit) {
                 i += 1;
+            }
+            if chars.get(i) == Some(&'.') && chars.get(i + 1).is_some_and(char::is_ascii_digit) {
+                i += 1;
+                while chars.get(i).is_some_and(char::is_ascii_digit) {
+                    i += 1;
+                }
             }
             tokens.push(Token::Number(chars[start..i].iter().collect()));
             continue;
@@ -109,33 +166,8 @@ fn tokenize(input: &str) -> Result<Vec<Token>, ParseError> {
             continue;
         }
         if c == '\'' {
-            let mut text = String::new();
             i += 1;
-            loop {
-                match chars.get(i) {
-                    None => return Err(ParseError("unterminated string literal".into())),
-                    Some('\'') => {
-                        i += 1;
-                        break;
-                    }
-                    Some('\\') => {
-                        let escaped = chars.get(i + 1).ok_or_else(|| ParseError("dangling escape".into()))?;
-                        text.push(match escaped {
-                            'n' => '\n',
-                            't' => '\t',
-                            'r' => '\r',
-                            'f' => '\u{c}',
-                            other => *other,
-                        });
-                        i += 2;
-                    }
-                    Some(other) => {
-                        text.push(*other);
-                        i += 1;
-                    }
-                }
-            }
-            tokens.push(Token::String(text));
+            tokens.push(Token::String(string_literal(&chars, &mut i)?));
             continue;
         }
         let two: String = chars[i..chars.len().min(i + 2)].iter().collect();
@@ -163,16 +195,55 @@ fn tokenize(input: &str) -> Result<Vec<Token>, ParseError> {
         tokens.push(Token::Symbol(symbol));
         i += 1;
     }
+    if tokens.len() > MAX_TOKENS {
+        return Err(ParseError(format!("the expression is too long (more than {MAX_TOKENS} tokens)")));
+    }
     Ok(tokens)
+}
+
+/// The rest of a `'string'` literal from `chars[*i]` (after the opening quote), escapes resolved; advances `i` past
+/// the closing quote.
+fn string_literal(chars: &[char], i: &mut usize) -> Result<String, ParseError> {
+    let unterminated = || ParseError("unterminated string literal".into());
+    let mut text = String::new();
+    loop {
+        let c = *chars.get(*i).ok_or_else(unterminated)?;
+        *i += 1;
+        match c {
+            '\'' => return Ok(text),
+            '\\' => {
+                let escaped = *chars.get(*i).ok_or_else(unterminated)?;
+                *i += 1;
+                text.push(match escaped {
+                    'n' => '\n',
+                    't' => '\t',
+                    'r' => '\r',
+                    'f' => '\u{c}',
+                    '\'' | '"' | '`' | '\\' | '/' => escaped,
+                    'u' => {
+                        let hex: String = chars[*i..].iter().take(4).take_while(|c| c.is_ascii_hexdigit()).collect();
+                        *i += hex.len();
+                        Some(&hex)
+                            .filter(|hex| hex.len() == 4)
+                            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+                            .and_then(char::from_u32)
+                            .ok_or_else(|| ParseError(format!("invalid escape '\\u{hex}' in a string literal")))?
+                    }
+                    other => return Err(ParseError(format!("unsupported escape '\\{other}' in a string literal"))),
+                });
+            }
+            other => text.push(other),
+        }
+    }
 }
 
 /// Parses `input` into an [`Ast`].
 pub(crate) fn parse(input: &str) -> Result<Ast, ParseError> {
     let tokens = tokenize(input)?;
-    let mut parser = Parser { tokens, pos: 0 };
+    let mut parser = Parser { tokens, pos: 0, depth: 0 };
     let ast = parser.expression()?;
     if let Some(token) = parser.peek() {
-        return Err(ParseError(format!("unexpected {token:?} after the expression")));
+        return Err(ParseError(format!("unexpected {token} after the expression")));
     }
     Ok(ast)
 }
@@ -180,6 +251,8 @@ pub(crate) fn parse(input: &str) -> Result<Ast, ParseError> {
 struct Parser {
     tokens: Vec<Token>,
     pos: usize,
+    /// How many `expression`s are being parsed, one inside the other.
+    depth: usize,
 }
 
 impl Parser {
@@ -191,6 +264,14 @@ impl Parser {
         let token = self.tokens.get(self.pos).cloned();
         self.pos += 1;
         token
+    }
+
+    /// The next token if it is an identifier, plain or delimited.
+    fn name(&mut self) -> Option<String> {
+        match self.next() {
+            Some(Token::Identifier(name) | Token::Delimited(name)) => Some(name),
+            _ => None,
+        }
     }
 
     fn eat_symbol(&mut self, symbol: &str) -> bool {
@@ -215,8 +296,19 @@ impl Parser {
         if self.eat_symbol(symbol) { Ok(()) } else { Err(ParseError(format!("expected '{symbol}'"))) }
     }
 
-    /// Lowest precedence: `or`, then `and`, equality, union, type operators, invocation chains.
+    /// A whole (sub-)expression, at most [`MAX_NESTING`] deep.
     fn expression(&mut self) -> Result<Ast, ParseError> {
+        if self.depth == MAX_NESTING {
+            return Err(ParseError(format!("the expression nests more than {MAX_NESTING} levels deep")));
+        }
+        self.depth += 1;
+        let ast = self.or();
+        self.depth -= 1;
+        ast
+    }
+
+    /// Lowest precedence: `or`, then `and`, equality, union, type operators, invocation chains.
+    fn or(&mut self) -> Result<Ast, ParseError> {
         let mut left = self.and()?;
         loop {
             if self.eat_keyword("or") {
@@ -280,11 +372,11 @@ impl Parser {
 
     /// `Name` or `Namespace.Name`; the namespace (`FHIR`, `System`) is dropped.
     fn type_specifier(&mut self) -> Result<String, ParseError> {
-        let Some(Token::Identifier(mut name)) = self.next() else {
+        let Some(mut name) = self.name() else {
             return Err(ParseError("expected a type name".into()));
         };
         if self.eat_symbol(".") {
-            let Some(Token::Identifier(qualified)) = self.next() else {
+            let Some(qualified) = self.name() else {
                 return Err(ParseError("expected a type name after the namespace".into()));
             };
             name = qualified;
@@ -296,7 +388,7 @@ impl Parser {
         let mut ast = self.term()?;
         loop {
             if self.eat_symbol(".") {
-                let Some(Token::Identifier(name)) = self.next() else {
+                let Some(name) = self.name() else {
                     return Err(ParseError("expected a name after '.'".into()));
                 };
                 ast = self.member_or_call(Some(Box::new(ast)), name)?;
@@ -334,6 +426,7 @@ impl Parser {
                 "false" => Ok(Ast::Boolean(false)),
                 _ => self.member_or_call(None, name),
             },
+            Some(Token::Delimited(name)) => self.member_or_call(None, name),
             Some(Token::String(text)) => Ok(Ast::String(text)),
             Some(Token::Number(text)) => Ok(Ast::Number(text)),
             Some(Token::Variable(name)) => Ok(Ast::Variable(name)),
@@ -342,7 +435,7 @@ impl Parser {
                 self.expect_symbol(")")?;
                 Ok(inner)
             }
-            Some(other) => Err(ParseError(format!("unexpected {other:?}"))),
+            Some(other) => Err(ParseError(format!("unexpected {other}"))),
             None => Err(ParseError("unexpected end of expression".into())),
         }
     }
@@ -385,5 +478,55 @@ mod tests {
         assert!(parse("a ~ b").is_err());
         assert!(parse("a <= b").is_err());
         assert!(parse("'open").is_err());
+    }
+
+    #[test]
+    fn parses_negative_numbers_and_decimals() {
+        let equal = |right: &str| binary(BinaryOp::Equal, member(None, "a"), Ast::Number(right.into()));
+        assert_eq!(parse("a = -2"), Ok(equal("-2")));
+        assert_eq!(parse("a=-2.50"), Ok(equal("-2.50")));
+        // A '.' belongs to a number only when digits follow: `1.2.3` is not one number.
+        let index = Ast::Index { input: Box::new(member(None, "a")), index: Box::new(Ast::Number("0".into())) };
+        assert_eq!(parse("a[0].b"), Ok(member(Some(index), "b")));
+        assert!(parse("a = 1.2.3").is_err());
+        assert!(parse("a - 1").is_err(), "no arithmetic");
+        assert_eq!(parse("a - b"), Err(ParseError("unexpected character '-'".into())));
+    }
+
+    #[test]
+    fn delimited_identifiers_are_never_keywords_or_literals() {
+        assert_eq!(parse("`true`.`and`"), Ok(member(Some(member(None, "true")), "and")));
+        assert_eq!(parse("true"), Ok(Ast::Boolean(true)));
+        assert!(parse("a `and` b").is_err());
+        let cast = Ast::TypeOp { op: TypeOp::Is, input: Box::new(member(None, "a")), type_name: "div".into() };
+        assert_eq!(parse("a is FHIR.`div`"), Ok(cast));
+    }
+
+    #[test]
+    fn string_escapes_follow_the_specification() {
+        let text = |source: &str| match parse(source) {
+            Ok(Ast::String(text)) => Ok(text),
+            other => Err(format!("{other:?}")),
+        };
+        assert_eq!(
+            text(r#"'it\'s \"q\" \`b\` \\ \/ \n\t\r\f \u00e9'"#),
+            Ok("it's \"q\" `b` \\ / \n\t\r\u{c} é".into())
+        );
+        assert_eq!(parse(r"'\x'"), Err(ParseError(r"unsupported escape '\x' in a string literal".into())));
+        assert_eq!(parse(r"'\u12'"), Err(ParseError(r"invalid escape '\u12' in a string literal".into())));
+        assert!(parse(r"'\ud800'").is_err(), "a lone surrogate is no character");
+        assert_eq!(parse(r"'\"), Err(ParseError("unterminated string literal".into())));
+    }
+
+    #[test]
+    fn bounds_length_and_nesting() {
+        let chain = format!("a{}", ".b".repeat(MAX_TOKENS / 2 - 1));
+        assert!(parse(&chain).is_ok());
+        assert!(parse(&format!("{chain}.c")).expect_err("too long").0.contains("too long"));
+        let nested = |depth: usize| format!("{}a{}", "(".repeat(depth), ")".repeat(depth));
+        assert!(parse(&nested(MAX_NESTING - 1)).is_ok());
+        assert!(parse(&nested(MAX_NESTING)).expect_err("too deep").0.contains("nests more than"));
+        assert!(parse(&format!("{}a{}", "f(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING))).is_err());
+        assert!(parse(&"(".repeat(100_000)).is_err(), "hostile input is an error, not a stack overflow");
     }
 }
