@@ -88,6 +88,7 @@ mod tests {
             operation: Operation::Update,
             last_updated: time::OffsetDateTime::UNIX_EPOCH,
             sequence,
+            commit_end: sequence,
             resource: None,
             traceparent: None,
         }

@@ -19,6 +19,9 @@ pub struct ResourceChanged {
     pub last_updated: OffsetDateTime,
     /// Change-log sequence (monotonic per store partition).
     pub sequence: u64,
+    /// The last sequence of the commit (transaction) this change belongs to; `sequence` itself for
+    /// a single write. The changes `sequence..=commit_end` become visible together or not at all.
+    pub commit_end: u64,
     /// The resource JSON (`None` for deletes).
     pub resource: Option<Bytes>,
     /// W3C trace context of the write, when known.
@@ -50,6 +53,7 @@ impl From<ChangeRecord> for ResourceChanged {
             operation: v.operation,
             last_updated: v.last_updated,
             sequence: v.sequence,
+            commit_end: change.commit_end.max(v.sequence),
             resource: v.body,
             traceparent: None,
         }

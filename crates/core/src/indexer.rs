@@ -64,10 +64,23 @@ impl Indexer {
         Ok(position)
     }
 
-    /// Reads the batch of changes after `position` and extracts its index updates; `None` when
-    /// there are none. Returns the batch's last sequence with the updates.
+    /// Reads the batch of changes after `position` — extended to the end of the last commit it
+    /// reaches, so a transaction is applied whole and the index never shows part of one — and
+    /// extracts its index updates; `None` when there are none. Returns the batch's last sequence
+    /// with the updates.
     async fn prepare(&self, position: u64) -> Result<Option<(u64, Vec<IndexUpdate>)>, String> {
-        let batch = self.changes.changes_after(position, self.config.batch_size).await.map_err(|e| e.to_string())?;
+        let mut batch =
+            self.changes.changes_after(position, self.config.batch_size).await.map_err(|e| e.to_string())?;
+        while let Some(last) = batch.last()
+            && last.commit_end > last.version.sequence
+        {
+            let missing = usize::try_from(last.commit_end - last.version.sequence).unwrap_or(usize::MAX);
+            let rest = self.changes.changes_after(last.version.sequence, missing).await.map_err(|e| e.to_string())?;
+            if rest.is_empty() {
+                break;
+            }
+            batch.extend(rest);
+        }
         let Some(last) = batch.last().map(|c| c.version.sequence) else { return Ok(None) };
         let events: Vec<ResourceChanged> = batch.into_iter().map(ResourceChanged::from).collect();
         Ok(Some((last, extract_updates(events).await?)))
@@ -127,26 +140,40 @@ impl Indexer {
                 Ok(received) => received,
             };
             let mut batch = Vec::new();
+            // The end of the commit the batch is in: a transaction is applied whole.
+            let mut commit_end = position;
             let mut next = Some(first);
             while let Some(received) = next.take() {
                 match received {
                     Received::Event(event) if event.sequence <= position => {}
                     Received::Event(event) if event.sequence == position + 1 => {
                         position = event.sequence;
+                        commit_end = commit_end.max(event.commit_end);
                         batch.push(ResourceChanged::clone(&event));
                     }
                     // A gap: the change log has what we missed.
                     Received::Event(_) | Received::Lagged => {
-                        let _ = self.apply(batch).await;
+                        let _ = self.apply(complete_commits(batch)).await;
                         return true;
                     }
                     Received::Closed => {
-                        let _ = self.apply(batch).await;
+                        let _ = self.apply(complete_commits(batch)).await;
                         return false;
                     }
                 }
                 if batch.len() < self.config.batch_size {
                     next = subscription.try_recv();
+                }
+                if next.is_none() && position < commit_end {
+                    // The rest of the transaction is on its way (the relay publishes in rounds);
+                    // without it in time, the change log has it.
+                    match tokio::time::timeout(self.config.poll_interval, subscription.recv()).await {
+                        Ok(received) => next = Some(received),
+                        Err(_) => {
+                            let _ = self.apply(complete_commits(batch)).await;
+                            return true;
+                        }
+                    }
                 }
             }
             if let Err(error) = self.apply(batch).await {
@@ -155,6 +182,14 @@ impl Indexer {
             }
         }
     }
+}
+
+/// The longest prefix of `batch` that ends at the end of a commit: the part that can be applied
+/// without exposing part of a transaction (the rest is read again from the change log).
+fn complete_commits(mut batch: Vec<ResourceChanged>) -> Vec<ResourceChanged> {
+    let complete = batch.iter().rposition(|event| event.sequence >= event.commit_end).map_or(0, |last| last + 1);
+    batch.truncate(complete);
+    batch
 }
 
 /// Extracts the index updates of `events` on the blocking pool (CPU-bound: JSON and FHIRPath).
@@ -181,5 +216,43 @@ fn to_update(event: ResourceChanged) -> IndexUpdate {
         sequence: event.sequence,
         last_updated: event.last_updated,
         entries,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Operation, TenantId};
+
+    fn event(sequence: u64, commit_end: u64) -> ResourceChanged {
+        let tenant = TenantId::default_tenant();
+        let resource_type = fhirmesh_fhir::ResourceType::parse("Basic").expect("type");
+        let id = fhirmesh_fhir::LogicalId::parse(&format!("b{sequence}")).expect("id");
+        ResourceChanged {
+            idempotency_key: ResourceChanged::idempotency_key_for(&tenant, resource_type, &id, 1),
+            tenant,
+            resource_type,
+            id,
+            version_id: 1,
+            operation: Operation::Create,
+            last_updated: time::OffsetDateTime::UNIX_EPOCH,
+            sequence,
+            commit_end,
+            resource: None,
+            traceparent: None,
+        }
+    }
+
+    fn sequences(events: Vec<ResourceChanged>) -> Vec<u64> {
+        events.into_iter().map(|e| e.sequence).collect()
+    }
+
+    #[test]
+    fn only_complete_commits_are_applied_from_a_cut_batch() {
+        // 1 alone, 2..=4 a transaction, 5 alone, 6..=9 a transaction cut after 7.
+        let batch = vec![event(1, 1), event(2, 4), event(3, 4), event(4, 4), event(5, 5), event(6, 9), event(7, 9)];
+        assert_eq!(sequences(complete_commits(batch)), vec![1, 2, 3, 4, 5]);
+        assert_eq!(sequences(complete_commits(vec![event(2, 4), event(3, 4)])), Vec::<u64>::new());
+        assert_eq!(sequences(complete_commits(Vec::new())), Vec::<u64>::new());
     }
 }

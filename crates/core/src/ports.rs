@@ -148,6 +148,10 @@ pub trait ResourceStore: Send + Sync + 'static {
 pub struct ChangeRecord {
     pub tenant: TenantId,
     pub version: ResourceVersion,
+    /// The last sequence of the commit this change belongs to (its own sequence for a commit of
+    /// one write). A consumer that must never expose part of a transaction (the indexer) applies
+    /// changes up to a commit's end together.
+    pub commit_end: u64,
 }
 
 /// The store's change stream, read by the relay.

@@ -23,6 +23,7 @@ impl From<ResourceChanged> for pb::ResourceChanged {
             resource: event.resource,
             traceparent: event.traceparent,
             idempotency_key: event.idempotency_key,
+            commit_end: event.commit_end,
         }
     }
 }
@@ -54,6 +55,7 @@ impl TryFrom<pb::ResourceChanged> for ResourceChanged {
             operation: operation_from_wire(event.operation)?,
             last_updated: timestamp_from_wire(event.last_updated, "last_updated")?,
             sequence: event.sequence,
+            commit_end: event.commit_end.max(event.sequence),
             resource: event.resource,
             traceparent: event.traceparent,
             idempotency_key,

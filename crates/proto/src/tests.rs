@@ -1175,6 +1175,7 @@ fn event(operation: Operation, resource: Option<Bytes>) -> ResourceChanged {
         operation,
         last_updated: instant(7),
         sequence: 7,
+        commit_end: 9,
         resource,
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
     }

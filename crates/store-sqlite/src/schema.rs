@@ -8,7 +8,7 @@ use crate::config::BUSY_TIMEOUT;
 use crate::error::{Error, Result};
 
 /// The schema version this code reads and writes, kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// Index names the history queries name with `INDEXED BY`, so a plan change is an error, not a
 /// silent table scan.
@@ -128,33 +128,46 @@ const READER_MMAP_BYTES: i64 = 1 << 30;
 /// Page cache per read connection, in KiB (negative = KiB for SQLite).
 const READER_CACHE_KIB: i64 = -8 * 1024;
 
+/// Version 2: `changes.commit_end`, the last sequence of a multi-write commit (NULL: the change is
+/// its own commit), so consumers can apply a transaction whole.
+const MIGRATE_V1_TO_V2: &str = "ALTER TABLE changes ADD COLUMN commit_end INTEGER;";
+
 fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    match version {
-        0 => {
-            // `BEGIN IMMEDIATE` so two processes racing to create the schema serialise.
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let created = (|| -> Result<()> {
-                let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-                if version == 0 {
-                    conn.execute_batch(SCHEMA_V1)?;
-                    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-                }
-                Ok(())
-            })();
-            match created {
-                Ok(()) => conn.execute_batch("COMMIT")?,
-                Err(err) => {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    return Err(err);
-                }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version > SCHEMA_VERSION {
+        return Err(Error::Corrupt(format!(
+            "database schema version {version} is not supported (this build reads version {SCHEMA_VERSION})"
+        )));
+    }
+    // `BEGIN IMMEDIATE` so two processes racing to create or upgrade the schema serialise.
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let upgraded = (|| -> Result<i64> {
+        let from: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if from == 0 {
+            conn.execute_batch(SCHEMA_V1)?;
+        }
+        if from < 2 {
+            conn.execute_batch(MIGRATE_V1_TO_V2)?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(from)
+    })();
+    match upgraded {
+        Ok(from) => {
+            conn.execute_batch("COMMIT")?;
+            if from == 0 {
+                tracing::info!(schema_version = SCHEMA_VERSION, "sqlite store schema created");
+            } else {
+                tracing::info!(from, to = SCHEMA_VERSION, "sqlite store schema upgraded");
             }
-            tracing::info!(schema_version = SCHEMA_VERSION, "sqlite store schema created");
             Ok(())
         }
-        SCHEMA_VERSION => Ok(()),
-        other => Err(Error::Corrupt(format!(
-            "database schema version {other} is not supported (this build reads version {SCHEMA_VERSION})"
-        ))),
+        Err(err) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(err)
+        }
     }
 }

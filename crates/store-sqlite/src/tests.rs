@@ -736,6 +736,38 @@ async fn changes_after_is_ordered_and_checkpoints_are_durable() {
     assert_eq!(store.checkpoint("relay").await, Ok(6));
 }
 
+#[tokio::test]
+async fn changes_carry_the_end_of_their_commit() {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let tenant = tenant("t1");
+    commit_one(&store, &tenant, create("Patient", "solo", t(1))).await;
+    let transaction = (0..3).map(|i| create("Patient", &format!("tx{i}"), t(2))).collect();
+    store.commit(&tenant, transaction).await.expect("commit");
+    commit_one(&store, &tenant, create("Patient", "after", t(3))).await;
+    let ends: Vec<(u64, u64)> =
+        store.changes_after(0, 10).await.expect("changes").iter().map(|c| (c.version.sequence, c.commit_end)).collect();
+    assert_eq!(ends, vec![(1, 1), (2, 4), (3, 4), (4, 4), (5, 5)]);
+}
+
+#[tokio::test]
+async fn a_version_1_store_is_upgraded_in_place() {
+    let dir = TempDir::new().expect("temp dir");
+    let tenant = tenant("t1");
+    let store = open(&dir);
+    commit_one(&store, &tenant, create("Patient", "old", t(1))).await;
+    drop(store);
+    // What version 1 looked like: no commit_end column.
+    let conn = raw_connection(&dir);
+    conn.execute_batch("ALTER TABLE changes DROP COLUMN commit_end; PRAGMA user_version = 1;").expect("downgrade");
+    drop(conn);
+    let store = open(&dir);
+    store.commit(&tenant, vec![create("Patient", "a", t(2)), create("Patient", "b", t(2))]).await.expect("commit");
+    let ends: Vec<(u64, u64)> =
+        store.changes_after(0, 10).await.expect("changes").iter().map(|c| (c.version.sequence, c.commit_end)).collect();
+    assert_eq!(ends, vec![(1, 1), (2, 3), (3, 3)], "old rows are their own commits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_changes_wakes_on_commit() {
     let dir = TempDir::new().expect("temp dir");

@@ -224,13 +224,17 @@ impl Writer {
             return Err(Error::Invalid("a commit needs at least one write".to_owned()));
         }
         let first_sequence = self.next_sequence;
+        // Every change of a multi-write commit records where the commit ends, so consumers can
+        // apply it whole; a single write is its own commit (NULL).
+        let commit_end =
+            (writes.len() > 1).then(|| to_i64(first_sequence + writes.len() as u64 - 1, "sequence")).transpose()?;
         for write in writes {
-            self.append_one(tenant, write)?;
+            self.append_one(tenant, write, commit_end)?;
         }
         Ok(CommitReceipt { first_sequence, last_sequence: self.next_sequence - 1 })
     }
 
-    fn append_one(&mut self, tenant: &TenantId, write: &VersionWrite) -> Result<()> {
+    fn append_one(&mut self, tenant: &TenantId, write: &VersionWrite, commit_end: Option<i64>) -> Result<()> {
         let (tenant, resource_type, id) = (tenant.as_str(), write.resource_type.as_str(), write.id.as_str());
         let current: Option<i64> = self
             .conn
@@ -280,8 +284,10 @@ impl Writer {
                 write.body.as_deref(),
             ])?;
         self.conn
-            .prepare_cached("INSERT INTO changes (sequence, tenant, type, id, version) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![sequence, tenant, resource_type, id, version])?;
+            .prepare_cached(
+                "INSERT INTO changes (sequence, tenant, type, id, version, commit_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![sequence, tenant, resource_type, id, version, commit_end])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO resources_current (tenant, type, id, version, sequence, deleted) \

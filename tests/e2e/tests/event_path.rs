@@ -177,3 +177,120 @@ async fn a_search_right_after_a_write_finds_it_every_time() {
     }
     server.stop().await;
 }
+
+/// A search index that records the sequences of every batch it is asked to apply.
+struct Recording {
+    inner: Arc<SqliteSearchIndex>,
+    batches: std::sync::Mutex<Vec<Vec<u64>>>,
+}
+
+#[async_trait::async_trait]
+impl SearchIndex for Recording {
+    async fn apply(
+        &self,
+        updates: Vec<fhirmesh_core::ports::IndexUpdate>,
+    ) -> Result<(), fhirmesh_core::ports::IndexError> {
+        self.batches.lock().expect("lock").push(updates.iter().map(|u| u.sequence).collect());
+        self.inner.apply(updates).await
+    }
+
+    async fn search(
+        &self,
+        tenant: &TenantId,
+        query: &fhirmesh_fhir::search::SearchQuery,
+        cursor: Option<&str>,
+    ) -> Result<fhirmesh_core::ports::IndexPage, fhirmesh_core::ports::IndexError> {
+        self.inner.search(tenant, query, cursor).await
+    }
+
+    async fn watermark(&self) -> Result<u64, fhirmesh_core::ports::IndexError> {
+        self.inner.watermark().await
+    }
+
+    async fn clear(&self) -> Result<(), fhirmesh_core::ports::IndexError> {
+        self.inner.clear().await
+    }
+}
+
+/// Writes one single create, a transaction of `size` creates, and another single create; returns
+/// the transaction's sequence range.
+async fn single_transaction_single(f: &Fixture, size: usize) -> std::ops::RangeInclusive<u64> {
+    let ctx = RequestContext::default();
+    let create = |n: usize| CreateRequest {
+        resource_type: basic(),
+        body: Bytes::from(json!({ "resourceType": "Basic", "code": { "text": format!("item {n}") } }).to_string()),
+        if_none_exist: None,
+    };
+    f.service.create(&ctx, create(0)).await.expect("create");
+    let entries: Vec<_> = (0..size)
+        .map(|n| {
+            json!({"fullUrl": format!("urn:uuid:00000000-0000-4000-8000-{n:012}"),
+                   "resource": {"resourceType": "Basic", "code": {"text": format!("tx {n}")}},
+                   "request": {"method": "POST", "url": "Basic"}})
+        })
+        .collect();
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let result = f
+        .service
+        .bundle(&ctx, fhirmesh_core::service::BundleRequest { body: Bytes::from(bundle.to_string()) })
+        .await
+        .expect("transaction");
+    let end = result.last_sequence.expect("wrote");
+    f.service.create(&ctx, create(1)).await.expect("create");
+    (end + 1 - size as u64)..=end
+}
+
+/// No batch holds part of the transaction: it is either wholly inside one batch or not touched.
+fn assert_whole(batches: &[Vec<u64>], transaction: &std::ops::RangeInclusive<u64>) {
+    let touching: Vec<&Vec<u64>> = batches.iter().filter(|b| b.iter().any(|s| transaction.contains(s))).collect();
+    assert!(!touching.is_empty(), "the transaction was indexed: {batches:?}");
+    for batch in touching {
+        assert!(transaction.clone().all(|s| batch.contains(&s)), "a batch with part of {transaction:?}: {batch:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_indexed_whole_from_the_change_log() {
+    let f = fixture();
+    let transaction = single_transaction_single(&f, 10).await;
+    let recording = Arc::new(Recording { inner: f.index.clone(), batches: Default::default() });
+    // Batches of 4 changes: the transaction's 10 must still go in together.
+    let config = IndexerConfig { batch_size: 4, ..IndexerConfig::default() };
+    let indexer = Indexer::new(recording.clone(), f.store.clone(), config);
+    let position = indexer.catch_up().await.expect("catch up");
+    assert_eq!(position, f.store.latest_sequence().await.expect("latest"));
+    assert_whole(&recording.batches.lock().expect("lock"), &transaction);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_indexed_whole_from_live_events() {
+    let f = fixture();
+    let bus = fhirmesh_bus::InProcessBus::new(64);
+    let recording = Arc::new(Recording { inner: f.index.clone(), batches: Default::default() });
+    let config = IndexerConfig { batch_size: 4, ..IndexerConfig::default() };
+    let indexer = Indexer::new(recording.clone(), f.store.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(indexer.run(Some(bus.subscription()), async {
+        let _ = stopped.await;
+    }));
+    // The relay publishes in rounds of 3: the transaction's events arrive in pieces.
+    let relay = fhirmesh_core::relay::Relay::new(
+        f.store.clone(),
+        Arc::new(bus.clone()),
+        fhirmesh_core::relay::RelayConfig { batch_size: 3, ..Default::default() },
+    );
+    let relay = tokio::spawn(relay.run(std::future::pending()));
+    let transaction = single_transaction_single(&f, 10).await;
+    let latest = f.store.latest_sequence().await.expect("latest");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while f.index.watermark().await.expect("watermark") < latest {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("indexed");
+    assert_whole(&recording.batches.lock().expect("lock"), &transaction);
+    let _ = stop.send(());
+    running.await.expect("indexer stops");
+    relay.abort();
+}
