@@ -1,7 +1,7 @@
 # fhirmesh — one command per task. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help run build test lint fmt gen-fhir-data
+.PHONY: help run build test lint fmt bench bench-micro gen-fhir-data
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -18,6 +18,12 @@ test: ## run every test (unit, HTTP, process, spec examples)
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+bench: ## the standard benchmark suite against a fresh embedded server (≈5 min) → bench-results/
+	bash tools/bench/standard.sh
+
+bench-micro: ## criterion micro-benchmarks of the hot paths (validation, extraction, query parsing, SQLite writes)
+	$(CARGO) bench -p fhirmesh-fhir -p fhirmesh-store-sqlite --locked
 
 fmt: ## format the code
 	$(CARGO) fmt --all

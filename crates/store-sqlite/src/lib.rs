@@ -124,7 +124,7 @@ impl ResourceStore for SqliteStore {
         id: &LogicalId,
     ) -> Result<Option<ResourceVersion>, StoreError> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.inner.readers.run(move |conn| queries::read_current(conn, &tenant, resource_type, &id)).await
+        self.inner.readers.run_point(move |conn| queries::read_current(conn, &tenant, resource_type, &id)).await
     }
 
     async fn read_many(
@@ -147,7 +147,10 @@ impl ResourceStore for SqliteStore {
         version_id: u64,
     ) -> Result<Option<ResourceVersion>, StoreError> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.inner.readers.run(move |conn| queries::read_version(conn, &tenant, resource_type, &id, version_id)).await
+        self.inner
+            .readers
+            .run_point(move |conn| queries::read_version(conn, &tenant, resource_type, &id, version_id))
+            .await
     }
 
     async fn commit(&self, tenant: &TenantId, writes: Vec<VersionWrite>) -> Result<CommitReceipt, StoreError> {

@@ -1,5 +1,6 @@
-//! A small pool of read-only connections, used from tokio's blocking pool so SQLite never runs on
-//! an executor thread. Readers are WAL readers: they never wait for the writer.
+//! A small pool of read-only connections. Queries run on tokio's blocking pool, except point reads
+//! by key ([`ReadPool::run_point`]), which run in place when a connection is idle. Readers are WAL
+//! readers: they never wait for the writer.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,6 +46,23 @@ impl ReadPool {
             result.map_err(StoreError::from)
         });
         task.await.map_err(|err| StoreError::Internal(format!("sqlite read task failed: {err}")))?
+    }
+
+    /// Runs a point read — a handful of B-tree page lookups by primary key, tens of microseconds
+    /// when the pages are cached — on the calling thread when a connection is idle, and otherwise
+    /// like [`ReadPool::run`]. Handing such a query to the blocking pool costs more than the query:
+    /// two thread wake-ups, measured as a fifth of the server's CPU time under a read load (see
+    /// docs/benchmarks.md). Only for queries bounded by a few page reads.
+    pub(crate) async fn run_point<T, F>(self: &Arc<Self>, query: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Ok(_permit) = self.permits.try_acquire() else { return self.run(query).await };
+        let conn = self.take()?;
+        let result = query(&conn);
+        self.put(conn);
+        result.map_err(StoreError::from)
     }
 
     fn take(&self) -> Result<Connection, StoreError> {

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod reindex;
 pub mod serve;
+pub mod tools;
 
 pub use config::{Config, Overrides};
 pub use serve::{Running, Target};

@@ -35,6 +35,11 @@ enum Command {
     /// Rebuild the search index from the store's change log (e.g. after a search-parameter change
     /// or a lost index); a running server keeps serving meanwhile.
     Reindex(ServeArgs),
+    /// Measure a FHIR server (this one or any other): named scenarios, bounded in time and
+    /// requests, throughput and latency percentiles, against a bare-hyper baseline.
+    Bench(fhirmesh::tools::BenchArgs),
+    /// Load data into a FHIR server: seeded synthetic patients, transaction Bundles, NDJSON.
+    Load(fhirmesh::tools::LoadArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +110,8 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => (args, Action::Serve),
         Command::Config(args) => (args, Action::PrintConfig),
         Command::Reindex(args) => (args, Action::Reindex),
+        Command::Bench(args) => return exit(fhirmesh::tools::run_bench(args)),
+        Command::Load(args) => return exit(fhirmesh::tools::run_load(args)),
     };
     let config = match Config::load(cli.config.as_deref(), Config::env(), &args.overrides()) {
         Ok(config) => config,
@@ -121,6 +128,10 @@ fn main() -> std::process::ExitCode {
         Action::Reindex => fhirmesh::reindex::run(&config),
         Action::Serve => serve::run(config, args.target),
     };
+    exit(outcome)
+}
+
+fn exit(outcome: anyhow::Result<()>) -> std::process::ExitCode {
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -207,6 +207,7 @@ struct Row {
 /// reads that snapshot's watermark.
 fn run_page(conn: &Connection, compiled: &CompiledPage, sort_keys: usize) -> Result<(Vec<Row>, Option<u64>, u64)> {
     let tx = conn.unchecked_transaction()?;
+    tracing::trace!(page = %compiled.page.text, count = compiled.count.as_ref().map(|c| c.text.as_str()), "search sql");
     let mut rows = Vec::new();
     {
         let mut stmt = tx.prepare_cached(&compiled.page.text)?;

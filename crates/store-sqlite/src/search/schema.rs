@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use crate::error::{Error, Result};
 
 /// Kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// `PRAGMA application_id` of a search-index file ("FHSX"), so the store's own database (or any
 /// other SQLite file) is refused rather than silently extended.
@@ -29,14 +29,16 @@ pub(crate) const VALUE_TABLES: [&str; 8] = [
 pub(crate) const NO_LAST_UPDATED_ASC: i64 = i64::MAX;
 pub(crate) const NO_LAST_UPDATED_DESC: i64 = i64::MIN;
 
-/// Version 4. Every key starts with the tenant. Value rows are keyed by
+/// Version 5. Every key starts with the tenant. Value rows are keyed by
 /// `(tenant, type, id, param, ord)` where `ord` is the entry's position in the update, so the
 /// correlated lookups (sort keys, composite components) are primary-key seeks; each table has
 /// secondary indexes on `(tenant, type, param, <value columns>)` for the search shapes. (Version
 /// 2 put `id` before `system` in `token_values_code`, so a code lookup yields rows in id order;
 /// version 3 dropped the `exact` string index — `:exact` seeks `normalized` — and made the
 /// token-text and reference-identifier indexes partial, skipping the rows without a value;
-/// version 4 stores the interval a number covers, for Ranges.)
+/// version 4 stores the interval a number covers, for Ranges; version 5 adds `exact` to the
+/// normalised string index, so `:exact` is answered from that index alone — without it SQLite's
+/// planner preferred scanning every string value of the type in key order, 20× slower.)
 const SCHEMA: &str = "
 CREATE TABLE meta (
     key   TEXT    PRIMARY KEY,
@@ -70,7 +72,7 @@ CREATE TABLE string_values (
     exact      TEXT NOT NULL,
     PRIMARY KEY (tenant, type, id, param, ord)
 ) WITHOUT ROWID;
-CREATE INDEX string_values_normalized ON string_values (tenant, type, param, normalized);
+CREATE INDEX string_values_normalized ON string_values (tenant, type, param, normalized, exact);
 
 CREATE TABLE token_values (
     tenant TEXT NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, param TEXT NOT NULL, ord INTEGER NOT NULL,

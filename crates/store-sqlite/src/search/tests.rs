@@ -1239,6 +1239,12 @@ async fn common_shapes_use_indexes() {
             "string_values_normalized",
         ),
         (
+            // Without `exact` in the index, SQLite scanned the primary key for this one.
+            "string exact",
+            query(&["Patient"], vec![matching("name", ParamType::String, Some(Modifier::Exact), vec![s("Smith")])]),
+            "string_values_normalized",
+        ),
+        (
             "reference eq",
             query(
                 &["Observation"],
