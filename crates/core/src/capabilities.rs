@@ -16,6 +16,63 @@ pub struct Capabilities {
     pub base_url: Option<String>,
     pub update_create: bool,
     pub conditional_delete_multiple: bool,
+    /// How callers authenticate (`rest.security`).
+    pub security: Security,
+}
+
+/// `CapabilityStatement.rest.security`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Security {
+    /// `auth.mode = "none"`: anyone who reaches the server may do anything.
+    #[default]
+    None,
+    /// Bearer JWTs, authorized by RBAC groups.
+    Rbac,
+    /// SMART on FHIR scopes; the authorization server's endpoints when configured.
+    Smart { authorize: Option<String>, token: Option<String> },
+}
+
+impl Security {
+    fn to_json(&self) -> Value {
+        let service = |code: &str, display: &str| {
+            json!([{ "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": code, "display": display }] }])
+        };
+        match self {
+            Security::None => json!({
+                "cors": false,
+                "description": "NO AUTHENTICATION (auth.mode = none): every caller may read and write \
+                                everything. For a laptop or a test only."
+            }),
+            Security::Rbac => json!({
+                "cors": false,
+                "service": service("OAuth", "OAuth"),
+                "description": "Bearer JWTs verified against a JWKS; access by group (role-based)."
+            }),
+            Security::Smart { authorize, token } => {
+                let mut uris = Vec::new();
+                if let Some(url) = authorize {
+                    uris.push(json!({ "url": "authorize", "valueUri": url }));
+                }
+                if let Some(url) = token {
+                    uris.push(json!({ "url": "token", "valueUri": url }));
+                }
+                let mut security = json!({
+                    "cors": true,
+                    "service": service("SMART-on-FHIR", "SMART-on-FHIR"),
+                    "description": "SMART on FHIR: scopes v1 and v2, patient launch context."
+                });
+                if !uris.is_empty() {
+                    security["extension"] = json!([{
+                        "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                        "extension": uris
+                    }]);
+                }
+                security
+            }
+        }
+    }
 }
 
 /// Interactions every resource type supports.
@@ -87,6 +144,7 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
         "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
+            "security": caps.security.to_json(),
             "resource": resources,
             "interaction": [{ "code": "history-system" }, { "code": "search-system" }],
         }]

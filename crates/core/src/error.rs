@@ -174,6 +174,11 @@ impl FhirError {
         Self::new(ErrorCategory::NotFound, diagnostics)
     }
 
+    /// 403: the caller is known but may not do this. Never name PHI in `diagnostics`.
+    pub fn forbidden(diagnostics: impl Into<String>) -> Self {
+        Self::new(ErrorCategory::Forbidden, diagnostics)
+    }
+
     pub fn unsupported(diagnostics: impl Into<String>) -> Self {
         Self::new(ErrorCategory::Unsupported, diagnostics)
     }

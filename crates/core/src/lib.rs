@@ -5,6 +5,7 @@
 //! error model. What it is not: HTTP, gRPC, SQL or any SDK — those live in adapters and services,
 //! and depend on this crate, never the other way round.
 
+pub mod auth;
 pub mod error;
 pub mod events;
 pub mod model;

@@ -13,10 +13,11 @@ pub struct TenantId(String);
 impl TenantId {
     pub const DEFAULT: &'static str = "default";
 
-    /// `[A-Za-z0-9-]{1,64}`: safe inside store keys, index names, bus subjects and blob prefixes.
+    /// `[A-Za-z0-9_-]{1,64}`: safe inside store keys, index names, bus subjects and blob prefixes.
     pub fn parse(value: &str) -> Option<TenantId> {
-        let ok =
-            !value.is_empty() && value.len() <= 64 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let ok = !value.is_empty()
+            && value.len() <= 64
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then(|| TenantId(value.to_owned()))
     }
 

@@ -9,18 +9,33 @@ use fhirmesh_fhir::outcome::Issue;
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
+use crate::auth::Access;
 use crate::error::FhirResult;
 use crate::model::{ResourceVersion, TenantId};
 use crate::ports::HistoryScope;
 
 /// Who is asking, and for which tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestContext {
     pub tenant: TenantId,
     /// Correlates logs across services.
     pub request_id: Option<String>,
     /// W3C trace context of the incoming request.
     pub traceparent: Option<String>,
+    /// What the caller may do; every interaction checks it (`crate::auth`).
+    pub access: Arc<Access>,
+}
+
+impl Default for RequestContext {
+    /// The default tenant, unrestricted: internal callers and `auth.mode = none`.
+    fn default() -> Self {
+        RequestContext {
+            tenant: TenantId::default(),
+            request_id: None,
+            traceparent: None,
+            access: Arc::new(Access::unrestricted()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -2,7 +2,10 @@
 //! and return [`WireError`]; the server turns it into an `Invalid` error, the client into an
 //! `Internal` one.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use fhirmesh_core::auth::Access;
 use fhirmesh_core::service::{BundleKind, BundleResult, EntryResult, SearchPage, WriteResult};
 use fhirmesh_core::{ErrorCategory, FhirError, Operation, RequestContext, ResourceVersion, TenantId};
 use fhirmesh_fhir::outcome::{Issue, operation_outcome};
@@ -19,11 +22,13 @@ const MAX_ECHO_CHARS: usize = 64;
 pub enum WireError {
     #[error("missing field `{0}`")]
     Missing(&'static str),
+    #[error("`{0}` is not a valid access grant")]
+    InvalidAccess(&'static str),
     #[error("unknown resource type '{0}'")]
     UnknownResourceType(String),
     #[error("invalid resource id '{value}': {reason}")]
     InvalidId { value: String, reason: String },
-    #[error("invalid tenant '{0}': expected 1 to 64 characters of A-Z, a-z, 0-9 and '-'")]
+    #[error("invalid tenant '{0}': expected 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'")]
     InvalidTenant(String),
     #[error("unknown operation {0}")]
     UnknownOperation(i32),
@@ -122,16 +127,23 @@ pub(crate) fn context_to_wire(ctx: &RequestContext) -> pb::RequestContext {
         tenant: ctx.tenant.as_str().to_owned(),
         request_id: ctx.request_id.clone(),
         traceparent: ctx.traceparent.clone(),
+        access_json: (!ctx.access.is_unrestricted())
+            .then(|| serde_json::to_string(ctx.access.as_ref()).unwrap_or_default()),
     }
 }
 
 /// The request context is required: a request without one must not silently land in a tenant.
 pub(crate) fn context_from_wire(value: Option<pb::RequestContext>) -> Result<RequestContext, WireError> {
     let value = required(value, "context")?;
+    let access = match value.access_json.as_deref() {
+        None => Access::unrestricted(),
+        Some(json) => serde_json::from_str(json).map_err(|_| WireError::InvalidAccess("context.access_json"))?,
+    };
     Ok(RequestContext {
         tenant: tenant_from_wire(&value.tenant)?,
         request_id: value.request_id,
         traceparent: value.traceparent,
+        access: Arc::new(access),
     })
 }
 
@@ -377,9 +389,24 @@ mod tests {
         let ctx = RequestContext {
             tenant: TenantId::parse("acme").expect("valid tenant"),
             request_id: Some("r-1".into()),
-            traceparent: None,
+            ..RequestContext::default()
         };
-        assert_eq!(context_from_wire(Some(context_to_wire(&ctx))), Ok(ctx));
+        assert_eq!(context_from_wire(Some(context_to_wire(&ctx))), Ok(ctx.clone()));
+        // A caller's grants travel with the request; a grant the server cannot read is refused.
+        let principal = fhirmesh_core::auth::Principal {
+            subject: "u-1".into(),
+            groups: vec!["auditor".into()],
+            ..Default::default()
+        };
+        let policy = fhirmesh_core::auth::AccessPolicy::Rbac(fhirmesh_core::auth::RbacRules::fhir_works_defaults());
+        let restricted = RequestContext {
+            access: Arc::new(Access::for_principal(&policy, &principal).expect("an auditor has grants")),
+            ..ctx
+        };
+        assert_eq!(context_from_wire(Some(context_to_wire(&restricted))), Ok(restricted.clone()));
+        let mut garbled = context_to_wire(&restricted);
+        garbled.access_json = Some("{not json".into());
+        assert_eq!(context_from_wire(Some(garbled)), Err(WireError::InvalidAccess("context.access_json")));
     }
 
     #[test]

@@ -439,6 +439,7 @@ fn ctx(tenant: &str) -> RequestContext {
         tenant: TenantId::parse(tenant).expect("valid tenant"),
         request_id: Some("req-42".to_owned()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+        ..RequestContext::default()
     }
 }
 
@@ -911,7 +912,7 @@ async fn multi_issue_outcomes_cross_intact() {
 async fn malformed_requests_are_invalid() {
     let (_fake, server, _client) = start_fake().await;
     let mut raw = ResourceServiceClient::connect(server.endpoint.clone()).await.expect("connect");
-    let context = Some(pb::RequestContext { tenant: "acme".into(), request_id: None, traceparent: None });
+    let context = Some(pb::RequestContext { tenant: "acme".into(), ..Default::default() });
     let as_error = |status: Status| crate::status_to_fhir_error(&status, "resource", "test");
 
     let status = raw
@@ -935,7 +936,7 @@ async fn malformed_requests_are_invalid() {
         .expect_err("no context");
     assert_eq!(as_error(status), FhirError::invalid("missing field `context`"));
 
-    let bad_tenant = Some(pb::RequestContext { tenant: String::new(), request_id: None, traceparent: None });
+    let bad_tenant = Some(pb::RequestContext { tenant: String::new(), ..Default::default() });
     let status =
         raw.search(pb::SearchRequest { context: bad_tenant, ..Default::default() }).await.expect_err("empty tenant");
     assert_eq!(as_error(status).category, ErrorCategory::Invalid);

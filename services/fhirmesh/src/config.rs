@@ -16,7 +16,94 @@ pub struct Config {
     pub storage: StorageConfig,
     pub resource: ResourceSection,
     pub gateway: GatewaySection,
+    pub auth: AuthConfig,
+    pub tenancy: TenancyConfig,
     pub log: LogConfig,
+}
+
+/// How callers authenticate and what they may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none` (the embedded default: every caller may do anything, announced at start-up and in
+    /// the CapabilityStatement) or `jwt` (bearer JWTs verified against a JWKS).
+    pub mode: AuthMode,
+    /// `rbac` (groups, FHIR Works on AWS's model) or `smart` (SMART on FHIR scopes).
+    pub authorization: AuthorizationModel,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (one must match).
+    pub audience: Vec<String>,
+    /// Accepted signature algorithms (`RS256`, `ES256`, `PS256`, `RS384`, `ES384`, …; never
+    /// `none` or HMAC).
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`, in seconds.
+    pub leeway_seconds: u64,
+    /// The JWKS as a local file, or …
+    pub jwks_file: Option<PathBuf>,
+    /// … fetched from a URL (cached, refreshed, refetched on an unknown `kid`).
+    pub jwks_url: Option<String>,
+    /// How often a JWKS URL is refreshed, in seconds.
+    pub jwks_refresh_seconds: u64,
+    /// The claim holding RBAC groups.
+    pub groups_claim: String,
+    /// The claim holding the tenant (multi-tenancy).
+    pub tenant_claim: String,
+    /// RBAC rules (TOML, `[groups.<name>] interactions = […] resource_types = […]`); FHIR Works
+    /// on AWS's practitioner / non-practitioner / auditor rules when unset.
+    pub rbac_rules_file: Option<PathBuf>,
+    /// The authorization server's endpoints, advertised in `/.well-known/smart-configuration`.
+    pub smart_authorize_url: Option<String>,
+    pub smart_token_url: Option<String>,
+    /// Lets a mesh gateway (`--target gateway`) run with `mode = "none"`. Only for tests: a mesh
+    /// deployment otherwise refuses to start without authentication.
+    pub insecure_allow_none: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    None,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorizationModel {
+    #[default]
+    Rbac,
+    Smart,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            authorization: AuthorizationModel::Rbac,
+            issuer: None,
+            audience: Vec::new(),
+            algorithms: vec!["RS256".into(), "ES256".into()],
+            leeway_seconds: 60,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_seconds: 300,
+            groups_claim: "cognito:groups".into(),
+            tenant_claim: "custom:tenantId".into(),
+            rbac_rules_file: None,
+            smart_authorize_url: None,
+            smart_token_url: None,
+            insecure_allow_none: false,
+        }
+    }
+}
+
+/// Multi-tenancy: off by default; when on, every FHIR route lives under `/tenant/{tenantId}/`
+/// and, with auth, the token's tenant claim must name the same tenant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenancyConfig {
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +249,32 @@ impl Config {
         Env::prefixed("FHIRMESH_").filter(|key| key.as_str().contains("__")).split("__")
     }
 
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        let auth = &self.auth;
+        if auth.mode == AuthMode::None {
+            return Ok(());
+        }
+        if auth.issuer.as_deref().is_none_or(str::is_empty) {
+            bail!("auth.issuer is required with auth.mode = \"jwt\"");
+        }
+        if auth.audience.is_empty() {
+            bail!("auth.audience needs at least one accepted audience with auth.mode = \"jwt\"");
+        }
+        match (&auth.jwks_file, &auth.jwks_url) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => bail!("auth.mode = \"jwt\" needs exactly one of auth.jwks_file and auth.jwks_url"),
+        }
+        if let Some(url) = &auth.jwks_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("auth.jwks_url must be an http(s) URL, got {url:?}");
+        }
+        if auth.algorithms.is_empty() {
+            bail!("auth.algorithms needs at least one algorithm");
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         parse_addr("server.listen", &self.server.listen)?;
         parse_addr("resource.grpc_listen", &self.resource.grpc_listen)?;
@@ -200,6 +313,7 @@ impl Config {
         if self.resource.consistency_wait_ms > 60_000 {
             bail!("resource.consistency_wait_ms must be at most 60000, got {}", self.resource.consistency_wait_ms);
         }
+        self.validate_auth()?;
         let endpoint = &self.gateway.resource_endpoint;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             bail!("gateway.resource_endpoint must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");

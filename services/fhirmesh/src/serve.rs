@@ -2,18 +2,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use fhirmesh_authn::{Algorithm, JwksSource, JwtConfig, Verifier};
 use fhirmesh_bus::InProcessBus;
-use fhirmesh_core::capabilities::Capabilities;
+use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
+use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::{DynResourceService, ResourceConfig};
-use fhirmesh_gateway::GatewayConfig;
+use fhirmesh_gateway::{ClaimNames, GatewayAuth, GatewayConfig};
 use fhirmesh_proto::GrpcResourceClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config};
 
 /// Which part of the mesh this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,8 +92,37 @@ fn resource_config(config: &Config) -> ResourceConfig {
     }
 }
 
-fn gateway_config(config: &Config) -> GatewayConfig {
-    GatewayConfig {
+async fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
+    let auth = &config.auth;
+    let (gateway_auth, security, smart_configuration) = match auth.mode {
+        AuthMode::None => {
+            tracing::warn!("auth.mode = none: NO AUTHENTICATION, every caller may read and write everything");
+            (None, Security::None, None)
+        }
+        AuthMode::Jwt => {
+            let verifier = Verifier::new(jwt_config(auth)?).await.context("cannot load the JWKS")?;
+            let (policy, security, smart) = match auth.authorization {
+                AuthorizationModel::Rbac => {
+                    let rules = match &auth.rbac_rules_file {
+                        Some(path) => load_rbac_rules(path)?,
+                        None => RbacRules::fhir_works_defaults(),
+                    };
+                    (AccessPolicy::Rbac(rules), Security::Rbac, None)
+                }
+                AuthorizationModel::Smart => (
+                    AccessPolicy::Smart(SmartOptions::default()),
+                    Security::Smart {
+                        authorize: auth.smart_authorize_url.clone(),
+                        token: auth.smart_token_url.clone(),
+                    },
+                    Some(smart_configuration(auth)),
+                ),
+            };
+            let claims = ClaimNames { groups: auth.groups_claim.clone(), tenant: auth.tenant_claim.clone() };
+            (Some(GatewayAuth { verifier, policy, claims }), security, smart)
+        }
+    };
+    Ok(GatewayConfig {
         base_path: config.server.base_path.clone(),
         public_base_url: config.server.public_base_url.clone(),
         max_body_bytes: config.server.max_body_bytes,
@@ -101,8 +133,69 @@ fn gateway_config(config: &Config) -> GatewayConfig {
             base_url: config.server.public_base_url.clone(),
             update_create: config.resource.update_create,
             conditional_delete_multiple: config.resource.conditional_delete_multiple,
+            security,
         },
+        auth: gateway_auth,
+        smart_configuration,
+        multi_tenant: config.tenancy.enabled,
+    })
+}
+
+fn jwt_config(auth: &AuthConfig) -> anyhow::Result<JwtConfig> {
+    let algorithms = auth
+        .algorithms
+        .iter()
+        .map(|name| {
+            name.parse::<Algorithm>().map_err(|_| anyhow::anyhow!("auth.algorithms: unknown algorithm {name:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let jwks = match (&auth.jwks_file, &auth.jwks_url) {
+        (Some(path), _) => JwksSource::File(path.clone()),
+        (None, Some(url)) => JwksSource::Url {
+            url: url.clone(),
+            refresh: Duration::from_secs(auth.jwks_refresh_seconds),
+            min_refetch: Duration::from_secs(30),
+        },
+        (None, None) => bail!("auth.mode = \"jwt\" needs auth.jwks_file or auth.jwks_url"),
+    };
+    Ok(JwtConfig {
+        issuer: auth.issuer.clone().unwrap_or_default(),
+        audience: auth.audience.clone(),
+        algorithms,
+        leeway: Duration::from_secs(auth.leeway_seconds),
+        jwks,
+    })
+}
+
+fn load_rbac_rules(path: &std::path::Path) -> anyhow::Result<RbacRules> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rules: RbacRules =
+        toml::from_str(&text).with_context(|| format!("{} is not valid RBAC rules", path.display()))?;
+    rules.validate().map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
+    Ok(rules)
+}
+
+/// `/.well-known/smart-configuration` (SMART App Launch 2.0, section 2.0.6).
+fn smart_configuration(auth: &AuthConfig) -> serde_json::Value {
+    let mut document = serde_json::json!({
+        "issuer": auth.issuer,
+        "authorization_endpoint": auth.smart_authorize_url,
+        "token_endpoint": auth.smart_token_url,
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+        "scopes_supported": ["openid", "fhirUser", "launch/patient", "offline_access",
+                             "patient/*.rs", "user/*.cruds", "system/*.cruds",
+                             "patient/*.read", "user/*.read", "user/*.write", "system/*.read", "system/*.write"],
+        "response_types_supported": ["code"],
+        "capabilities": ["launch-standalone", "client-public", "client-confidential-symmetric",
+                         "client-confidential-asymmetric", "context-standalone-patient", "permission-patient",
+                         "permission-user", "permission-v1", "permission-v2"],
+        "code_challenge_methods_supported": ["S256"]
+    });
+    if let Some(url) = &auth.jwks_url {
+        document["jwks_uri"] = serde_json::json!(url);
     }
+    document
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -140,7 +233,15 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 fhirmesh_resource::resource_service(store, index, resource_config(config)) as DynResourceService
             })
         }
-        Target::Gateway => None,
+        Target::Gateway => {
+            if config.auth.mode == AuthMode::None && !config.auth.insecure_allow_none {
+                bail!(
+                    "a mesh gateway requires authentication: set auth.mode = \"jwt\" (auth.insecure_allow_none = true \
+                     runs it open, for tests only)"
+                );
+            }
+            None
+        }
     };
 
     if target == Target::Resource {
@@ -163,7 +264,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router = fhirmesh_gateway::router(service, gateway_config(config));
+        let router = fhirmesh_gateway::router(service, gateway_config(config).await?);
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")

@@ -1,16 +1,19 @@
 //! Route handlers: decode the HTTP request, call the resource service, render the answer.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::response::Response;
 use bytes::Bytes;
+use fhirmesh_core::auth::Access;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     BundleRequest, ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest,
     PatchDocument, PatchRequest, SearchRequest, UpdateRequest, WriteResult,
 };
-use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext, TenantId};
+use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext};
 use fhirmesh_fhir::outcome::information;
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
@@ -19,6 +22,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use serde_json::json;
 
 use crate::SharedGateway;
+use crate::auth::PathTenant;
 use crate::bundle::{SearchLinks, bundle_response, history_bundle, search_bundle};
 use crate::negotiate::{self, PatchFormat, Presentation, Return};
 use crate::response::{
@@ -36,20 +40,35 @@ pub(crate) struct Prelude {
 }
 
 impl Prelude {
-    fn new(gw: &SharedGateway, headers: &HeaderMap, query: Option<&str>) -> Result<Prelude, Box<Response>> {
+    fn new(gw: &SharedGateway, parts: &Parts) -> Result<Prelude, Box<Response>> {
+        let headers = &parts.headers;
         let params: Vec<(String, String)> =
-            query.map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+            parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
         let pretty = params.iter().any(|(k, v)| k == "_pretty" && v == "true");
-        let presentation =
-            negotiate::presentation(headers, &params).map_err(|e| Box::new(error_response(&e, pretty)))?;
+        let fail = |error: FhirError| Box::new(error_response(&error, pretty));
+        let presentation = negotiate::presentation(headers, &params).map_err(fail)?;
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let ctx = RequestContext { tenant: TenantId::default_tenant(), request_id: Some(request_id), traceparent };
-        Ok(Prelude { base: base_url(gw, headers), params, presentation, ctx, pretty })
+        let tenant = parts.extensions.get::<PathTenant>().map(|t| t.0.clone());
+        // Set by the authentication middleware on every protected route; the public routes
+        // (metadata, SMART configuration) run without, and may do nothing with the data.
+        let access = match parts.extensions.get::<Arc<Access>>() {
+            Some(access) => access.clone(),
+            None if gw.config.auth.is_none() => Arc::new(Access::unrestricted()),
+            None => Arc::new(Access::anonymous()),
+        };
+        let mut base = base_url(gw, headers);
+        if let Some(tenant) = &tenant {
+            base.push_str("/tenant/");
+            base.push_str(tenant.as_str());
+        }
+        let ctx =
+            RequestContext { tenant: tenant.unwrap_or_default(), request_id: Some(request_id), traceparent, access };
+        Ok(Prelude { base, params, presentation, ctx, pretty })
     }
 
     fn fail(&self, error: FhirError) -> Response {
@@ -63,7 +82,7 @@ impl FromRequestParts<SharedGateway> for Prelude {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, gw: &SharedGateway) -> Result<Self, Self::Rejection> {
-        Prelude::new(gw, &parts.headers, parts.uri.query()).map_err(|response| *response)
+        Prelude::new(gw, parts).map_err(|response| *response)
     }
 }
 
@@ -171,9 +190,19 @@ fn write_response(result: &WriteResult, headers: &HeaderMap, prelude: &Prelude, 
 
 pub(crate) async fn metadata(State(gw): State<SharedGateway>, prelude: Prelude) -> Response {
     let mut caps = gw.config.capabilities.clone();
-    caps.base_url.get_or_insert_with(|| prelude.base.clone());
+    // The configured public base or the request's, with the tenant's path when multi-tenant.
+    caps.base_url = Some(prelude.base.clone());
     let statement = fhirmesh_core::capabilities::capability_statement(&caps, &gw.started);
     json_response(StatusCode::OK, &statement, prelude.pretty)
+}
+
+/// `/.well-known/smart-configuration` (SMART App Launch 2.0): public, and only when the server
+/// authorizes with SMART scopes.
+pub(crate) async fn smart_configuration(State(gw): State<SharedGateway>, prelude: Prelude) -> Response {
+    match &gw.config.smart_configuration {
+        Some(document) => json_response(StatusCode::OK, document, prelude.pretty),
+        None => prelude.fail(FhirError::not_found("this server does not use SMART on FHIR authorization")),
+    }
 }
 
 pub(crate) async fn create(

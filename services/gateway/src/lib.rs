@@ -5,6 +5,7 @@
 //! an `Arc<dyn ResourceService>` — in-process in embedded mode, the gRPC client in the mesh.
 //! What it is not: storage, validation or any FHIR interaction logic (that is `fhirmesh-core`).
 
+mod auth;
 mod bundle;
 mod handlers;
 mod metrics;
@@ -15,10 +16,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Request;
 use axum::routing::{get, post};
 use fhirmesh_core::DynResourceService;
 use fhirmesh_core::capabilities::Capabilities;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+pub use crate::auth::{ClaimNames, GatewayAuth};
 
 /// Gateway settings, built by the composition root from validated configuration.
 #[derive(Debug, Clone)]
@@ -33,6 +38,13 @@ pub struct GatewayConfig {
     /// Largest transaction or batch Bundle accepted (`POST /`); larger ones get 413.
     pub max_bundle_bytes: usize,
     pub capabilities: Capabilities,
+    /// Bearer-token authentication; `None` is `auth.mode = "none"` (every caller may do anything).
+    pub auth: Option<GatewayAuth>,
+    /// The SMART configuration document served at `/.well-known/smart-configuration` (SMART
+    /// authorization only).
+    pub smart_configuration: Option<serde_json::Value>,
+    /// Every FHIR route lives under `/tenant/{tenantId}/`.
+    pub multi_tenant: bool,
 }
 
 pub(crate) struct Gateway {
@@ -44,17 +56,22 @@ pub(crate) struct Gateway {
 
 pub(crate) type SharedGateway = Arc<Gateway>;
 
-/// The HTTP router: the FHIR API under `base_path`, plus `/healthz` and `/metrics` at the root.
+/// The HTTP router: the FHIR API under `base_path` (and under `base_path/tenant/{id}` when
+/// multi-tenant), plus `/healthz` and `/metrics` at the root. `/metadata` and
+/// `/.well-known/smart-configuration` are public; every other FHIR route authenticates first.
 pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
     let base_path = config.base_path.clone();
+    let multi_tenant = config.multi_tenant;
     let gateway = Arc::new(Gateway {
         service,
         config,
         started: fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
     });
     let metrics_state = gateway.clone();
-    let fhir = Router::new()
+    let public = Router::new()
         .route("/metadata", get(handlers::metadata))
+        .route("/.well-known/smart-configuration", get(handlers::smart_configuration));
+    let protected = Router::new()
         .route("/", get(handlers::search_system).post(handlers::bundle))
         .route("/_history", get(handlers::history_system))
         .route(
@@ -73,12 +90,34 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .route("/{rtype}/{id}/_history", get(handlers::history_instance))
         .route("/{rtype}/{id}/{member}", get(handlers::search_compartment))
         .route("/{rtype}/{id}/_history/{vid}", get(handlers::vread))
+        .route_layer(axum::middleware::from_fn_with_state(gateway.clone(), auth::authenticate));
+    let fhir = public
+        .merge(protected)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .with_state(gateway);
-    let app = if base_path.is_empty() { fhir } else { Router::new().nest(&base_path, fhir) };
-    app.route("/healthz", get(handlers::healthz))
-        .route("/metrics", get(metrics::metrics).with_state(metrics_state))
         .fallback(handlers::no_route)
+        .with_state(gateway);
+    let fhir =
+        if base_path.is_empty() { fhir } else { Router::new().nest(&base_path, fhir).fallback(handlers::no_route) };
+    // A multi-tenant request's `/tenant/{id}` is taken off its path before routing.
+    let fhir = tower::service_fn(move |request: Request| {
+        let (fhir, base_path) = (fhir.clone(), base_path.clone());
+        async move {
+            let request = if multi_tenant {
+                match auth::tenant_rewrite(&base_path, request) {
+                    Ok(request) => request,
+                    Err(response) => return Ok(*response),
+                }
+            } else {
+                request
+            };
+            fhir.oneshot(request).await
+        }
+    });
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(metrics::metrics).with_state(metrics_state))
+        .fallback_service(fhir)
+        .layer(axum::middleware::from_fn(auth::audit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(response::panic_response))
 }
 
@@ -88,5 +127,6 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::FhirResources;
 use super::body;
+use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::service::{
     ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest, CreateRequest, DeleteRequest,
@@ -20,6 +21,7 @@ pub(super) async fn update(
     ctx: &RequestContext,
     request: ConditionalUpdateRequest,
 ) -> FhirResult<WriteResult> {
+    super::authorize(ctx, Interaction::Update, Some(request.resource_type))?;
     let mut resource = body::parse_json(&request.body)?;
     let body_id = match resource.get("id") {
         None => None,
@@ -82,6 +84,7 @@ pub(super) async fn delete(
     ctx: &RequestContext,
     request: ConditionalDeleteRequest,
 ) -> FhirResult<ConditionalDeleteResult> {
+    super::authorize(ctx, Interaction::Delete, Some(request.resource_type))?;
     let limit = if svc.config.conditional_delete_multiple { svc.config.max_page_size } else { 2 };
     let found = super::search::find(svc, &ctx.tenant, request.resource_type, &request.criteria, limit).await?;
     if found.len() > 1 && !svc.config.conditional_delete_multiple {

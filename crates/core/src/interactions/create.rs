@@ -4,6 +4,7 @@ use fhirmesh_fhir::LogicalId;
 
 use super::FhirResources;
 use super::body::{self, IdRule};
+use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::Operation;
 use crate::ports::{Expected, StoreError, VersionWrite};
@@ -14,6 +15,7 @@ pub(super) async fn create(
     ctx: &RequestContext,
     request: CreateRequest,
 ) -> FhirResult<WriteResult> {
+    super::authorize(ctx, Interaction::Create, Some(request.resource_type))?;
     let resource = body::parse_json(&request.body)?;
 
     if let Some(query) = &request.if_none_exist {

@@ -3,6 +3,7 @@
 
 use super::FhirResources;
 use super::write::{self, Attempt};
+use crate::auth::Interaction;
 use crate::error::FhirResult;
 use crate::service::{DeleteRequest, DeleteResult, RequestContext};
 
@@ -11,6 +12,7 @@ pub(super) async fn delete(
     ctx: &RequestContext,
     request: DeleteRequest,
 ) -> FhirResult<DeleteResult> {
+    super::authorize(ctx, Interaction::Delete, Some(request.resource_type))?;
     let written = write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {
         Ok(match current {
             Some(current) if !current.is_deleted() => Attempt::Delete,

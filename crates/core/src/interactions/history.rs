@@ -4,8 +4,9 @@
 use fhirmesh_fhir::datetime::parse_fhir_datetime;
 
 use super::FhirResources;
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
-use crate::ports::HistoryQuery;
+use crate::ports::{HistoryQuery, HistoryScope};
 use crate::service::{HistoryPage, HistoryRequest, RequestContext};
 
 pub(super) async fn history(
@@ -13,6 +14,11 @@ pub(super) async fn history(
     ctx: &RequestContext,
     request: HistoryRequest,
 ) -> FhirResult<HistoryPage> {
+    match &request.scope {
+        HistoryScope::System => super::authorize(ctx, Interaction::HistorySystem, None)?,
+        HistoryScope::Type(t) => super::authorize(ctx, Interaction::HistoryType, Some(*t))?,
+        HistoryScope::Instance(t, _) => super::authorize(ctx, Interaction::HistoryInstance, Some(*t))?,
+    }
     let limit = page_size(request.count.as_deref(), &svc.config)?;
     let since = request
         .since

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
-use crate::error::{FhirError, FhirResult};
+use crate::auth::{Interaction, Permit};
+use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use crate::service::{
@@ -90,6 +91,30 @@ impl FhirResources {
 
     pub fn config(&self) -> &ResourceConfig {
         &self.config
+    }
+}
+
+/// Checks that the caller may perform `interaction` on `resource_type` (`None`: system level).
+///
+/// Grants that reach only part of a type — a SMART `patient/` scope (the patient's compartment) or
+/// a v2 fine-grained scope (`?category=…`) — are refused for now with a 403 that says so: honouring
+/// them needs compartment-filtered searches and membership checks on reads and writes, which are
+/// not built yet. A refusal never says whether the resource exists.
+pub(crate) fn authorize(
+    ctx: &RequestContext,
+    interaction: Interaction,
+    resource_type: Option<ResourceType>,
+) -> FhirResult<()> {
+    match ctx.access.check(interaction, resource_type)? {
+        Permit::All => Ok(()),
+        Permit::PatientCompartment { .. } | Permit::Filtered { .. } => Err(FhirError::new(
+            ErrorCategory::Forbidden,
+            format!(
+                "{interaction} on {} is granted only for part of the data (a patient compartment or a \
+                 fine-grained scope), which this server does not enforce yet; ask for a user/ or system/ scope",
+                resource_type.map_or("the system", |t| t.as_str())
+            ),
+        )),
     }
 }
 

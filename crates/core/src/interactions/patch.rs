@@ -8,10 +8,12 @@ use super::FhirResources;
 use super::body;
 use super::read::{gone, not_found};
 use super::write::{self, Attempt};
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
 use crate::service::{PatchDocument, PatchRequest, RequestContext, WriteResult};
 
 pub(super) async fn patch(svc: &FhirResources, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
+    super::authorize(ctx, Interaction::Patch, Some(request.resource_type))?;
     let document: Value = match &request.patch {
         PatchDocument::JsonPatch(bytes) | PatchDocument::FhirPathPatch(bytes) => body::parse_json(bytes)?,
     };

@@ -3,6 +3,7 @@
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use super::FhirResources;
+use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::service::RequestContext;
@@ -13,6 +14,7 @@ pub(super) async fn read(
     resource_type: ResourceType,
     id: LogicalId,
 ) -> FhirResult<ResourceVersion> {
+    super::authorize(ctx, Interaction::Read, Some(resource_type))?;
     match svc.store.read(&ctx.tenant, resource_type, &id).await? {
         None => Err(not_found(resource_type, &id)),
         Some(version) if version.is_deleted() => Err(gone(&version)),

@@ -15,6 +15,7 @@ use fhirmesh_fhir::search::{IndexValue, ParamType, registry};
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use super::FhirResources;
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
 use crate::model::{ResourceVersion, TenantId};
 use crate::ports::{DynSearchIndex, IndexHit, IndexPage};
@@ -30,6 +31,14 @@ pub(super) async fn search(
     ctx: &RequestContext,
     request: SearchRequest,
 ) -> FhirResult<SearchPage> {
+    match &request.scope {
+        SearchScope::Type(t) | SearchScope::Compartment { member: Some(t), .. } => {
+            super::authorize(ctx, Interaction::SearchType, Some(*t))?
+        }
+        SearchScope::System | SearchScope::Compartment { member: None, .. } => {
+            super::authorize(ctx, Interaction::SearchSystem, None)?
+        }
+    }
     let index = svc.search_index()?;
     let options = ParseOptions {
         strict: request.strict,
@@ -51,8 +60,10 @@ pub(super) async fn search(
     let (page, stale) = svc.search_at_least(&ctx.tenant, &query, request.page_token.as_deref(), target).await?;
     warnings.extend(stale);
     let entries = current_versions(svc, &ctx.tenant, &page.hits).await?;
-    let included =
+    let mut included =
         if query.count == 0 { Vec::new() } else { includes(svc, index, &ctx.tenant, &query, &entries).await? };
+    // `_include`/`_revinclude` never reveal a type the caller may not read.
+    included.retain(|version| super::authorize(ctx, Interaction::Read, Some(version.resource_type)).is_ok());
     Ok(SearchPage {
         entries,
         included,

@@ -5,6 +5,7 @@ use serde_json::Value;
 use super::FhirResources;
 use super::body;
 use super::write::{self, Attempt};
+use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::service::{RequestContext, UpdateRequest, WriteResult};
 
@@ -13,6 +14,7 @@ pub(super) async fn update(
     ctx: &RequestContext,
     request: UpdateRequest,
 ) -> FhirResult<WriteResult> {
+    super::authorize(ctx, Interaction::Update, Some(request.resource_type))?;
     let resource: Value = body::parse_json(&request.body)?;
     let update_create = svc.config.update_create;
     write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {

@@ -4,6 +4,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use super::FhirResources;
 use super::read::gone;
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::service::RequestContext;
@@ -15,6 +16,7 @@ pub(super) async fn vread(
     id: LogicalId,
     version_id: u64,
 ) -> FhirResult<ResourceVersion> {
+    super::authorize(ctx, Interaction::Vread, Some(resource_type))?;
     match svc.store.vread(&ctx.tenant, resource_type, &id, version_id).await? {
         None => Err(FhirError::not_found(format!("{resource_type}/{id} has no version {version_id}"))),
         Some(version) if version.is_deleted() => Err(gone(&version)),

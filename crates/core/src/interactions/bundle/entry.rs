@@ -9,6 +9,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
 use crate::service::{BundleKind, PatchDocument};
 
@@ -84,6 +85,19 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// The interaction this entry performs, for authorization.
+    pub(super) fn interaction(&self) -> Interaction {
+        match (self.method, &self.target) {
+            (Method::Get | Method::Head, Target::Instance(..)) => Interaction::Read,
+            (Method::Get | Method::Head, Target::Version(..)) => Interaction::Vread,
+            (Method::Get | Method::Head, Target::Type(_) | Target::Search(..)) => Interaction::SearchType,
+            (Method::Post, _) => Interaction::Create,
+            (Method::Put, _) => Interaction::Update,
+            (Method::Patch, _) => Interaction::Patch,
+            (Method::Delete, _) => Interaction::Delete,
+        }
+    }
+
     /// `Bundle.entry[i]` — the prefix of every expression about this entry.
     pub(super) fn path(&self) -> String {
         entry_path(self.index)

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use self::entry::{Entry, Method, Target};
 use super::FhirResources;
+use crate::auth::Interaction;
 use crate::error::{FhirError, FhirResult};
 use crate::service::{BundleKind, BundleRequest, BundleResult, EntryResult, RequestContext, SearchRequest};
 
@@ -37,8 +38,20 @@ pub(super) async fn bundle(
         parse(&request.body)?
     };
     match kind {
-        BundleKind::Transaction => transaction::transaction(svc, ctx, &entries).await,
-        BundleKind::Batch => batch::batch(svc, ctx, &entries).await,
+        BundleKind::Transaction => {
+            super::authorize(ctx, Interaction::Transaction, None)?;
+            // All or nothing: an entry the caller may not perform fails the whole transaction.
+            for entry in &entries {
+                super::authorize(ctx, entry.interaction(), Some(entry.target.resource_type()))
+                    .map_err(|err| in_entry(err, entry))?;
+            }
+            transaction::transaction(svc, ctx, &entries).await
+        }
+        // Each batch entry is checked where it runs, and fails alone.
+        BundleKind::Batch => {
+            super::authorize(ctx, Interaction::Batch, None)?;
+            batch::batch(svc, ctx, &entries).await
+        }
     }
 }
 

@@ -1,0 +1,232 @@
+//! Authentication and tenancy at the edge: bearer JWT → [`Principal`] → [`Access`], the tenant
+//! from the URL (`/tenant/{id}/…`) checked against the token's claim, and one audit record per
+//! request. The decisions themselves (which interaction on which type) are `fhirmesh-core`'s: the
+//! [`Access`] travels with the request to the resource service, which checks every interaction —
+//! and every entry of a transaction — where it happens.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use fhirmesh_authn::{Claims, Verifier};
+use fhirmesh_core::auth::{Access, AccessPolicy, Principal};
+use fhirmesh_core::{ErrorCategory, FhirError, TenantId};
+use http::{HeaderValue, StatusCode, Uri};
+
+use crate::SharedGateway;
+use crate::response::error_response;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// How the gateway authenticates callers (`auth.mode = "jwt"`).
+#[derive(Clone)]
+pub struct GatewayAuth {
+    pub verifier: Verifier,
+    pub policy: AccessPolicy,
+    pub claims: ClaimNames,
+}
+
+impl std::fmt::Debug for GatewayAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayAuth").field("claims", &self.claims).finish_non_exhaustive()
+    }
+}
+
+/// Where the principal's attributes are in the token (names or dotted paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimNames {
+    /// RBAC groups, e.g. `cognito:groups`.
+    pub groups: String,
+    /// The tenant of a multi-tenant deployment, e.g. `custom:tenantId`.
+    pub tenant: String,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        ClaimNames { groups: "cognito:groups".to_owned(), tenant: "custom:tenantId".to_owned() }
+    }
+}
+
+/// The tenant named by the request path (`/tenant/{id}/…`), put in the request's extensions by
+/// [`tenant_rewrite`] before routing.
+#[derive(Debug, Clone)]
+pub(crate) struct PathTenant(pub TenantId);
+
+/// Who made the request, copied into the response's extensions for the audit record.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditWho {
+    subject: String,
+    fhir_user: Option<String>,
+    client_id: Option<String>,
+}
+
+/// Strips `{base}/tenant/{id}` from the URI of a multi-tenant request, so the FHIR routes match,
+/// and records the tenant. A malformed tenant id is answered here; a request without a tenant
+/// segment goes on without one (and the FHIR handlers refuse it, see `Prelude`).
+pub(crate) fn tenant_rewrite(base_path: &str, mut request: Request) -> Result<Request, Box<Response>> {
+    let path = request.uri().path();
+    let Some(rest) = path.strip_prefix(base_path).and_then(|rest| rest.strip_prefix("/tenant/")) else {
+        return Ok(request);
+    };
+    let (raw, tail) = rest.split_once('/').map_or((rest, ""), |(id, tail)| (id, tail));
+    let Some(tenant) = TenantId::parse(raw) else {
+        let error = FhirError::not_found(format!(
+            "'{}' is not a tenant id (1-64 of A-Z a-z 0-9 _ -)",
+            raw.chars().take(64).collect::<String>()
+        ));
+        return Err(Box::new(error_response(&error, false)));
+    };
+    let mut rebuilt = format!("{base_path}/{tail}");
+    if let Some(query) = request.uri().query() {
+        rebuilt.push('?');
+        rebuilt.push_str(query);
+    }
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        rebuilt
+            .parse()
+            .map_err(|_| error_response(&FhirError::invalid("the request path is not a valid URI path"), false))?,
+    );
+    *request.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| error_response(&FhirError::invalid("the request path is not a valid URI path"), false))?;
+    request.extensions_mut().insert(PathTenant(tenant));
+    Ok(request)
+}
+
+/// Route middleware of the protected FHIR routes: authenticates the bearer token (when auth is
+/// on), resolves the tenant, and puts the request's [`Access`] and tenant in its extensions.
+pub(crate) async fn authenticate(State(gw): State<SharedGateway>, mut request: Request, next: Next) -> Response {
+    let path_tenant = request.extensions().get::<PathTenant>().map(|t| t.0.clone());
+    if gw.config.multi_tenant && path_tenant.is_none() {
+        let error = FhirError::not_found(format!(
+            "this server is multi-tenant: FHIR requests go to {}/tenant/{{tenantId}}/…",
+            gw.config.base_path
+        ));
+        return error_response(&error, false);
+    }
+    let Some(auth) = &gw.config.auth else {
+        request.extensions_mut().insert(Arc::new(Access::unrestricted()));
+        return next.run(request).await;
+    };
+    let token = match bearer(&request) {
+        Ok(token) => token.to_owned(),
+        Err(response) => return *response,
+    };
+    let claims = match auth.verifier.verify(&token).await {
+        Ok(claims) => claims,
+        Err(error) => return unauthorized(Some(&error.description())),
+    };
+    let principal = principal(&claims, &auth.claims);
+    if gw.config.multi_tenant {
+        match principal.tenant.as_deref() {
+            Some(claimed) if Some(claimed) == path_tenant.as_ref().map(TenantId::as_str) => {}
+            Some(_) => return forbidden("the token is not valid for this tenant"),
+            None => return forbidden("the token names no tenant; this server is multi-tenant"),
+        }
+    }
+    let access = match Access::for_principal(&auth.policy, &principal) {
+        Ok(access) => access,
+        Err(error) => return error_response(&error, false),
+    };
+    let who = AuditWho {
+        subject: principal.subject.clone(),
+        fhir_user: principal.fhir_user.clone(),
+        client_id: principal.client_id.clone(),
+    };
+    request.extensions_mut().insert(Arc::new(access));
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(who);
+    response
+}
+
+fn bearer(request: &Request) -> Result<&str, Box<Response>> {
+    let Some(value) = request.headers().get(http::header::AUTHORIZATION) else {
+        return Err(Box::new(unauthorized(None)));
+    };
+    let value = value.to_str().map_err(|_| Box::new(unauthorized(Some("the Authorization header is not ASCII"))))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(Box::new(unauthorized(Some("the Authorization header must be 'Bearer <token>'")))),
+    }
+}
+
+/// The principal a verified token describes.
+pub(crate) fn principal(claims: &Claims, names: &ClaimNames) -> Principal {
+    let text = |path: &str| claims.get(path).and_then(|v| v.as_str()).map(str::to_owned);
+    let mut scopes = claims.strings("scope");
+    scopes.extend(claims.strings("scp"));
+    Principal {
+        subject: claims.subject.clone(),
+        fhir_user: text("fhirUser"),
+        client_id: text("client_id").or_else(|| text("azp")),
+        groups: claims.strings(&names.groups),
+        scopes,
+        patient: text("patient").or_else(|| text("launch_response_patient")),
+        tenant: text(&names.tenant),
+    }
+}
+
+/// 401 with `WWW-Authenticate` (RFC 6750) and an OperationOutcome.
+fn unauthorized(description: Option<&str>) -> Response {
+    let message = match description {
+        Some(description) => format!("the bearer token was refused: {description}"),
+        None => "authentication required: send 'Authorization: Bearer <token>'".to_owned(),
+    };
+    let mut response = error_response(&FhirError::new(ErrorCategory::Unauthorized, message), false);
+    let challenge = match description {
+        Some(description) => format!(
+            "Bearer realm=\"fhirmesh\", error=\"invalid_token\", error_description=\"{}\"",
+            description.replace(['"', '\\'], "'")
+        ),
+        None => "Bearer realm=\"fhirmesh\"".to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response.headers_mut().insert(http::header::WWW_AUTHENTICATE, value);
+    }
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    response
+}
+
+fn forbidden(message: &str) -> Response {
+    error_response(&FhirError::new(ErrorCategory::Forbidden, message.to_owned()), false)
+}
+
+/// Outermost middleware: one structured record per request on the `fhirmesh::audit` target — who,
+/// what (method and path, never the query or body: they may hold PHI), where from, the request id,
+/// the outcome and the duration.
+pub(crate) async fn audit(mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
+    // The request id the handlers log and pass on: the client's, or a new one.
+    let request_id = match request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                request.headers_mut().insert(REQUEST_ID, value);
+            }
+            id
+        }
+    };
+    let response = next.run(request).await;
+    let who = response.extensions().get::<AuditWho>();
+    tracing::info!(
+        target: "fhirmesh::audit",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        subject = who.map(|w| w.subject.as_str()),
+        fhir_user = who.and_then(|w| w.fhir_user.as_deref()),
+        client_id = who.and_then(|w| w.client_id.as_deref()),
+        source = source.as_deref(),
+        request_id = %request_id,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,393 @@
+//! Authentication, authorization and multi-tenancy over HTTP against the embedded server: the token
+//! attack suite (every bad token → 401 with `WWW-Authenticate`), public endpoints, an RBAC matrix
+//! and SMART scope checks per interaction, and tenant isolation with look-alike data.
+//!
+//! Tokens are signed with the test-only keys of `crates/authn/tests/keys`.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fhirmesh::config::{AuthMode, AuthorizationModel};
+use fhirmesh_testkit::{TestServer, expect_outcome, status_and_json};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+const ISSUER: &str = "https://idp.example.org/realms/fhirmesh";
+const AUDIENCE: &str = "fhirmesh-api";
+
+fn keys_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crates/authn/tests/keys")
+}
+
+fn rsa_key(file: &str) -> EncodingKey {
+    let pem = std::fs::read(keys_dir().join(file)).expect("test key");
+    EncodingKey::from_rsa_pem(&pem).expect("an RSA PEM")
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_secs() as i64
+}
+
+fn sign(key: &EncodingKey, alg: Algorithm, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some("rsa-a".to_owned());
+    jsonwebtoken::encode(&header, claims, key).expect("signs")
+}
+
+/// Claims of a valid token, with `extra` merged in.
+fn claims(extra: Value) -> Value {
+    let mut claims = json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "exp": now() + 300, "iat": now()});
+    for (key, value) in extra.as_object().expect("an object") {
+        claims[key] = value.clone();
+    }
+    claims
+}
+
+fn token(extra: Value) -> String {
+    sign(&rsa_key("rsa-a.pem"), Algorithm::RS256, &claims(extra))
+}
+
+/// A server with JWT auth (JWKS file holding `rsa-a`) and `model` authorization.
+async fn server(model: AuthorizationModel, multi_tenant: bool) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut jwk = serde_json::to_value(Jwk::from_encoding_key(&rsa_key("rsa-a.pem"), Algorithm::RS256).expect("jwk"))
+        .expect("jwk json");
+    jwk["kid"] = json!("rsa-a");
+    jwk["use"] = json!("sig");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).expect("writes the JWKS");
+    let server = TestServer::start_with(|config| {
+        config.auth.mode = AuthMode::Jwt;
+        config.auth.authorization = model;
+        config.auth.issuer = Some(ISSUER.to_owned());
+        config.auth.audience = vec![AUDIENCE.to_owned()];
+        config.auth.jwks_file = Some(jwks.clone());
+        config.auth.smart_authorize_url = Some("https://idp.example.org/authorize".to_owned());
+        config.auth.smart_token_url = Some("https://idp.example.org/token".to_owned());
+        config.tenancy.enabled = multi_tenant;
+    })
+    .await;
+    (server, dir)
+}
+
+async fn send(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+    let mut request = server.client.request(method, server.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.header("content-type", "application/fhir+json").body(body.to_string());
+    }
+    status_and_json(request.send().await.expect("sent")).await
+}
+
+#[tokio::test]
+async fn every_bad_token_gets_401_with_a_challenge_and_an_outcome() {
+    let (server, _keys) = server(AuthorizationModel::Rbac, false).await;
+    let practitioner = json!({"cognito:groups": ["practitioner"]});
+    let good = token(practitioner.clone());
+    let (status, _) = send(&server, "GET", "Patient", Some(&good), None).await;
+    assert_eq!(status, 200, "a valid token is accepted");
+
+    let header_b64 = |header: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(header.to_string())
+    };
+    let body_b64 = header_b64(&claims(practitioner.clone()));
+    let public_pem = std::fs::read(keys_dir().join("rsa-a.pub.pem")).expect("public key");
+    let attacks: Vec<(&str, String)> = vec![
+        ("unsigned (alg none)", format!("{}.{body_b64}.", header_b64(&json!({"alg": "none", "kid": "rsa-a"})))),
+        ("wrong key", sign(&rsa_key("rsa-evil.pem"), Algorithm::RS256, &claims(practitioner.clone()))),
+        (
+            "algorithm confusion (HS256 keyed with the public key)",
+            sign(
+                &EncodingKey::from_secret(&public_pem).expect("an HMAC key"),
+                Algorithm::HS256,
+                &claims(practitioner.clone()),
+            ),
+        ),
+        ("expired", token(json!({"cognito:groups": ["practitioner"], "exp": now() - 3600}))),
+        ("not yet valid", token(json!({"cognito:groups": ["practitioner"], "nbf": now() + 3600}))),
+        ("wrong audience", token(json!({"cognito:groups": ["practitioner"], "aud": "someone-else"}))),
+        ("wrong issuer", token(json!({"cognito:groups": ["practitioner"], "iss": "https://evil.example"}))),
+        ("malformed", "not-a-jwt".to_owned()),
+        ("bad base64", "a.b.c".to_owned()),
+    ];
+    for (attack, bad) in attacks {
+        let response = server.client.get(server.url("Patient")).bearer_auth(&bad).send().await.expect("sent");
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().expect("ascii").to_owned())
+            .unwrap_or_default();
+        let (status, body) = status_and_json(response).await;
+        assert_eq!(status, 401, "{attack}: {body}");
+        assert!(challenge.starts_with("Bearer ") && challenge.contains("invalid_token"), "{attack}: {challenge}");
+        assert_eq!(body["issue"][0]["code"], "login", "{attack}: {body}");
+    }
+    // No token at all: a challenge without an error code (RFC 6750 §3).
+    let response = server.client.get(server.url("Patient")).send().await.expect("sent");
+    assert_eq!(
+        response.headers().get("www-authenticate").map(|v| v.to_str().expect("ascii")),
+        Some("Bearer realm=\"fhirmesh\"")
+    );
+    assert_eq!(response.status().as_u16(), 401);
+    let (status, _) = status_and_json(
+        server.client.get(server.url("Patient")).header("authorization", "Basic dTpw").send().await.expect("sent"),
+    )
+    .await;
+    assert_eq!(status, 401, "a non-bearer scheme");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metadata_and_smart_configuration_are_public() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let (status, statement) = send(&server, "GET", "metadata", None, None).await;
+    assert_eq!(status, 200);
+    let security = &statement["rest"][0]["security"];
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    assert_eq!(security["extension"][0]["extension"][0]["valueUri"], "https://idp.example.org/authorize");
+    let (status, smart) = send(&server, "GET", ".well-known/smart-configuration", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(smart["token_endpoint"], "https://idp.example.org/token");
+    assert!(smart["capabilities"].as_array().expect("capabilities").contains(&json!("permission-v2")));
+    server.stop().await;
+
+    // Without auth the statement says so loudly, and there is no SMART document.
+    let open = TestServer::start().await;
+    let (_, statement) = open.get("metadata").await;
+    let description = statement["rest"][0]["security"]["description"].as_str().expect("a description");
+    assert!(description.starts_with("NO AUTHENTICATION"), "{description}");
+    let (status, _) = open.get(".well-known/smart-configuration").await;
+    assert_eq!(status, 404);
+    open.stop().await;
+}
+
+/// Each cell: (group, method, path, body) → expected status, run against one server.
+#[tokio::test]
+async fn rbac_matrix_over_http() {
+    let (server, _keys) = server(AuthorizationModel::Rbac, false).await;
+    let admin = token(json!({"cognito:groups": ["practitioner"]}));
+    let (status, _) =
+        send(&server, "PUT", "Patient/p1", Some(&admin), Some(&json!({"resourceType": "Patient", "id": "p1"}))).await;
+    assert_eq!(status, 201);
+    let claim = json!({"resourceType": "Claim", "id": "c1", "status": "active", "use": "claim",
+        "type": {"coding": [{"code": "oral"}]}, "patient": {"reference": "Patient/p1"}, "created": "2024-01-01",
+        "provider": {"reference": "Organization/o1"}, "priority": {"coding": [{"code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": true, "coverage": {"reference": "Coverage/cov1"}}]});
+    let (status, body) = send(&server, "PUT", "Claim/c1", Some(&admin), Some(&claim)).await;
+    assert_eq!(status, 201, "{body}");
+
+    let new_patient = json!({"resourceType": "Patient"});
+    let active_patient = json!({"resourceType": "Patient", "id": "p1", "active": true});
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}}]});
+    let cells: Vec<(&str, &str, &str, Option<&Value>, u16)> = vec![
+        ("practitioner", "GET", "Patient/p1", None, 200),
+        ("practitioner", "POST", "Patient", Some(&new_patient), 201),
+        ("practitioner", "GET", "Claim?patient=Patient/p1", None, 200),
+        ("practitioner", "GET", "_history", None, 200),
+        ("practitioner", "POST", "", Some(&tx), 200),
+        ("non-practitioner", "GET", "Claim/c1", None, 200),
+        ("non-practitioner", "GET", "Claim/c1/_history/1", None, 200),
+        ("non-practitioner", "GET", "Claim?patient=Patient/p1", None, 200),
+        ("non-practitioner", "GET", "Patient/p1", None, 403),
+        ("non-practitioner", "POST", "Patient", Some(&new_patient), 403),
+        ("non-practitioner", "DELETE", "Claim/c1", None, 403),
+        ("non-practitioner", "GET", "_history", None, 403),
+        ("non-practitioner", "POST", "", Some(&tx), 403),
+        ("auditor", "GET", "Patient/p1", None, 200),
+        ("auditor", "GET", "Patient?_id=p1", None, 200),
+        ("auditor", "GET", "Claim/c1", None, 403),
+        ("auditor", "PUT", "Patient/p1", Some(&active_patient), 403),
+        ("auditor", "GET", "Patient/p1/_history", None, 403),
+        ("nobody", "GET", "Patient/p1", None, 403),
+    ];
+    for (group, method, path, body, expected) in cells {
+        let token = token(json!({"cognito:groups": [group]}));
+        let (status, answer) = send(&server, method, path, Some(&token), body).await;
+        assert_eq!(status, expected, "{group} {method} /{path}: {answer}");
+        if expected == 403 {
+            assert_eq!(answer["issue"][0]["code"], "forbidden", "{group} {method} /{path}: {answer}");
+        }
+    }
+    // A denied read does not say whether the resource exists: same answer for a missing id.
+    let auditor = token(json!({"cognito:groups": ["auditor"]}));
+    let (exists, a) = send(&server, "GET", "Claim/c1", Some(&auditor), None).await;
+    let (missing, b) = send(&server, "GET", "Claim/nope", Some(&auditor), None).await;
+    assert_eq!((exists, missing), (403, 403));
+    assert_eq!(expect_outcome(&a), expect_outcome(&b));
+    // _include never brings in a type the caller may not read.
+    let (status, bundle) = send(
+        &server,
+        "GET",
+        "Claim?_include=Claim:patient",
+        Some(&token(json!({"cognito:groups": ["non-practitioner"]}))),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let types: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().expect("type"))
+        .collect();
+    assert_eq!(types, ["Claim"]);
+    let (_, bundle) = send(&server, "GET", "Claim?_include=Claim:patient", Some(&admin), None).await;
+    assert_eq!(bundle["entry"].as_array().expect("entries").len(), 2, "a practitioner gets the Patient too");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn smart_scopes_over_http() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let system = token(json!({"scope": "system/*.*"}));
+    let (status, _) =
+        send(&server, "PUT", "Patient/p1", Some(&system), Some(&json!({"resourceType": "Patient", "id": "p1"}))).await;
+    assert_eq!(status, 201);
+    let user = |scope: &str| token(json!({"scope": scope, "fhirUser": "Practitioner/dr1"}));
+    let cells: Vec<(String, &str, &str, u16)> = vec![
+        (user("user/Patient.rs"), "GET", "Patient/p1", 200),
+        (user("user/Patient.rs"), "GET", "Patient?_id=p1", 200),
+        (user("user/Patient.rs"), "POST", "Patient", 403),
+        (user("user/Patient.rs"), "GET", "Observation?subject=Patient/p1", 403),
+        (user("user/*.read"), "GET", "Patient/p1", 200),
+        (user("user/*.read"), "POST", "Patient", 403),
+        (user("user/*.write"), "POST", "Patient", 201),
+        (user("user/*.write"), "GET", "Patient/p1", 403),
+        (user("user/Patient.cruds"), "POST", "Patient", 201),
+        (system.clone(), "GET", "_history", 200),
+        // Patient-compartment grants are refused until compartment enforcement lands.
+        (token(json!({"scope": "patient/Patient.rs", "patient": "p1"})), "GET", "Patient/p1", 403),
+    ];
+    for (token, method, path, expected) in cells {
+        let body = (method == "POST").then(|| json!({"resourceType": "Patient"}));
+        let (status, answer) = send(&server, method, path, Some(&token), body.as_ref()).await;
+        assert_eq!(status, expected, "{method} /{path}: {answer}");
+    }
+    // Unusable tokens: a user/ scope without fhirUser, a patient/ scope without a patient.
+    for bad in [token(json!({"scope": "user/Patient.rs"})), token(json!({"scope": "patient/Patient.rs"}))] {
+        let (status, _) = send(&server, "GET", "Patient/p1", Some(&bad), None).await;
+        assert_eq!(status, 403);
+    }
+    server.stop().await;
+}
+
+/// Two tenants with look-alike data (same ids, same identifiers): nothing of one is ever seen or
+/// touched through the other.
+#[tokio::test]
+async fn tenants_never_see_each_other() {
+    let server = TestServer::start_with(|config| config.tenancy.enabled = true).await;
+    let patient = |tenant: &str| {
+        json!({"resourceType": "Patient", "id": "p1", "identifier": [{"system": "urn:mrn", "value": "42"}],
+               "name": [{"family": format!("Family-{tenant}")}]})
+    };
+    for tenant in ["a", "b"] {
+        let (status, _) =
+            send(&server, "PUT", &format!("tenant/{tenant}/Patient/p1"), None, Some(&patient(tenant))).await;
+        assert_eq!(status, 201);
+    }
+    let obs = json!({"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"},
+                     "subject": {"reference": "Patient/p1"}});
+    let (status, _) = send(&server, "PUT", "tenant/a/Observation/o1", None, Some(&obs)).await;
+    assert_eq!(status, 201);
+    let (status, _) = send(
+        &server,
+        "PUT",
+        "tenant/c/Patient/only-c",
+        None,
+        Some(&json!({"resourceType": "Patient", "id": "only-c"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    // Reads, vreads and history see only the tenant's own version.
+    let (_, read) = send(&server, "GET", "tenant/b/Patient/p1", None, None).await;
+    assert_eq!(read["name"][0]["family"], "Family-b");
+    let (status, _) = send(&server, "GET", "tenant/b/Observation/o1", None, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&server, "GET", "tenant/b/Observation/o1/_history/1", None, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&server, "GET", "tenant/a/Patient/only-c", None, None).await;
+    assert_eq!(status, 404);
+    let (_, history) = send(&server, "GET", "tenant/b/_history", None, None).await;
+    assert_eq!(history["entry"].as_array().map_or(0, Vec::len), 1, "{history}");
+    // Searches, chains, _has, includes and revincludes stay inside the tenant.
+    for (query, expected) in [
+        ("Patient?identifier=urn:mrn%7C42", 1),
+        ("Observation?subject:Patient.identifier=urn:mrn%7C42", 0),
+        ("Patient?_has:Observation:subject:status=final", 0),
+        ("Patient?_revinclude=Observation:subject", 1),
+        ("Patient?name=Family-a", 0),
+    ] {
+        let (status, bundle) = send(&server, "GET", &format!("tenant/b/{query}"), None, None).await;
+        assert_eq!(status, 200, "{query}: {bundle}");
+        let entries = bundle["entry"].as_array().map_or(0, Vec::len);
+        assert_eq!(entries, expected, "tenant b, {query}: {bundle}");
+    }
+    let (_, bundle) = send(&server, "GET", "tenant/a/Patient?_revinclude=Observation:subject", None, None).await;
+    assert_eq!(bundle["entry"].as_array().map_or(0, Vec::len), 2, "tenant a sees its own Observation");
+    // Conditional operations and transaction references resolve within the tenant only.
+    let (status, _) = send(&server, "DELETE", "tenant/b/Observation?subject=Patient/p1", None, None).await;
+    assert!(status == 200 || status == 204, "{status}");
+    let (status, _) = send(&server, "GET", "tenant/a/Observation/o1", None, None).await;
+    assert_eq!(status, 200, "tenant b's conditional delete did not touch tenant a");
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Observation"}, "resource": {"resourceType": "Observation",
+         "status": "final", "code": {"text": "y"}, "subject": {"reference": "Patient?identifier=urn:mrn|nope-only-in-a"}}}]});
+    let (_, _) = send(
+        &server,
+        "PUT",
+        "tenant/a/Patient/p2",
+        None,
+        Some(&json!({"resourceType": "Patient", "id": "p2",
+        "identifier": [{"system": "urn:mrn", "value": "nope-only-in-a"}]})),
+    )
+    .await;
+    let (status, body) = send(&server, "POST", "tenant/b", None, Some(&tx)).await;
+    assert!(
+        status == 400 || status == 412,
+        "a conditional reference to tenant a's data fails in tenant b: {status} {body}"
+    );
+    // The CapabilityStatement's base is the tenant's; a request without a tenant goes nowhere.
+    let (_, statement) = send(&server, "GET", "tenant/b/metadata", None, None).await;
+    assert!(statement["implementation"]["url"].as_str().expect("url").ends_with("/tenant/b"), "{statement}");
+    let (status, _) = send(&server, "GET", "Patient/p1", None, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&server, "GET", "tenant/no%20spaces/Patient/p1", None, None).await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_only_opens_its_own_tenant() {
+    let (server, _keys) = server(AuthorizationModel::Rbac, true).await;
+    let for_a = token(json!({"cognito:groups": ["practitioner"], "custom:tenantId": "a"}));
+    let (status, _) = send(
+        &server,
+        "PUT",
+        "tenant/a/Patient/p1",
+        Some(&for_a),
+        Some(&json!({"resourceType": "Patient", "id": "p1"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = send(&server, "GET", "tenant/b/Patient/p1", Some(&for_a), None).await;
+    assert_eq!(status, 403, "a token for tenant a on tenant b");
+    let no_tenant = token(json!({"cognito:groups": ["practitioner"]}));
+    let (status, _) = send(&server, "GET", "tenant/a/Patient/p1", Some(&no_tenant), None).await;
+    assert_eq!(status, 403, "a token without a tenant claim");
+    let (status, _) = send(&server, "GET", "tenant/a/Patient/p1", Some(&for_a), None).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
