@@ -83,8 +83,9 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let parsed = parse(token, &self.inner.algorithms)?;
         let store = &self.inner.keys;
-        store.refresh_if_stale();
+        // The keys as they are when the token arrives; a refresh spawned now serves later tokens.
         let mut keys = store.current();
+        store.refresh_if_stale();
         if let Err(miss) = keys.select(parsed.kid.as_deref(), parsed.alg)
             && miss.may_be_rotation()
         {

@@ -22,6 +22,8 @@ pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
         .arg("serve")
         .args(args)
         .env("RUST_LOG", "warn")
+        // The mesh tests run an open gateway; a real mesh refuses to start without auth.
+        .env("FHIRMESH_AUTH__INSECURE_ALLOW_NONE", "true")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
