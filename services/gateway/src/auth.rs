@@ -117,7 +117,16 @@ pub(crate) async fn authenticate(State(gw): State<SharedGateway>, mut request: R
     };
     let claims = match auth.verifier.verify(&token).await {
         Ok(claims) => claims,
-        Err(error) => return unauthorized(Some(&error.description())),
+        Err(error) if error.is_token_error() => return unauthorized(Some(&error.description())),
+        // The token may be fine: the server cannot get the keys to check it.
+        Err(error) => {
+            tracing::warn!(error = %error.description(), "no signing keys to verify a bearer token");
+            let outcome = FhirError::new(
+                ErrorCategory::Unavailable,
+                "the server cannot verify tokens right now (its signing keys are unavailable); retry later",
+            );
+            return error_response(&outcome, false);
+        }
     };
     let principal = principal(&claims, &auth.claims);
     if gw.config.multi_tenant {

@@ -267,8 +267,9 @@ async fn smart_scopes_over_http() {
         (user("user/*.write"), "GET", "Patient/p1", 403),
         (user("user/Patient.cruds"), "POST", "Patient", 201),
         (system.clone(), "GET", "_history", 200),
-        // Patient-compartment grants are refused until compartment enforcement lands.
-        (token(json!({"scope": "patient/Patient.rs", "patient": "p1"})), "GET", "Patient/p1", 403),
+        (token(json!({"scope": "patient/Patient.rs", "patient": "p1"})), "GET", "Patient/p1", 200),
+        // Fine-grained scopes are refused until their enforcement lands.
+        (user("user/Patient.rs?gender=female"), "GET", "Patient/p1", 403),
     ];
     for (token, method, path, expected) in cells {
         let body = (method == "POST").then(|| json!({"resourceType": "Patient"}));
@@ -389,5 +390,110 @@ async fn a_token_only_opens_its_own_tenant() {
     assert_eq!(status, 403, "a token without a tenant claim");
     let (status, _) = send(&server, "GET", "tenant/a/Patient/p1", Some(&for_a), None).await;
     assert_eq!(status, 200);
+    server.stop().await;
+}
+
+/// A patient-scoped token sees its own patient's compartment and nothing else — through reads,
+/// vreads, history, searches, includes, revincludes and chains — and writes only inside it.
+#[tokio::test]
+async fn a_patient_token_sees_only_its_compartment() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let system = token(json!({"scope": "system/*.*"}));
+    let put = |path: &'static str, body: Value| {
+        let (server, system) = (&server, system.clone());
+        async move {
+            let (status, answer) = send(server, "PUT", path, Some(&system), Some(&body)).await;
+            assert_eq!(status, 201, "{path}: {answer}");
+        }
+    };
+    let observation = |id: &str, patient: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "heart rate"},
+               "subject": {"reference": format!("Patient/{patient}")}})
+    };
+    put("Patient/p1", json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Shared"}]})).await;
+    put("Patient/p2", json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "Shared"}]})).await;
+    put("Observation/o1", observation("o1", "p1")).await;
+    put("Observation/o2", observation("o2", "p2")).await;
+    put("Medication/m1", json!({"resourceType": "Medication", "id": "m1"})).await;
+
+    let own = token(json!({"scope": "launch/patient patient/Observation.cruds patient/Patient.rs", "patient": "p1"}));
+    let ids = |bundle: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = bundle["entry"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}/{}",
+                            e["resource"]["resourceType"].as_str().expect("type"),
+                            e["resource"]["id"].as_str().expect("id")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    };
+    for (path, expected) in [
+        ("Observation/o1", 200),
+        ("Observation/o2", 404),
+        ("Observation/o1/_history/1", 200),
+        ("Observation/o2/_history/1", 404),
+        ("Observation/o1/_history", 200),
+        ("Observation/o2/_history", 404),
+        ("Patient/p1", 200),
+        ("Patient/p2", 404),
+        ("Observation/nope", 404),
+        ("Medication/m1", 403),
+        ("Observation/_history", 403),
+    ] {
+        let (status, body) = send(&server, "GET", path, Some(&own), None).await;
+        assert_eq!(status, expected, "GET {path}: {body}");
+    }
+    for (query, expected) in [
+        ("Observation", vec!["Observation/o1"]),
+        ("Observation?code:text=heart", vec!["Observation/o1"]),
+        ("Observation?subject:Patient.name=Shared", vec!["Observation/o1"]),
+        ("Observation?_include=Observation:subject", vec!["Observation/o1", "Patient/p1"]),
+        ("Patient", vec!["Patient/p1"]),
+        ("Patient?name=Shared&_revinclude=Observation:subject", vec!["Observation/o1", "Patient/p1"]),
+        ("Patient/p1/Observation", vec!["Observation/o1"]),
+    ] {
+        let (status, bundle) = send(&server, "GET", query, Some(&own), None).await;
+        assert_eq!(status, 200, "{query}: {bundle}");
+        assert_eq!(ids(&bundle), expected, "{query}");
+    }
+    for query in ["Medication", "Patient/p2/Observation"] {
+        let (status, _) = send(&server, "GET", query, Some(&own), None).await;
+        assert_eq!(status, 403, "{query}");
+    }
+    // Writes stay inside the compartment.
+    let (status, _) = send(&server, "POST", "Observation", Some(&own), Some(&observation("x", "p1"))).await;
+    assert_eq!(status, 201);
+    let (status, _) = send(&server, "POST", "Observation", Some(&own), Some(&observation("x", "p2"))).await;
+    assert_eq!(status, 403, "creating another patient's Observation");
+    let (status, _) = send(&server, "PUT", "Observation/o2", Some(&own), Some(&observation("o2", "p1"))).await;
+    assert_eq!(status, 404, "taking over another patient's Observation");
+    let (status, _) = send(&server, "PUT", "Observation/o1", Some(&own), Some(&observation("o1", "p2"))).await;
+    assert_eq!(status, 403, "moving an Observation out of the compartment");
+    let (status, _) = send(&server, "DELETE", "Observation/o2", Some(&own), None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&server, "GET", "Observation/o2", Some(&system), None).await;
+    assert_eq!(status, 200, "o2 untouched");
+    // A batch checks each entry where it runs; a transaction refuses compartment-limited entries.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/o1"}},
+        {"request": {"method": "GET", "url": "Observation/o2"}}]});
+    let (status, answer) = send(&server, "POST", "", Some(&own), Some(&batch)).await;
+    assert_eq!(status, 200, "{answer}");
+    let statuses: Vec<&str> = answer["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["response"]["status"].as_str().expect("status"))
+        .collect();
+    assert_eq!(statuses, ["200 OK", "404 Not Found"]);
     server.stop().await;
 }

@@ -12,7 +12,7 @@ pub(super) async fn delete(
     ctx: &RequestContext,
     request: DeleteRequest,
 ) -> FhirResult<DeleteResult> {
-    super::authorize(ctx, Interaction::Delete, Some(request.resource_type))?;
+    super::authorize_reach(ctx, Interaction::Delete, Some(request.resource_type))?;
     let written = write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {
         Ok(match current {
             Some(current) if !current.is_deleted() => Attempt::Delete,

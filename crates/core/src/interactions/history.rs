@@ -17,9 +17,15 @@ pub(super) async fn history(
     match &request.scope {
         HistoryScope::System => super::authorize(ctx, Interaction::HistorySystem, None)?,
         HistoryScope::Type(t) => super::authorize(ctx, Interaction::HistoryType, Some(*t))?,
-        HistoryScope::Instance(t, _) => super::authorize(ctx, Interaction::HistoryInstance, Some(*t))?,
+        HistoryScope::Instance(..) => {}
     }
+    // Instance history within a patient's compartment shows the versions that were in it.
+    let reach = match &request.scope {
+        HistoryScope::Instance(t, _) => super::authorize_reach(ctx, Interaction::HistoryInstance, Some(*t))?,
+        _ => super::Reach::All,
+    };
     let limit = page_size(request.count.as_deref(), &svc.config)?;
+    let scope = request.scope.clone();
     let since = request
         .since
         .as_deref()
@@ -44,7 +50,7 @@ pub(super) async fn history(
     }
     let mut entries = svc
         .store
-        .history(&ctx.tenant, HistoryQuery { scope: request.scope, since, at, before_sequence, limit: limit + 1 })
+        .history(&ctx.tenant, HistoryQuery { scope: scope.clone(), since, at, before_sequence, limit: limit + 1 })
         .await?;
     let next_page_token = if entries.len() > limit {
         entries.truncate(limit);
@@ -52,6 +58,14 @@ pub(super) async fn history(
     } else {
         None
     };
+    if reach != super::Reach::All {
+        entries.retain(|version| reach.covers(version));
+        if entries.is_empty()
+            && let HistoryScope::Instance(t, id) = &scope
+        {
+            return Err(super::out_of_reach(*t, id));
+        }
+    }
     Ok(HistoryPage { entries, next_page_token })
 }
 

@@ -94,28 +94,104 @@ impl FhirResources {
     }
 }
 
-/// Checks that the caller may perform `interaction` on `resource_type` (`None`: system level).
-///
-/// Grants that reach only part of a type — a SMART `patient/` scope (the patient's compartment) or
-/// a v2 fine-grained scope (`?category=…`) — are refused for now with a 403 that says so: honouring
-/// them needs compartment-filtered searches and membership checks on reads and writes, which are
-/// not built yet. A refusal never says whether the resource exists.
+/// How much of a type a granted interaction reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// Every resource of the type.
+    All,
+    /// Only resources in this Patient's compartment (SMART `patient/` scopes).
+    Patient(String),
+}
+
+impl Reach {
+    /// Whether `version` (a live version with a body, or a tombstone) is within reach. A tombstone
+    /// has no body to place it in a compartment: only `All` reaches it.
+    pub(crate) fn covers(&self, version: &ResourceVersion) -> bool {
+        match self {
+            Reach::All => true,
+            Reach::Patient(patient) => version
+                .body
+                .as_deref()
+                .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+                .is_some_and(|resource| in_patient_compartment(version.resource_type, &resource, patient)),
+        }
+    }
+
+    /// Whether the resource JSON `resource` of `resource_type` is within reach.
+    pub(crate) fn covers_json(&self, resource_type: ResourceType, resource: &serde_json::Value) -> bool {
+        match self {
+            Reach::All => true,
+            Reach::Patient(patient) => in_patient_compartment(resource_type, resource, patient),
+        }
+    }
+}
+
+/// Is `resource` in Patient `patient`'s compartment (R4 CompartmentDefinition `patient`): the
+/// Patient itself, or a resource whose compartment parameters reference `Patient/{patient}`?
+pub(crate) fn in_patient_compartment(resource_type: ResourceType, resource: &serde_json::Value, patient: &str) -> bool {
+    use fhirmesh_fhir::search::compartments::compartment_params;
+    use fhirmesh_fhir::search::extract::extract_param;
+    use fhirmesh_fhir::search::{IndexValue, registry};
+    let patient_type = ResourceType::parse("Patient");
+    if Some(resource_type) == patient_type && resource.get("id").and_then(serde_json::Value::as_str) == Some(patient) {
+        return true;
+    }
+    let Some(patient_type) = patient_type else { return false };
+    compartment_params(patient_type, resource_type)
+        .iter()
+        .filter_map(|code| registry().get(resource_type, code))
+        .flat_map(|def| extract_param(resource, def))
+        .any(|value| {
+            matches!(value, IndexValue::Reference { target_type: Some(t), id: Some(id), .. }
+                if t == patient_type && id == patient)
+        })
+}
+
+/// Checks that the caller may perform `interaction` on `resource_type` (`None`: system level) and
+/// says how far the grant reaches. Grants limited by a v2 fine-grained scope (`?category=…`) are
+/// refused for now with a 403 that says so. A refusal never says whether the resource exists.
+pub(crate) fn authorize_reach(
+    ctx: &RequestContext,
+    interaction: Interaction,
+    resource_type: Option<ResourceType>,
+) -> FhirResult<Reach> {
+    match ctx.access.check(interaction, resource_type)? {
+        Permit::All => Ok(Reach::All),
+        Permit::PatientCompartment { patient } => Ok(Reach::Patient(patient)),
+        Permit::Filtered { .. } => Err(FhirError::new(
+            ErrorCategory::Forbidden,
+            format!(
+                "{interaction} on {} is granted only by a fine-grained scope (?param=value), which this \
+                 server does not enforce yet",
+                resource_type.map_or("the system", |t| t.as_str())
+            ),
+        )),
+    }
+}
+
+/// [`authorize_reach`] for interactions that cannot be limited to a compartment (yet): anything
+/// short of the whole type is refused with a 403 that says so.
 pub(crate) fn authorize(
     ctx: &RequestContext,
     interaction: Interaction,
     resource_type: Option<ResourceType>,
 ) -> FhirResult<()> {
-    match ctx.access.check(interaction, resource_type)? {
-        Permit::All => Ok(()),
-        Permit::PatientCompartment { .. } | Permit::Filtered { .. } => Err(FhirError::new(
+    match authorize_reach(ctx, interaction, resource_type)? {
+        Reach::All => Ok(()),
+        Reach::Patient(_) => Err(FhirError::new(
             ErrorCategory::Forbidden,
             format!(
-                "{interaction} on {} is granted only for part of the data (a patient compartment or a \
-                 fine-grained scope), which this server does not enforce yet; ask for a user/ or system/ scope",
+                "{interaction} on {} is granted only within a patient's compartment, which this interaction \
+                 cannot be limited to",
                 resource_type.map_or("the system", |t| t.as_str())
             ),
         )),
     }
+}
+
+/// The error for a resource outside the caller's compartment: the same as for a missing one.
+pub(crate) fn out_of_reach(resource_type: ResourceType, id: &LogicalId) -> FhirError {
+    read::not_found(resource_type, id)
 }
 
 #[async_trait]

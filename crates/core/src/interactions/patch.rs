@@ -13,7 +13,7 @@ use crate::error::{FhirError, FhirResult};
 use crate::service::{PatchDocument, PatchRequest, RequestContext, WriteResult};
 
 pub(super) async fn patch(svc: &FhirResources, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
-    super::authorize(ctx, Interaction::Patch, Some(request.resource_type))?;
+    super::authorize_reach(ctx, Interaction::Patch, Some(request.resource_type))?;
     let document: Value = match &request.patch {
         PatchDocument::JsonPatch(bytes) | PatchDocument::FhirPathPatch(bytes) => body::parse_json(bytes)?,
     };

@@ -14,9 +14,10 @@ pub(super) async fn read(
     resource_type: ResourceType,
     id: LogicalId,
 ) -> FhirResult<ResourceVersion> {
-    super::authorize(ctx, Interaction::Read, Some(resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Read, Some(resource_type))?;
     match svc.store.read(&ctx.tenant, resource_type, &id).await? {
         None => Err(not_found(resource_type, &id)),
+        Some(version) if !reach.covers(&version) => Err(super::out_of_reach(resource_type, &id)),
         Some(version) if version.is_deleted() => Err(gone(&version)),
         Some(version) => Ok(version),
     }

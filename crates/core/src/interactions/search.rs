@@ -31,13 +31,17 @@ pub(super) async fn search(
     ctx: &RequestContext,
     request: SearchRequest,
 ) -> FhirResult<SearchPage> {
-    match &request.scope {
+    let reach = match &request.scope {
         SearchScope::Type(t) | SearchScope::Compartment { member: Some(t), .. } => {
-            super::authorize(ctx, Interaction::SearchType, Some(*t))?
+            super::authorize_reach(ctx, Interaction::SearchType, Some(*t))?
         }
         SearchScope::System | SearchScope::Compartment { member: None, .. } => {
-            super::authorize(ctx, Interaction::SearchSystem, None)?
+            super::authorize_reach(ctx, Interaction::SearchSystem, None)?
         }
+    };
+    let mut request = request;
+    if let super::Reach::Patient(patient) = &reach {
+        request.scope = patient_compartment_scope(&request.scope, patient)?;
     }
     let index = svc.search_index()?;
     let options = ParseOptions {
@@ -62,8 +66,11 @@ pub(super) async fn search(
     let entries = current_versions(svc, &ctx.tenant, &page.hits).await?;
     let mut included =
         if query.count == 0 { Vec::new() } else { includes(svc, index, &ctx.tenant, &query, &entries).await? };
-    // `_include`/`_revinclude` never reveal a type the caller may not read.
-    included.retain(|version| super::authorize(ctx, Interaction::Read, Some(version.resource_type)).is_ok());
+    // `_include`/`_revinclude` never reveal what the caller may not read.
+    included.retain(|version| {
+        super::authorize_reach(ctx, Interaction::Read, Some(version.resource_type))
+            .is_ok_and(|reach| reach.covers(version))
+    });
     Ok(SearchPage {
         entries,
         included,
@@ -298,6 +305,36 @@ impl FhirResources {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The search a patient-scoped caller may run instead of `scope`: the same search inside its
+/// patient's compartment. Types outside the Patient compartment, and other compartments, are
+/// refused.
+fn patient_compartment_scope(scope: &SearchScope, patient: &str) -> FhirResult<SearchScope> {
+    use fhirmesh_fhir::search::compartments::compartment_params;
+    let patient_type =
+        ResourceType::parse("Patient").ok_or_else(|| FhirError::internal("Patient is a resource type"))?;
+    let refuse = |what: String| {
+        FhirError::new(
+            crate::error::ErrorCategory::Forbidden,
+            format!("{what}: the access token is limited to one patient's compartment"),
+        )
+    };
+    match scope {
+        SearchScope::Type(t) if *t == patient_type || !compartment_params(patient_type, *t).is_empty() => {
+            Ok(SearchScope::Compartment { compartment: patient_type, id: patient.to_owned(), member: Some(*t) })
+        }
+        SearchScope::Type(t) => Err(refuse(format!("{t} is not in the Patient compartment"))),
+        SearchScope::System => {
+            Ok(SearchScope::Compartment { compartment: patient_type, id: patient.to_owned(), member: None })
+        }
+        SearchScope::Compartment { compartment, id, .. } if *compartment == patient_type && id == patient => {
+            Ok(scope.clone())
+        }
+        SearchScope::Compartment { compartment, .. } => {
+            Err(refuse(format!("a search in another {compartment} compartment")))
         }
     }
 }

@@ -16,9 +16,10 @@ pub(super) async fn vread(
     id: LogicalId,
     version_id: u64,
 ) -> FhirResult<ResourceVersion> {
-    super::authorize(ctx, Interaction::Vread, Some(resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Vread, Some(resource_type))?;
     match svc.store.vread(&ctx.tenant, resource_type, &id, version_id).await? {
         None => Err(FhirError::not_found(format!("{resource_type}/{id} has no version {version_id}"))),
+        Some(version) if !reach.covers(&version) => Err(super::out_of_reach(resource_type, &id)),
         Some(version) if version.is_deleted() => Err(gone(&version)),
         Some(version) => Ok(version),
     }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::FhirResources;
 use super::body::{self, IdRule};
+use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::{Operation, ResourceVersion};
 use crate::ports::{Expected, StoreError, VersionWrite};
@@ -43,6 +44,19 @@ pub(super) async fn with_retries(
             Attempt::Delete => (Operation::Delete, None),
             Attempt::Write { resource, size } => (Operation::Update, Some((resource, size))),
         };
+        // A patient-scoped caller changes only what is, and stays, in its patient's compartment.
+        let interaction = if operation == Operation::Delete { Interaction::Delete } else { Interaction::Update };
+        let reach = super::authorize_reach(ctx, interaction, Some(resource_type))?;
+        if let Some(current) = current.as_ref().filter(|c| !c.is_deleted())
+            && !reach.covers(current)
+        {
+            return Err(super::out_of_reach(resource_type, id));
+        }
+        if let Some((resource, _)) = &body
+            && !reach.covers_json(resource_type, resource)
+        {
+            return Err(super::create::outside_compartment(resource_type));
+        }
         let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
         let last_updated = body::now();
         let body = match body {
