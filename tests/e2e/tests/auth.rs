@@ -268,8 +268,8 @@ async fn smart_scopes_over_http() {
         (user("user/Patient.cruds"), "POST", "Patient", 201),
         (system.clone(), "GET", "_history", 200),
         (token(json!({"scope": "patient/Patient.rs", "patient": "p1"})), "GET", "Patient/p1", 200),
-        // Fine-grained scopes are refused until their enforcement lands.
-        (user("user/Patient.rs?gender=female"), "GET", "Patient/p1", 403),
+        // A fine-grained scope the Patient does not match: as if it did not exist.
+        (user("user/Patient.rs?gender=female"), "GET", "Patient/p1", 404),
     ];
     for (token, method, path, expected) in cells {
         let body = (method == "POST").then(|| json!({"resourceType": "Patient"}));
@@ -495,5 +495,58 @@ async fn a_patient_token_sees_only_its_compartment() {
         .map(|e| e["response"]["status"].as_str().expect("status"))
         .collect();
     assert_eq!(statuses, ["200 OK", "404 Not Found"]);
+    server.stop().await;
+}
+
+/// SMART v2 fine-grained scopes (`?category=…`): searches are narrowed, reads of anything else look
+/// like misses, and writes must match.
+#[tokio::test]
+async fn fine_grained_scopes_narrow_what_a_token_reaches() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let system = token(json!({"scope": "system/*.*"}));
+    const CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+    let observation = |id: &str, category: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+               "category": [{"coding": [{"system": CATEGORY, "code": category}]}],
+               "subject": {"reference": "Patient/p1"}})
+    };
+    for (id, category) in [("lab1", "laboratory"), ("vit1", "vital-signs"), ("soc1", "social-history")] {
+        let path = format!("Observation/{id}");
+        let (status, _) = send(&server, "PUT", &path, Some(&system), Some(&observation(id, category))).await;
+        assert_eq!(status, 201);
+    }
+    let labs = token(json!({"fhirUser": "Practitioner/dr1",
+        "scope": format!("user/Observation.cruds?category={CATEGORY}|laboratory")}));
+    let ids = |bundle: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = bundle["entry"].as_array().map_or_else(Vec::new, |entries| {
+            entries.iter().map(|e| e["resource"]["id"].as_str().expect("id").to_owned()).collect()
+        });
+        ids.sort();
+        ids
+    };
+    let (status, bundle) = send(&server, "GET", "Observation", Some(&labs), None).await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(ids(&bundle), ["lab1"]);
+    let (status, _) = send(&server, "GET", "Observation/lab1", Some(&labs), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(&server, "GET", "Observation/vit1", Some(&labs), None).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&server, "POST", "Observation", Some(&labs), Some(&observation("n1", "laboratory"))).await;
+    assert_eq!(status, 201);
+    let (status, _) = send(&server, "POST", "Observation", Some(&labs), Some(&observation("n2", "vital-signs"))).await;
+    assert_eq!(status, 403);
+    let (status, _) =
+        send(&server, "PUT", "Observation/lab1", Some(&labs), Some(&observation("lab1", "vital-signs"))).await;
+    assert_eq!(status, 403, "a write may not move a resource out of the scope");
+    // Two scopes on the same parameter are ORed.
+    let two = token(json!({"fhirUser": "Practitioner/dr1", "scope": format!(
+        "user/Observation.rs?category={CATEGORY}|laboratory user/Observation.rs?category={CATEGORY}|vital-signs")}));
+    let (status, bundle) = send(&server, "GET", "Observation?status=final", Some(&two), None).await;
+    assert_eq!(status, 200, "{bundle}");
+    let found = ids(&bundle);
+    assert_eq!(found.len(), 3, "lab1, vit1 and the created laboratory one: {found:?}");
+    assert!(
+        found.contains(&"lab1".to_owned()) && found.contains(&"vit1".to_owned()) && !found.contains(&"soc1".to_owned())
+    );
     server.stop().await;
 }

@@ -101,6 +101,10 @@ pub(crate) enum Reach {
     All,
     /// Only resources in this Patient's compartment (SMART `patient/` scopes).
     Patient(String),
+    /// Only resources matching one of these sets of search parameters (SMART v2 fine-grained
+    /// scopes such as `user/Observation.rs?category=laboratory`), within a patient's compartment
+    /// when `patient` is set.
+    Filtered { alternatives: Vec<Vec<(String, String)>>, patient: Option<String> },
 }
 
 impl Reach {
@@ -109,11 +113,11 @@ impl Reach {
     pub(crate) fn covers(&self, version: &ResourceVersion) -> bool {
         match self {
             Reach::All => true,
-            Reach::Patient(patient) => version
+            _ => version
                 .body
                 .as_deref()
                 .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
-                .is_some_and(|resource| in_patient_compartment(version.resource_type, &resource, patient)),
+                .is_some_and(|resource| self.covers_json(version.resource_type, &resource)),
         }
     }
 
@@ -122,8 +126,25 @@ impl Reach {
         match self {
             Reach::All => true,
             Reach::Patient(patient) => in_patient_compartment(resource_type, resource, patient),
+            Reach::Filtered { alternatives, patient } => {
+                patient.as_deref().is_none_or(|patient| in_patient_compartment(resource_type, resource, patient))
+                    && alternatives.iter().any(|params| matches_params(resource_type, resource, params))
+            }
         }
     }
+}
+
+/// Whether `resource` matches every one of `params`, with the same semantics as a search.
+fn matches_params(resource_type: ResourceType, resource: &serde_json::Value, params: &[(String, String)]) -> bool {
+    use fhirmesh_fhir::search::evaluate::{Doc, matches};
+    use fhirmesh_fhir::search::parse::{ParseOptions, parse_search};
+    use fhirmesh_fhir::search::query::SearchScope;
+    let options = ParseOptions { strict: true, default_count: 1, max_count: 1 };
+    let Ok(query) = parse_search(&SearchScope::Type(resource_type), params, &options) else { return false };
+    let id = resource.get("id").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+    let doc = Doc { resource_type, id, entries: fhirmesh_fhir::search::extract::extract(resource) };
+    let now = time::OffsetDateTime::now_utc();
+    query.criteria.iter().all(|criterion| matches(criterion, &doc, std::slice::from_ref(&doc), now))
 }
 
 /// Is `resource` in Patient `patient`'s compartment (R4 CompartmentDefinition `patient`): the
@@ -148,28 +169,20 @@ pub(crate) fn in_patient_compartment(resource_type: ResourceType, resource: &ser
 }
 
 /// Checks that the caller may perform `interaction` on `resource_type` (`None`: system level) and
-/// says how far the grant reaches. Grants limited by a v2 fine-grained scope (`?category=…`) are
-/// refused for now with a 403 that says so. A refusal never says whether the resource exists.
+/// says how far the grant reaches. A refusal never says whether the resource exists.
 pub(crate) fn authorize_reach(
     ctx: &RequestContext,
     interaction: Interaction,
     resource_type: Option<ResourceType>,
 ) -> FhirResult<Reach> {
-    match ctx.access.check(interaction, resource_type)? {
-        Permit::All => Ok(Reach::All),
-        Permit::PatientCompartment { patient } => Ok(Reach::Patient(patient)),
-        Permit::Filtered { .. } => Err(FhirError::new(
-            ErrorCategory::Forbidden,
-            format!(
-                "{interaction} on {} is granted only by a fine-grained scope (?param=value), which this \
-                 server does not enforce yet",
-                resource_type.map_or("the system", |t| t.as_str())
-            ),
-        )),
-    }
+    Ok(match ctx.access.check(interaction, resource_type)? {
+        Permit::All => Reach::All,
+        Permit::PatientCompartment { patient } => Reach::Patient(patient),
+        Permit::Filtered { alternatives, patient } => Reach::Filtered { alternatives, patient },
+    })
 }
 
-/// [`authorize_reach`] for interactions that cannot be limited to a compartment (yet): anything
+/// [`authorize_reach`] for interactions that cannot be limited to part of a type (yet): anything
 /// short of the whole type is refused with a 403 that says so.
 pub(crate) fn authorize(
     ctx: &RequestContext,
@@ -178,11 +191,11 @@ pub(crate) fn authorize(
 ) -> FhirResult<()> {
     match authorize_reach(ctx, interaction, resource_type)? {
         Reach::All => Ok(()),
-        Reach::Patient(_) => Err(FhirError::new(
+        Reach::Patient(_) | Reach::Filtered { .. } => Err(FhirError::new(
             ErrorCategory::Forbidden,
             format!(
-                "{interaction} on {} is granted only within a patient's compartment, which this interaction \
-                 cannot be limited to",
+                "{interaction} on {} is granted only for part of the data (a patient's compartment or a \
+                 fine-grained scope), which this interaction cannot be limited to",
                 resource_type.map_or("the system", |t| t.as_str())
             ),
         )),

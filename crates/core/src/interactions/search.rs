@@ -40,8 +40,15 @@ pub(super) async fn search(
         }
     };
     let mut request = request;
-    if let super::Reach::Patient(patient) = &reach {
-        request.scope = patient_compartment_scope(&request.scope, patient)?;
+    match &reach {
+        super::Reach::All => {}
+        super::Reach::Patient(patient) => request.scope = patient_compartment_scope(&request.scope, patient)?,
+        super::Reach::Filtered { alternatives, patient } => {
+            if let Some(patient) = patient {
+                request.scope = patient_compartment_scope(&request.scope, patient)?;
+            }
+            request.params.extend(filter_params(alternatives)?);
+        }
     }
     let index = svc.search_index()?;
     let options = ParseOptions {
@@ -336,5 +343,25 @@ fn patient_compartment_scope(scope: &SearchScope, patient: &str) -> FhirResult<S
         SearchScope::Compartment { compartment, .. } => {
             Err(refuse(format!("a search in another {compartment} compartment")))
         }
+    }
+}
+
+/// The search parameters that limit a search to what fine-grained scopes grant: one set of
+/// parameters is added as is (AND); several sets of one and the same parameter become one
+/// parameter with the values ORed (`category=a,b`). Other combinations cannot be expressed as one
+/// FHIR search and are refused.
+fn filter_params(alternatives: &[Vec<(String, String)>]) -> FhirResult<Vec<(String, String)>> {
+    match alternatives {
+        [only] => Ok(only.clone()),
+        [first, ..] if alternatives.iter().all(|a| a.len() == 1 && first.len() == 1 && a[0].0 == first[0].0) => {
+            // A comma inside one value is escaped (R4 search, "Escaping Search Parameters").
+            let values: Vec<String> = alternatives.iter().map(|a| a[0].1.replace(',', "\\,")).collect();
+            Ok(vec![(first[0].0.clone(), values.join(","))])
+        }
+        _ => Err(FhirError::new(
+            crate::error::ErrorCategory::Forbidden,
+            "the access token's fine-grained scopes for this type cannot be combined into one search; \
+             search with one of them at a time",
+        )),
     }
 }
