@@ -482,7 +482,20 @@ async fn a_patient_token_sees_only_its_compartment() {
     assert_eq!(status, 404);
     let (status, _) = send(&server, "GET", "Observation/o2", Some(&system), None).await;
     assert_eq!(status, 200, "o2 untouched");
-    // A batch checks each entry where it runs; a transaction refuses compartment-limited entries.
+    // A transaction's writes must stay in the compartment, or none happens.
+    let tx = |patient: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"request": {"method": "POST", "url": "Observation"}, "resource": observation("t", "p1")},
+            {"request": {"method": "POST", "url": "Observation"}, "resource": observation("t", patient)}]})
+    };
+    let (status, answer) = send(&server, "POST", "", Some(&own), Some(&tx("p1"))).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, before) = send(&server, "GET", "Observation?_total=accurate", Some(&system), None).await;
+    let (status, answer) = send(&server, "POST", "", Some(&own), Some(&tx("p2"))).await;
+    assert_eq!(status, 403, "{answer}");
+    let (_, after) = send(&server, "GET", "Observation?_total=accurate", Some(&system), None).await;
+    assert_eq!(before["total"], after["total"], "nothing of the refused transaction was written");
+    // A batch checks each entry where it runs.
     let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Observation/o1"}},
         {"request": {"method": "GET", "url": "Observation/o2"}}]});

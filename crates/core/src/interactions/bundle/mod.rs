@@ -41,8 +41,9 @@ pub(super) async fn bundle(
         BundleKind::Transaction => {
             super::authorize(ctx, Interaction::Transaction, None)?;
             // All or nothing: an entry the caller may not perform fails the whole transaction.
+            // Grants that reach part of a type are checked again on the planned writes.
             for entry in &entries {
-                super::authorize(ctx, entry.interaction(), Some(entry.target.resource_type()))
+                super::authorize_reach(ctx, entry.interaction(), Some(entry.target.resource_type()))
                     .map_err(|err| in_entry(err, entry))?;
             }
             transaction::transaction(svc, ctx, &entries).await

@@ -120,6 +120,7 @@ async fn attempt(svc: &FhirResources, ctx: &RequestContext, entries: &[Entry]) -
         plan_entry(svc, ctx, entry, &currents, &mut plan).await.map_err(|err| in_entry(err, entry))?;
     }
     resolve_references(svc, ctx, entries, &mut plan).await?;
+    check_reach(ctx, entries, &plan.writes)?;
 
     let last_updated = body::now();
     let writes = prepare(std::mem::take(&mut plan.writes), entries, last_updated).await?;
@@ -172,6 +173,28 @@ async fn attempt(svc: &FhirResources, ctx: &RequestContext, entries: &[Entry]) -
         })
         .collect::<FhirResult<Vec<_>>>()?;
     Ok(Some(BundleResult { kind: BundleKind::Transaction, entries, last_sequence }))
+}
+
+/// A caller whose grant reaches only part of a type (a patient's compartment, a fine-grained scope)
+/// changes only resources that are, and stay, within it: checked on the planned writes, with
+/// references resolved, before anything is committed.
+fn check_reach(ctx: &RequestContext, entries: &[Entry], writes: &[Pending]) -> FhirResult<()> {
+    for pending in writes {
+        let entry = &entries[pending.entry];
+        let reach = super::super::authorize_reach(ctx, entry.interaction(), Some(pending.resource_type))
+            .map_err(|err| in_entry(err, entry))?;
+        if let Some(current) = pending.current.as_ref().filter(|c| !c.is_deleted())
+            && !reach.covers(current)
+        {
+            return Err(in_entry(super::super::out_of_reach(pending.resource_type, &pending.id), entry));
+        }
+        if let Change::Put { resource, .. } = &pending.change
+            && !reach.covers_json(pending.resource_type, resource)
+        {
+            return Err(in_entry(super::super::create::outside_compartment(pending.resource_type), entry));
+        }
+    }
+    Ok(())
 }
 
 /// `Type/id/_history/vid`.
