@@ -447,7 +447,6 @@ async fn a_patient_token_sees_only_its_compartment() {
         ("Patient/p2", 404),
         ("Observation/nope", 404),
         ("Medication/m1", 403),
-        ("Observation/_history", 403),
     ] {
         let (status, body) = send(&server, "GET", path, Some(&own), None).await;
         assert_eq!(status, expected, "GET {path}: {body}");
@@ -465,6 +464,9 @@ async fn a_patient_token_sees_only_its_compartment() {
         assert_eq!(status, 200, "{query}: {bundle}");
         assert_eq!(ids(&bundle), expected, "{query}");
     }
+    let (status, history) = send(&server, "GET", "Observation/_history", Some(&own), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&history), ["Observation/o1"], "type history shows only the compartment's versions");
     for query in ["Medication", "Patient/p2/Observation"] {
         let (status, _) = send(&server, "GET", query, Some(&own), None).await;
         assert_eq!(status, 403, "{query}");
@@ -480,8 +482,18 @@ async fn a_patient_token_sees_only_its_compartment() {
     assert_eq!(status, 403, "moving an Observation out of the compartment");
     let (status, _) = send(&server, "DELETE", "Observation/o2", Some(&own), None).await;
     assert_eq!(status, 404);
+    // Conditional writes do not see what is outside the compartment.
+    let (status, _) = send(&server, "DELETE", "Observation?_id=o2", Some(&own), None).await;
+    assert!(status == 200 || status == 204, "no reachable match is not an error: {status}");
+    let mut moved = observation("o2", "p1");
+    moved.as_object_mut().expect("object").remove("id");
+    let (status, answer) = send(&server, "PUT", "Observation?_id=o2", Some(&own), Some(&moved)).await;
+    assert_eq!(status, 201, "no reachable match: a new Observation in the compartment: {answer}");
+    assert_ne!(answer["id"], "o2");
     let (status, _) = send(&server, "GET", "Observation/o2", Some(&system), None).await;
     assert_eq!(status, 200, "o2 untouched");
+    let (_, o2) = send(&server, "GET", "Observation/o2", Some(&system), None).await;
+    assert_eq!(o2["subject"]["reference"], "Patient/p2");
     // A transaction's writes must stay in the compartment, or none happens.
     let tx = |patient: &str| {
         json!({"resourceType": "Bundle", "type": "transaction", "entry": [

@@ -21,7 +21,7 @@ pub(super) async fn update(
     ctx: &RequestContext,
     request: ConditionalUpdateRequest,
 ) -> FhirResult<WriteResult> {
-    super::authorize(ctx, Interaction::Update, Some(request.resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Update, Some(request.resource_type))?;
     let mut resource = body::parse_json(&request.body)?;
     let body_id = match resource.get("id") {
         None => None,
@@ -30,7 +30,7 @@ pub(super) async fn update(
         ),
         Some(_) => return Err(FhirError::invalid("id must be a string").at("id")),
     };
-    let mut found = super::search::find(svc, &ctx.tenant, request.resource_type, &request.criteria, 2).await?;
+    let mut found = find_within(svc, ctx, &reach, request.resource_type, &request.criteria, 2).await?;
     let body_has_id = body_id.is_some();
     let target = match found.len() {
         0 => match body_id {
@@ -84,9 +84,9 @@ pub(super) async fn delete(
     ctx: &RequestContext,
     request: ConditionalDeleteRequest,
 ) -> FhirResult<ConditionalDeleteResult> {
-    super::authorize(ctx, Interaction::Delete, Some(request.resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Delete, Some(request.resource_type))?;
     let limit = if svc.config.conditional_delete_multiple { svc.config.max_page_size } else { 2 };
-    let found = super::search::find(svc, &ctx.tenant, request.resource_type, &request.criteria, limit).await?;
+    let found = find_within(svc, ctx, &reach, request.resource_type, &request.criteria, limit).await?;
     if found.len() > 1 && !svc.config.conditional_delete_multiple {
         return Err(FhirError::new(
             ErrorCategory::PreconditionFailed,
@@ -104,4 +104,26 @@ pub(super) async fn delete(
         }
     }
     Ok(ConditionalDeleteResult { deleted })
+}
+
+/// The live resources matching a condition that the caller can reach, at most `limit` of them.
+/// What lies outside a partial grant (a patient's compartment, a fine-grained scope) does not
+/// exist for the caller: it is neither counted nor changed. Under such a grant the search looks
+/// further (up to the page limit), so out-of-reach matches do not hide reachable ones.
+async fn find_within(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    reach: &super::Reach,
+    resource_type: fhirmesh_fhir::ResourceType,
+    criteria: &[(String, String)],
+    limit: usize,
+) -> FhirResult<Vec<crate::model::ResourceVersion>> {
+    if *reach == super::Reach::All {
+        return super::search::find(svc, &ctx.tenant, resource_type, criteria, limit).await;
+    }
+    let mut found =
+        super::search::find(svc, &ctx.tenant, resource_type, criteria, svc.config.max_page_size.max(limit)).await?;
+    found.retain(|version| reach.covers(version));
+    found.truncate(limit);
+    Ok(found)
 }

@@ -14,15 +14,12 @@ pub(super) async fn history(
     ctx: &RequestContext,
     request: HistoryRequest,
 ) -> FhirResult<HistoryPage> {
-    match &request.scope {
-        HistoryScope::System => super::authorize(ctx, Interaction::HistorySystem, None)?,
-        HistoryScope::Type(t) => super::authorize(ctx, Interaction::HistoryType, Some(*t))?,
-        HistoryScope::Instance(..) => {}
-    }
-    // Instance history within a patient's compartment shows the versions that were in it.
+    // Under a partial grant (a patient's compartment, a fine-grained scope) history shows the
+    // versions that were within reach; deletes, which carry no body to place, are left out.
     let reach = match &request.scope {
+        HistoryScope::System => super::authorize_reach(ctx, Interaction::HistorySystem, None)?,
+        HistoryScope::Type(t) => super::authorize_reach(ctx, Interaction::HistoryType, Some(*t))?,
         HistoryScope::Instance(t, _) => super::authorize_reach(ctx, Interaction::HistoryInstance, Some(*t))?,
-        _ => super::Reach::All,
     };
     let limit = page_size(request.count.as_deref(), &svc.config)?;
     let scope = request.scope.clone();
