@@ -18,7 +18,16 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub auth: AuthConfig,
     pub tenancy: TenancyConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
+}
+
+/// The audit trail: one `fhirmesh::audit` log record per request always; AuditEvent resources
+/// when asked (one write per request, in the request's tenant).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    pub store_events: bool,
 }
 
 /// How callers authenticate and what they may do.

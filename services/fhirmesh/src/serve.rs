@@ -138,6 +138,7 @@ async fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         auth: gateway_auth,
         smart_configuration,
         multi_tenant: config.tenancy.enabled,
+        audit_events: config.audit.store_events,
     })
 }
 

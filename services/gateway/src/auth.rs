@@ -13,8 +13,10 @@ use axum::middleware::Next;
 use axum::response::Response;
 use fhirmesh_authn::{Claims, Verifier};
 use fhirmesh_core::auth::{Access, AccessPolicy, Principal};
-use fhirmesh_core::{ErrorCategory, FhirError, TenantId};
-use http::{HeaderValue, StatusCode, Uri};
+use fhirmesh_core::service::CreateRequest;
+use fhirmesh_core::{ErrorCategory, FhirError, RequestContext, TenantId};
+use fhirmesh_fhir::ResourceType;
+use http::{HeaderValue, Method, StatusCode, Uri};
 
 use crate::SharedGateway;
 use crate::response::error_response;
@@ -55,12 +57,14 @@ impl Default for ClaimNames {
 #[derive(Debug, Clone)]
 pub(crate) struct PathTenant(pub TenantId);
 
-/// Who made the request, copied into the response's extensions for the audit record.
-#[derive(Debug, Clone)]
+/// Who made the request and for which tenant, copied into the response's extensions for the
+/// audit record.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct AuditWho {
-    subject: String,
+    subject: Option<String>,
     fhir_user: Option<String>,
     client_id: Option<String>,
+    tenant: Option<TenantId>,
 }
 
 /// Strips `{base}/tenant/{id}` from the URI of a multi-tenant request, so the FHIR routes match,
@@ -109,7 +113,9 @@ pub(crate) async fn authenticate(State(gw): State<SharedGateway>, mut request: R
     }
     let Some(auth) = &gw.config.auth else {
         request.extensions_mut().insert(Arc::new(Access::unrestricted()));
-        return next.run(request).await;
+        let mut response = next.run(request).await;
+        response.extensions_mut().insert(AuditWho { tenant: path_tenant, ..AuditWho::default() });
+        return response;
     };
     let token = match bearer(&request) {
         Ok(token) => token.to_owned(),
@@ -141,9 +147,10 @@ pub(crate) async fn authenticate(State(gw): State<SharedGateway>, mut request: R
         Err(error) => return error_response(&error, false),
     };
     let who = AuditWho {
-        subject: principal.subject.clone(),
+        subject: Some(principal.subject.clone()),
         fhir_user: principal.fhir_user.clone(),
         client_id: principal.client_id.clone(),
+        tenant: path_tenant,
     };
     request.extensions_mut().insert(Arc::new(access));
     let mut response = next.run(request).await;
@@ -205,11 +212,14 @@ fn forbidden(message: &str) -> Response {
 
 /// Outermost middleware: one structured record per request on the `fhirmesh::audit` target — who,
 /// what (method and path, never the query or body: they may hold PHI), where from, the request id,
-/// the outcome and the duration.
-pub(crate) async fn audit(mut request: Request, next: Next) -> Response {
+/// the outcome and the duration — and, when configured, an AuditEvent resource.
+pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    if path == "/healthz" || path == "/metrics" {
+        return next.run(request).await;
+    }
     let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
     // The request id the handlers log and pass on: the client's, or a new one.
     let request_id = match request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -223,19 +233,112 @@ pub(crate) async fn audit(mut request: Request, next: Next) -> Response {
         }
     };
     let response = next.run(request).await;
-    let who = response.extensions().get::<AuditWho>();
+    let who = response.extensions().get::<AuditWho>().cloned().unwrap_or_default();
+    let status = response.status().as_u16();
     tracing::info!(
         target: "fhirmesh::audit",
         method = %method,
         path = %path,
-        status = response.status().as_u16(),
-        subject = who.map(|w| w.subject.as_str()),
-        fhir_user = who.and_then(|w| w.fhir_user.as_deref()),
-        client_id = who.and_then(|w| w.client_id.as_deref()),
+        status,
+        subject = who.subject.as_deref(),
+        fhir_user = who.fhir_user.as_deref(),
+        client_id = who.client_id.as_deref(),
         source = source.as_deref(),
         request_id = %request_id,
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );
+    if gw.config.audit_events {
+        let event = audit_event(&gw.config.base_path, &method, &path, status, &who, source.as_deref());
+        let ctx = RequestContext {
+            tenant: who.tenant.clone().unwrap_or_default(),
+            request_id: Some(request_id),
+            ..RequestContext::default()
+        };
+        let service = gw.service.clone();
+        // Off the request's path: the answer does not wait for its audit trail.
+        tokio::spawn(async move {
+            let Some(resource_type) = ResourceType::parse("AuditEvent") else { return };
+            let create = CreateRequest { resource_type, body: event.to_string().into(), if_none_exist: None };
+            if let Err(error) = service.create(&ctx, create).await {
+                tracing::warn!(target: "fhirmesh::audit", error = %error, "could not store the AuditEvent");
+            }
+        });
+    }
     response
+}
+
+/// The AuditEvent (R4, `rest` type) of one request.
+fn audit_event(
+    base_path: &str,
+    method: &Method,
+    path: &str,
+    status: u16,
+    who: &AuditWho,
+    source: Option<&str>,
+) -> serde_json::Value {
+    let rest = path.strip_prefix(base_path).unwrap_or(path);
+    let rest = match rest.strip_prefix("/tenant/") {
+        Some(tail) => tail.split_once('/').map_or("", |(_, tail)| tail),
+        None => rest.trim_start_matches('/'),
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let (interaction, action) = match (method.as_str(), segments.as_slice()) {
+        ("GET", [] | ["_history"]) => ("search-system", "E"),
+        ("GET", ["metadata"]) => ("capabilities", "E"),
+        ("GET", [_, "_history"]) => ("history-type", "R"),
+        ("GET", [_]) => ("search-type", "E"),
+        ("GET", [_, _]) => ("read", "R"),
+        ("GET", [_, _, "_history"]) => ("history-instance", "R"),
+        ("GET", [_, _, "_history", _]) => ("vread", "R"),
+        ("GET", [_, _, _]) => ("search-type", "E"),
+        ("POST", []) => ("transaction", "E"),
+        ("POST", [_, "_search"]) => ("search-type", "E"),
+        ("POST", [_]) => ("create", "C"),
+        ("PUT", _) => ("update", "U"),
+        ("PATCH", _) => ("patch", "U"),
+        ("DELETE", _) => ("delete", "D"),
+        _ => ("operation", "E"),
+    };
+    let outcome = match status {
+        0..400 => "0",
+        400..500 => "4",
+        _ => "8",
+    };
+    let mut agent = serde_json::json!({"requestor": true});
+    match (&who.fhir_user, &who.subject) {
+        (Some(fhir_user), _) => agent["who"] = serde_json::json!({"reference": fhir_user}),
+        (None, Some(subject)) => agent["who"] = serde_json::json!({"identifier": {"value": subject}}),
+        (None, None) => agent["who"] = serde_json::json!({"display": "anonymous (auth.mode = none)"}),
+    }
+    if let Some(client) = &who.client_id {
+        agent["altId"] = serde_json::json!(client);
+    }
+    if let Some(address) = source {
+        agent["network"] = serde_json::json!({"address": address, "type": "2"});
+    }
+    let mut event = serde_json::json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                 "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}],
+        "action": action,
+        "recorded": fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
+        "outcome": outcome,
+        "agent": [agent],
+        "source": {"observer": {"display": "fhirmesh"}, "type": [{
+            "system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "3",
+            "display": "Web Server"}]}
+    });
+    if let [resource_type, id, ..] = segments.as_slice()
+        && ResourceType::parse(resource_type).is_some()
+        && !id.starts_with('_')
+    {
+        event["entity"] = serde_json::json!([{"what": {"reference": format!("{resource_type}/{id}")}}]);
+    } else if let [resource_type] = segments.as_slice()
+        && ResourceType::parse(resource_type).is_some()
+    {
+        event["entity"] = serde_json::json!([{"what": {"display": resource_type}}]);
+    }
+    event
 }

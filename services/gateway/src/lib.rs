@@ -45,6 +45,8 @@ pub struct GatewayConfig {
     pub smart_configuration: Option<serde_json::Value>,
     /// Every FHIR route lives under `/tenant/{tenantId}/`.
     pub multi_tenant: bool,
+    /// Store an AuditEvent resource per request (besides the `fhirmesh::audit` log record).
+    pub audit_events: bool,
 }
 
 pub(crate) struct Gateway {
@@ -68,6 +70,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         started: fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
     });
     let metrics_state = gateway.clone();
+    let audit_state = gateway.clone();
     let public = Router::new()
         .route("/metadata", get(handlers::metadata))
         .route("/.well-known/smart-configuration", get(handlers::smart_configuration));
@@ -117,7 +120,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(metrics::metrics).with_state(metrics_state))
         .fallback_service(fhir)
-        .layer(axum::middleware::from_fn(auth::audit))
+        .layer(axum::middleware::from_fn_with_state(audit_state, auth::audit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(response::panic_response))
 }
 

@@ -575,3 +575,65 @@ async fn fine_grained_scopes_narrow_what_a_token_reaches() {
     );
     server.stop().await;
 }
+
+/// With `audit.store_events`, every FHIR request also leaves an AuditEvent resource saying who
+/// did what to which resource, with what outcome.
+#[tokio::test]
+async fn requests_leave_audit_events_when_asked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut jwk = serde_json::to_value(Jwk::from_encoding_key(&rsa_key("rsa-a.pem"), Algorithm::RS256).expect("jwk"))
+        .expect("jwk json");
+    jwk["kid"] = json!("rsa-a");
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).expect("writes the JWKS");
+    let server = TestServer::start_with(|config| {
+        config.auth.mode = AuthMode::Jwt;
+        config.auth.issuer = Some(ISSUER.to_owned());
+        config.auth.audience = vec![AUDIENCE.to_owned()];
+        config.auth.jwks_file = Some(jwks.clone());
+        config.audit.store_events = true;
+    })
+    .await;
+    let admin = token(json!({"cognito:groups": ["practitioner"], "sub": "auditor-test-user"}));
+    let (status, _) =
+        send(&server, "PUT", "Patient/a1", Some(&admin), Some(&json!({"resourceType": "Patient", "id": "a1"}))).await;
+    assert_eq!(status, 201);
+    let (status, _) = send(&server, "GET", "Patient/a1", Some(&admin), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = send(&server, "GET", "Patient/missing", Some(&admin), None).await;
+    assert_eq!(status, 404);
+
+    // Stored off the request path: wait (bounded) until all three are searchable.
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let (_, bundle) = send(&server, "GET", "AuditEvent?_count=100", Some(&admin), None).await;
+        events = bundle["entry"].as_array().cloned().unwrap_or_default();
+        let about_patients = events
+            .iter()
+            .filter(|e| {
+                e["resource"]["entity"][0]["what"]["reference"].as_str().is_some_and(|r| r.starts_with("Patient/"))
+            })
+            .count();
+        if about_patients >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let find = |reference: &str, interaction: &str| {
+        events
+            .iter()
+            .map(|e| &e["resource"])
+            .find(|e| e["entity"][0]["what"]["reference"] == reference && e["subtype"][0]["code"] == interaction)
+            .cloned()
+            .unwrap_or_else(|| panic!("an AuditEvent for {interaction} of {reference} in {events:?}"))
+    };
+    let update = find("Patient/a1", "update");
+    assert_eq!((update["action"].as_str(), update["outcome"].as_str()), (Some("U"), Some("0")));
+    assert_eq!(update["agent"][0]["who"]["identifier"]["value"], "auditor-test-user");
+    assert_eq!(update["agent"][0]["network"]["address"], "127.0.0.1");
+    let read = find("Patient/a1", "read");
+    assert_eq!((read["action"].as_str(), read["outcome"].as_str()), (Some("R"), Some("0")));
+    let missing = find("Patient/missing", "read");
+    assert_eq!(missing["outcome"], "4", "a failed request is recorded as a minor failure");
+    server.stop().await;
+}
