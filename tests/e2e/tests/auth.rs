@@ -200,6 +200,11 @@ async fn rbac_matrix_over_http() {
         ("non-practitioner", "GET", "Claim/c1", None, 200),
         ("non-practitioner", "GET", "Claim/c1/_history/1", None, 200),
         ("non-practitioner", "GET", "Claim?patient=Patient/p1", None, 200),
+        // Filtering by a Patient's data needs the right to search Patients.
+        ("non-practitioner", "GET", "Claim?patient:Patient.name=x", None, 403),
+        ("non-practitioner", "GET", "Claim?_has:ClaimResponse:request:status=active", None, 200),
+        ("non-practitioner", "GET", "Claim?_has:Task:focus:status=ready", None, 403),
+        ("practitioner", "GET", "Claim?patient:Patient.name=x", None, 200),
         ("non-practitioner", "GET", "Patient/p1", None, 403),
         ("non-practitioner", "POST", "Patient", Some(&new_patient), 403),
         ("non-practitioner", "DELETE", "Claim/c1", None, 403),
@@ -360,6 +365,33 @@ async fn tenants_never_see_each_other() {
         status == 400 || status == 412,
         "a conditional reference to tenant a's data fails in tenant b: {status} {body}"
     );
+    // _include follows references inside the tenant: Patient/p1 is tenant b's own.
+    let obs_b = json!({"resourceType": "Observation", "id": "ob", "status": "final", "code": {"text": "x"},
+                       "subject": {"reference": "Patient/p1"}});
+    let (status, _) = send(&server, "PUT", "tenant/b/Observation/ob", None, Some(&obs_b)).await;
+    assert_eq!(status, 201);
+    let (_, bundle) = send(&server, "GET", "tenant/b/Observation?_include=Observation:subject", None, None).await;
+    let families: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["resource"]["name"][0]["family"].as_str())
+        .collect();
+    assert_eq!(families, ["Family-b"], "{bundle}");
+    // Conditional create: tenant a's match does not count in tenant b.
+    let response = server
+        .client
+        .post(server.url("tenant/b/Patient"))
+        .header("content-type", "application/fhir+json")
+        .header("if-none-exist", "identifier=urn:mrn|nope-only-in-a")
+        .body(
+            json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "nope-only-in-a"}]})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 201, "created in tenant b although tenant a has a match");
     // The CapabilityStatement's base is the tenant's; a request without a tenant goes nowhere.
     let (_, statement) = send(&server, "GET", "tenant/b/metadata", None, None).await;
     assert!(statement["implementation"]["url"].as_str().expect("url").ends_with("/tenant/b"), "{statement}");

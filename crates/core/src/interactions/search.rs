@@ -58,6 +58,7 @@ pub(super) async fn search(
     };
     let mut query = parse_search(&request.scope, &request.params, &options)
         .map_err(|err| FhirError::with_issues(crate::error::ErrorCategory::Invalid, err.issues))?;
+    linked_types_allowed(ctx, &query.criteria)?;
     if query.summary == Some(SummaryMode::Count) {
         // Only the total is wanted: no page, no includes.
         query.count = 0;
@@ -364,4 +365,30 @@ fn filter_params(alternatives: &[Vec<(String, String)>]) -> FhirResult<Vec<(Stri
              search with one of them at a time",
         )),
     }
+}
+
+/// A chain (`subject:Patient.name=…`) or `_has` filters by another type's data: the caller must be
+/// allowed to search that type too, or the filter would answer questions about data it may not see.
+/// (A partial grant on the linked type is enough; the filter is not narrowed by it.)
+fn linked_types_allowed(ctx: &RequestContext, criteria: &[Criterion]) -> FhirResult<()> {
+    let chain_allowed = |chain: &[fhirmesh_fhir::search::query::ChainLink]| -> FhirResult<()> {
+        for link in chain {
+            for target in &link.targets {
+                super::authorize_reach(ctx, Interaction::SearchType, Some(*target))?;
+            }
+        }
+        Ok(())
+    };
+    for criterion in criteria {
+        match criterion {
+            Criterion::Match(m) => chain_allowed(&m.chain)?,
+            Criterion::Missing { chain, .. } => chain_allowed(chain)?,
+            Criterion::Has(has) => {
+                super::authorize_reach(ctx, Interaction::SearchType, Some(has.resource_type))?;
+                linked_types_allowed(ctx, std::slice::from_ref(&*has.criterion))?;
+            }
+            Criterion::AnyOf(inner) => linked_types_allowed(ctx, inner)?,
+        }
+    }
+    Ok(())
 }
