@@ -288,6 +288,12 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
         if let Some(addr) = running.http_addr {
             tracing::info!(%addr, "fhir api listening");
             println!("fhirmesh: FHIR API listening on http://{addr}{}", config.server.base_path);
+            if config.auth.mode == AuthMode::None {
+                println!(
+                    "fhirmesh: WARNING: auth.mode = none — NO AUTHENTICATION, anyone who can reach this port may \
+                     read and write everything (fine on a laptop; set [auth] mode = \"jwt\" anywhere else)"
+                );
+            }
         }
         if let Some(addr) = running.grpc_addr {
             tracing::info!(%addr, "grpc resource service listening");
