@@ -154,3 +154,32 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
     }
     statement
 }
+
+/// `/.well-known/smart-configuration` (SMART App Launch 2.0): what this resource server supports,
+/// with the authorization server's endpoints when configured.
+pub fn smart_configuration(
+    issuer: Option<&str>,
+    authorize: Option<&str>,
+    token: Option<&str>,
+    jwks_uri: Option<&str>,
+) -> Value {
+    let mut document = json!({
+        "issuer": issuer,
+        "authorization_endpoint": authorize,
+        "token_endpoint": token,
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+        "scopes_supported": ["openid", "fhirUser", "launch/patient", "offline_access",
+                             "patient/*.rs", "user/*.cruds", "system/*.cruds",
+                             "patient/*.read", "user/*.read", "user/*.write", "system/*.read", "system/*.write"],
+        "response_types_supported": ["code"],
+        "capabilities": ["launch-standalone", "client-public", "client-confidential-symmetric",
+                         "client-confidential-asymmetric", "context-standalone-patient", "permission-patient",
+                         "permission-user", "permission-v1", "permission-v2"],
+        "code_challenge_methods_supported": ["S256"]
+    });
+    if let Some(url) = jwks_uri {
+        document["jwks_uri"] = json!(url);
+    }
+    document
+}

@@ -115,7 +115,12 @@ async fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
                         authorize: auth.smart_authorize_url.clone(),
                         token: auth.smart_token_url.clone(),
                     },
-                    Some(smart_configuration(auth)),
+                    Some(fhirmesh_core::capabilities::smart_configuration(
+                        auth.issuer.as_deref(),
+                        auth.smart_authorize_url.as_deref(),
+                        auth.smart_token_url.as_deref(),
+                        auth.jwks_url.as_deref(),
+                    )),
                 ),
             };
             let claims = ClaimNames { groups: auth.groups_claim.clone(), tenant: auth.tenant_claim.clone() };
@@ -174,29 +179,6 @@ fn load_rbac_rules(path: &std::path::Path) -> anyhow::Result<RbacRules> {
         toml::from_str(&text).with_context(|| format!("{} is not valid RBAC rules", path.display()))?;
     rules.validate().map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
     Ok(rules)
-}
-
-/// `/.well-known/smart-configuration` (SMART App Launch 2.0, section 2.0.6).
-fn smart_configuration(auth: &AuthConfig) -> serde_json::Value {
-    let mut document = serde_json::json!({
-        "issuer": auth.issuer,
-        "authorization_endpoint": auth.smart_authorize_url,
-        "token_endpoint": auth.smart_token_url,
-        "grant_types_supported": ["authorization_code", "client_credentials"],
-        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
-        "scopes_supported": ["openid", "fhirUser", "launch/patient", "offline_access",
-                             "patient/*.rs", "user/*.cruds", "system/*.cruds",
-                             "patient/*.read", "user/*.read", "user/*.write", "system/*.read", "system/*.write"],
-        "response_types_supported": ["code"],
-        "capabilities": ["launch-standalone", "client-public", "client-confidential-symmetric",
-                         "client-confidential-asymmetric", "context-standalone-patient", "permission-patient",
-                         "permission-user", "permission-v1", "permission-v2"],
-        "code_challenge_methods_supported": ["S256"]
-    });
-    if let Some(url) = &auth.jwks_url {
-        document["jwks_uri"] = serde_json::json!(url);
-    }
-    document
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -1,6 +1,6 @@
 //! create (POST /{type}), including conditional create (`If-None-Exist`).
 
-use fhirmesh_fhir::{LogicalId, ResourceType};
+use fhirmesh_fhir::LogicalId;
 
 use super::FhirResources;
 use super::body::{self, IdRule};
@@ -18,7 +18,7 @@ pub(super) async fn create(
     let reach = super::authorize_reach(ctx, Interaction::Create, Some(request.resource_type))?;
     let resource = body::parse_json(&request.body)?;
     if !reach.covers_json(request.resource_type, &resource) {
-        return Err(outside_compartment(request.resource_type));
+        return Err(super::outside_reach(request.resource_type));
     }
 
     if let Some(query) = &request.if_none_exist {
@@ -85,12 +85,4 @@ pub(super) async fn create(
         }
     }
     Err(FhirError::internal("could not allocate a resource id"))
-}
-
-/// A patient-scoped caller wrote a resource that would not be in its patient's compartment.
-pub(super) fn outside_compartment(resource_type: ResourceType) -> FhirError {
-    FhirError::new(
-        crate::error::ErrorCategory::Forbidden,
-        format!("this {resource_type} would not be in the patient compartment the access token is limited to"),
-    )
 }

@@ -12,13 +12,14 @@ pub(super) async fn delete(
     ctx: &RequestContext,
     request: DeleteRequest,
 ) -> FhirResult<DeleteResult> {
-    super::authorize_reach(ctx, Interaction::Delete, Some(request.resource_type))?;
-    let written = write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {
-        Ok(match current {
-            Some(current) if !current.is_deleted() => Attempt::Delete,
-            _ => Attempt::Skip,
+    let reach = super::authorize_reach(ctx, Interaction::Delete, Some(request.resource_type))?;
+    let written =
+        write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, &reach, |current| {
+            Ok(match current {
+                Some(current) if !current.is_deleted() => Attempt::Delete,
+                _ => Attempt::Skip,
+            })
         })
-    })
-    .await?;
+        .await?;
     Ok(DeleteResult { version_id: written.map(|w| w.version.version_id) })
 }

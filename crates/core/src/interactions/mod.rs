@@ -121,6 +121,27 @@ impl Reach {
         }
     }
 
+    /// A write by a caller with this reach: the current version (when live) and the new resource
+    /// (when there is one) must both be within it — nothing is changed from outside, or moved out.
+    pub(crate) fn check_write(
+        &self,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        current: Option<&ResourceVersion>,
+        new: Option<&serde_json::Value>,
+    ) -> FhirResult<()> {
+        if *self == Reach::All {
+            return Ok(());
+        }
+        if current.filter(|c| !c.is_deleted()).is_some_and(|c| !self.covers(c)) {
+            return Err(out_of_reach(resource_type, id));
+        }
+        if new.is_some_and(|resource| !self.covers_json(resource_type, resource)) {
+            return Err(outside_reach(resource_type));
+        }
+        Ok(())
+    }
+
     /// Whether the resource JSON `resource` of `resource_type` is within reach.
     pub(crate) fn covers_json(&self, resource_type: ResourceType, resource: &serde_json::Value) -> bool {
         match self {
@@ -202,9 +223,19 @@ pub(crate) fn authorize(
     }
 }
 
-/// The error for a resource outside the caller's compartment: the same as for a missing one.
+/// The error for a resource outside the caller's reach: the same as for a missing one.
 pub(crate) fn out_of_reach(resource_type: ResourceType, id: &LogicalId) -> FhirError {
     read::not_found(resource_type, id)
+}
+
+/// A caller with a partial grant wrote a resource that would be outside it.
+pub(crate) fn outside_reach(resource_type: ResourceType) -> FhirError {
+    FhirError::new(
+        ErrorCategory::Forbidden,
+        format!(
+            "this {resource_type} would be outside what the access token is limited to (a patient's compartment or a fine-grained scope)"
+        ),
+    )
 }
 
 #[async_trait]

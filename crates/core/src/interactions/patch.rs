@@ -13,7 +13,7 @@ use crate::error::{FhirError, FhirResult};
 use crate::service::{PatchDocument, PatchRequest, RequestContext, WriteResult};
 
 pub(super) async fn patch(svc: &FhirResources, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
-    super::authorize_reach(ctx, Interaction::Patch, Some(request.resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Patch, Some(request.resource_type))?;
     let document: Value = match &request.patch {
         PatchDocument::JsonPatch(bytes) | PatchDocument::FhirPathPatch(bytes) => body::parse_json(bytes)?,
     };
@@ -23,7 +23,7 @@ pub(super) async fn patch(svc: &FhirResources, ctx: &RequestContext, request: Pa
         return Err(FhirError::invalid("a FHIRPath Patch body must be a Parameters resource").at("resourceType"));
     }
     let (resource_type, id) = (request.resource_type, request.id.clone());
-    write::with_retries(svc, ctx, resource_type, &id, request.if_match, |current| {
+    write::with_retries(svc, ctx, resource_type, &id, request.if_match, &reach, |current| {
         let current = match current {
             None => return Err(not_found(resource_type, &id)),
             Some(current) if current.is_deleted() => return Err(gone(current)),

@@ -14,10 +14,10 @@ pub(super) async fn update(
     ctx: &RequestContext,
     request: UpdateRequest,
 ) -> FhirResult<WriteResult> {
-    super::authorize_reach(ctx, Interaction::Update, Some(request.resource_type))?;
+    let reach = super::authorize_reach(ctx, Interaction::Update, Some(request.resource_type))?;
     let resource: Value = body::parse_json(&request.body)?;
     let update_create = svc.config.update_create;
-    write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, |current| {
+    write::with_retries(svc, ctx, request.resource_type, &request.id, request.if_match, &reach, |current| {
         if current.is_none() && !update_create {
             return Err(FhirError::new(
                 ErrorCategory::MethodNotAllowed,

@@ -7,7 +7,6 @@ use serde_json::Value;
 
 use super::FhirResources;
 use super::body::{self, IdRule};
-use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::{Operation, ResourceVersion};
 use crate::ports::{Expected, StoreError, VersionWrite};
@@ -25,13 +24,15 @@ pub(super) enum Attempt {
 
 /// Runs `decide` against the current version and commits what it returns, re-reading and
 /// retrying when another writer got there first — unless the client pinned a version with
-/// `If-Match`, in which case losing the race is a 412.
+/// `If-Match`, in which case losing the race is a 412. `reach` is what the caller's grant for the
+/// interaction reaches: the write must stay within it.
 pub(super) async fn with_retries(
     svc: &FhirResources,
     ctx: &RequestContext,
     resource_type: ResourceType,
     id: &LogicalId,
     if_match: Option<u64>,
+    reach: &super::Reach,
     mut decide: impl FnMut(Option<&ResourceVersion>) -> FhirResult<Attempt>,
 ) -> FhirResult<Option<WriteResult>> {
     for _ in 0..=svc.config.max_write_retries {
@@ -44,19 +45,7 @@ pub(super) async fn with_retries(
             Attempt::Delete => (Operation::Delete, None),
             Attempt::Write { resource, size } => (Operation::Update, Some((resource, size))),
         };
-        // A patient-scoped caller changes only what is, and stays, in its patient's compartment.
-        let interaction = if operation == Operation::Delete { Interaction::Delete } else { Interaction::Update };
-        let reach = super::authorize_reach(ctx, interaction, Some(resource_type))?;
-        if let Some(current) = current.as_ref().filter(|c| !c.is_deleted())
-            && !reach.covers(current)
-        {
-            return Err(super::out_of_reach(resource_type, id));
-        }
-        if let Some((resource, _)) = &body
-            && !reach.covers_json(resource_type, resource)
-        {
-            return Err(super::create::outside_compartment(resource_type));
-        }
+        reach.check_write(resource_type, id, current.as_ref(), body.as_ref().map(|(resource, _)| resource))?;
         let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
         let last_updated = body::now();
         let body = match body {

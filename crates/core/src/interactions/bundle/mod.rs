@@ -41,12 +41,15 @@ pub(super) async fn bundle(
         BundleKind::Transaction => {
             super::authorize(ctx, Interaction::Transaction, None)?;
             // All or nothing: an entry the caller may not perform fails the whole transaction.
-            // Grants that reach part of a type are checked again on the planned writes.
-            for entry in &entries {
-                super::authorize_reach(ctx, entry.interaction(), Some(entry.target.resource_type()))
-                    .map_err(|err| in_entry(err, entry))?;
-            }
-            transaction::transaction(svc, ctx, &entries).await
+            // Grants that reach part of a type are applied to the planned writes.
+            let reaches = entries
+                .iter()
+                .map(|entry| {
+                    super::authorize_reach(ctx, entry.interaction(), Some(entry.target.resource_type()))
+                        .map_err(|err| in_entry(err, entry))
+                })
+                .collect::<FhirResult<Vec<_>>>()?;
+            transaction::transaction(svc, ctx, &entries, &reaches).await
         }
         // Each batch entry is checked where it runs, and fails alone.
         BundleKind::Batch => {

@@ -19,8 +19,8 @@ use super::entry::{Entry, Method, Target};
 use super::references::{self, RewriteError};
 use super::{in_entry, read_entry};
 use crate::error::{ErrorCategory, FhirError, FhirResult};
-use crate::interactions::FhirResources;
 use crate::interactions::body::{self, IdRule};
+use crate::interactions::{FhirResources, Reach};
 use crate::model::{Operation, ResourceVersion};
 use crate::ports::{Expected, StoreError, VersionWrite};
 use crate::service::{BundleKind, BundleResult, EntryResult, PatchDocument, RequestContext};
@@ -29,9 +29,10 @@ pub(super) async fn transaction(
     svc: &FhirResources,
     ctx: &RequestContext,
     entries: &[Entry],
+    reaches: &[Reach],
 ) -> FhirResult<BundleResult> {
     for _ in 0..=svc.config.max_write_retries {
-        if let Some(result) = attempt(svc, ctx, entries).await? {
+        if let Some(result) = attempt(svc, ctx, entries, reaches).await? {
             return Ok(result);
         }
         tracing::debug!("transaction lost a version race; planning it again");
@@ -111,7 +112,12 @@ impl Plan {
 }
 
 /// Plans and commits once; `None` when the commit lost a version race.
-async fn attempt(svc: &FhirResources, ctx: &RequestContext, entries: &[Entry]) -> FhirResult<Option<BundleResult>> {
+async fn attempt(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    entries: &[Entry],
+    reaches: &[Reach],
+) -> FhirResult<Option<BundleResult>> {
     let mut plan = Plan { results: vec![None; entries.len()], ..Plan::default() };
     let currents = current_versions(svc, ctx, entries).await?;
     let mut ordered: Vec<&Entry> = entries.iter().collect();
@@ -120,7 +126,7 @@ async fn attempt(svc: &FhirResources, ctx: &RequestContext, entries: &[Entry]) -
         plan_entry(svc, ctx, entry, &currents, &mut plan).await.map_err(|err| in_entry(err, entry))?;
     }
     resolve_references(svc, ctx, entries, &mut plan).await?;
-    check_reach(ctx, entries, &plan.writes)?;
+    check_reach(entries, reaches, &plan.writes)?;
 
     let last_updated = body::now();
     let writes = prepare(std::mem::take(&mut plan.writes), entries, last_updated).await?;
@@ -176,23 +182,17 @@ async fn attempt(svc: &FhirResources, ctx: &RequestContext, entries: &[Entry]) -
 }
 
 /// A caller whose grant reaches only part of a type (a patient's compartment, a fine-grained scope)
-/// changes only resources that are, and stay, within it: checked on the planned writes, with
-/// references resolved, before anything is committed.
-fn check_reach(ctx: &RequestContext, entries: &[Entry], writes: &[Pending]) -> FhirResult<()> {
+/// changes only resources that are, and stay, within it (`reaches[i]` is entry `i`'s): checked on
+/// the planned writes, with references resolved, before anything is committed.
+fn check_reach(entries: &[Entry], reaches: &[Reach], writes: &[Pending]) -> FhirResult<()> {
     for pending in writes {
-        let entry = &entries[pending.entry];
-        let reach = super::super::authorize_reach(ctx, entry.interaction(), Some(pending.resource_type))
-            .map_err(|err| in_entry(err, entry))?;
-        if let Some(current) = pending.current.as_ref().filter(|c| !c.is_deleted())
-            && !reach.covers(current)
-        {
-            return Err(in_entry(super::super::out_of_reach(pending.resource_type, &pending.id), entry));
-        }
-        if let Change::Put { resource, .. } = &pending.change
-            && !reach.covers_json(pending.resource_type, resource)
-        {
-            return Err(in_entry(super::super::create::outside_compartment(pending.resource_type), entry));
-        }
+        let new = match &pending.change {
+            Change::Put { resource, .. } => Some(resource),
+            Change::Delete => None,
+        };
+        reaches[pending.entry]
+            .check_write(pending.resource_type, &pending.id, pending.current.as_ref(), new)
+            .map_err(|err| in_entry(err, &entries[pending.entry]))?;
     }
     Ok(())
 }
