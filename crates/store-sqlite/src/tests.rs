@@ -421,8 +421,6 @@ async fn deletes_are_kept_as_tombstones() {
     assert_eq!((current.version_id, current.body.as_ref(), current.sequence), (2, None, 2));
     let old = store.vread(&tenant, rt("Patient"), &lid("a"), 1).await.expect("vread").expect("found");
     assert!(old.body.is_some());
-    let found = store.find_by_identifier(&tenant, rt("Patient"), None, "x", 10).await;
-    assert_eq!(found, Ok(vec![]), "a deleted resource is not found by identifier");
 
     // A tombstone is a version: Absent no longer holds, Version(2) does.
     let recreate = store.commit(&tenant, vec![create("Patient", "a", t(3))]).await;
@@ -627,76 +625,9 @@ async fn tenants_never_see_each_other() {
         assert_eq!(h2.iter().map(|v| v.sequence).collect::<Vec<_>>(), vec![3, 2], "{scope:?}");
     }
 
-    let found1 = store.find_by_identifier(&one, rt("Patient"), Some("urn:mrn"), "42", 10).await;
-    assert_eq!(found1.expect("find").iter().map(|v| v.sequence).collect::<Vec<_>>(), vec![1]);
-    // Tenant two's current version (v2) has no identifier any more; its v1 had one.
-    let found2 = store.find_by_identifier(&two, rt("Patient"), Some("urn:mrn"), "42", 10).await;
-    assert_eq!(found2, Ok(vec![]));
-
     let changes = store.changes_after(0, 10).await.expect("changes");
     let tenants: Vec<(&str, u64)> = changes.iter().map(|c| (c.tenant.as_str(), c.version.sequence)).collect();
     assert_eq!(tenants, vec![("one", 1), ("two", 2), ("two", 3)]);
-}
-
-// ---------------------------------------------------------------------------------------------
-// find_by_identifier
-
-#[tokio::test]
-async fn find_by_identifier_with_and_without_system() {
-    let dir = TempDir::new().expect("temp dir");
-    let store = open(&dir);
-    let tenant = tenant("t1");
-    let with = |id: &str, identifiers: serde_json::Value| {
-        put("Patient", id, Expected::Absent, 1, t(1), Some(body("Patient", id, &identifiers)))
-    };
-    let writes = vec![
-        with("p1", json!([{"system": "urn:a", "value": "1"}, {"system": "urn:b", "value": "2"}])),
-        with("p2", json!([{"system": "urn:b", "value": "1"}])),
-        with("p3", json!([{"value": "1"}])),
-        with("p4", json!([{"system": "urn:a", "value": "11"}, "not an object", 7])),
-        // The 0..1 form some resources use: a single object.
-        with("p5", json!({"system": "urn:a", "value": "1"})),
-        put("Patient", "p6", Expected::Absent, 1, t(1), Some(Bytes::from_static(b"not json {"))),
-        put("Patient", "p7", Expected::Absent, 1, t(1), Some(Bytes::from_static(b"{\"resourceType\":\"Patient\"}"))),
-        put(
-            "Observation",
-            "o1",
-            Expected::Absent,
-            1,
-            t(1),
-            Some(body("Observation", "o1", &json!([{"system": "urn:a", "value": "1"}]))),
-        ),
-    ];
-    store.commit(&tenant, writes).await.expect("commit");
-    let find = |system: Option<&'static str>, value: &'static str, limit: usize| {
-        let (store, tenant) = (store.clone(), tenant.clone());
-        async move {
-            let found = store.find_by_identifier(&tenant, rt("Patient"), system, value, limit).await.expect("find");
-            found.iter().map(|v| v.id.to_string()).collect::<Vec<_>>()
-        }
-    };
-    assert_eq!(find(None, "1", 10).await, vec!["p1", "p2", "p3", "p5"]);
-    assert_eq!(find(Some("urn:a"), "1", 10).await, vec!["p1", "p5"]);
-    assert_eq!(find(Some("urn:b"), "1", 10).await, vec!["p2"]);
-    assert_eq!(find(Some("urn:b"), "2", 10).await, vec!["p1"]);
-    assert_eq!(find(Some("urn:a"), "11", 10).await, vec!["p4"]);
-    assert_eq!(find(Some("urn:c"), "1", 10).await, Vec::<String>::new());
-    assert_eq!(find(None, "3", 10).await, Vec::<String>::new());
-    assert_eq!(find(None, "1", 2).await, vec!["p1", "p2"]);
-    assert_eq!(find(None, "1", 0).await, Vec::<String>::new());
-
-    // Only current versions count.
-    let moved = put(
-        "Patient",
-        "p2",
-        Expected::Version(1),
-        2,
-        t(2),
-        Some(body("Patient", "p2", &json!([{"system": "urn:b", "value": "9"}]))),
-    );
-    commit_one(&store, &tenant, moved).await;
-    assert_eq!(find(Some("urn:b"), "1", 10).await, Vec::<String>::new());
-    assert_eq!(find(Some("urn:b"), "9", 10).await, vec!["p2"]);
 }
 
 // ---------------------------------------------------------------------------------------------

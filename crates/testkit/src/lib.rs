@@ -3,10 +3,15 @@
 //! [`TestServer`] starts the same composition `fhirmesh serve` runs (gateway + resource + relay on
 //! SQLite), in-process, on 127.0.0.1 port 0 with a fresh temporary data directory, so tests talk
 //! real HTTP to real wiring. Not for production use.
+//!
+//! `FHIRMESH_TEST_STORE=dynamodb` runs every [`TestServer`] on the DynamoDB store instead, in a
+//! fresh table of the DynamoDB API at `FHIRMESH_TEST_AWS_ENDPOINT` (moto, started by
+//! `tools/testinfra/with-infra.sh`): the same HTTP suite, another backend.
 
 use std::path::Path;
 
 use fhirmesh::{Config, Running, Target};
+pub use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name};
 use serde_json::Value;
 
 /// A running in-process fhirmesh, stopped on [`TestServer::stop`].
@@ -31,6 +36,7 @@ impl TestServer {
         let mut config = Config::default();
         config.server.listen = "127.0.0.1:0".into();
         config.storage.data_dir = data_dir.path().to_path_buf();
+        use_test_store(&mut config);
         adjust(&mut config);
         config.validate().expect("test configuration is valid");
         let running = fhirmesh::serve::start(&config, Target::All).await.expect("fhirmesh starts");
@@ -41,6 +47,11 @@ impl TestServer {
             running: Some(running),
             data_dir,
         }
+    }
+
+    /// Whether this run tests the DynamoDB store (`FHIRMESH_TEST_STORE=dynamodb`).
+    pub fn on_dynamodb() -> bool {
+        std::env::var("FHIRMESH_TEST_STORE").is_ok_and(|store| store == "dynamodb")
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -76,6 +87,28 @@ impl TestServer {
         let response = self.client.get(self.url(path)).send().await.expect("request sent");
         status_and_json(response).await
     }
+}
+
+/// Points `config` at the store this test run is for (see the crate docs).
+pub fn use_test_store(config: &mut Config) {
+    match std::env::var("FHIRMESH_TEST_STORE").as_deref() {
+        Err(_) | Ok("" | "sqlite") => {}
+        Ok("dynamodb") => use_dynamodb(config),
+        Ok(other) => panic!("FHIRMESH_TEST_STORE={other:?}: expected sqlite or dynamodb"),
+    }
+}
+
+/// Resources in a fresh table of the test DynamoDB API (created at start-up).
+pub fn use_dynamodb(config: &mut Config) {
+    config.storage.backend = fhirmesh::config::StorageBackend::Dynamodb;
+    config.aws.endpoint_url = Some(aws_endpoint());
+    config.aws.region = Some("us-east-1".into());
+    config.dynamodb.table = unique_name("e2e");
+    config.dynamodb.create_table = true;
+    // moto answers DynamoDB requests one at a time (see tools/testinfra/moto_serial.py) and slowly
+    // on a 2-core machine running many tests at once: give the relay → indexer hop the time it
+    // needs there before a search gives up waiting for its own writes.
+    config.resource.consistency_wait_ms = 10_000;
 }
 
 /// Status and JSON body (Null when the body is empty).

@@ -14,6 +14,13 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub aws: AwsConfig,
+    pub dynamodb: DynamoDbConfig,
+    pub bus: BusConfig,
+    pub nats: NatsSection,
+    pub sns_sqs: SnsSqsSection,
+    pub blob: BlobConfig,
+    pub relay: RelaySection,
     pub resource: ResourceSection,
     pub gateway: GatewaySection,
     pub auth: AuthConfig,
@@ -133,10 +140,172 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Directory of the embedded SQLite database.
+    /// Where resources live: `sqlite` (embedded, under `data_dir`) or `dynamodb` (see
+    /// `[dynamodb]` and `[aws]`). The search index stays under `data_dir` either way.
+    pub backend: StorageBackend,
+    /// Directory of the embedded SQLite database and search index.
     pub data_dir: PathBuf,
     /// fsync every commit (group-committed). Turn off only for throwaway data.
     pub durable: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sqlite,
+    Dynamodb,
+}
+
+/// Where the AWS services are: region and credentials come from the standard AWS chain
+/// (environment, profile, web identity / IRSA, instance metadata) unless set here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsConfig {
+    /// e.g. "us-east-1"; from the environment when unset.
+    pub region: Option<String>,
+    /// Endpoint override for every AWS service (moto, LocalStack, a VPC endpoint).
+    pub endpoint_url: Option<String>,
+}
+
+/// The DynamoDB resource store (`storage.backend = "dynamodb"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamoDbConfig {
+    pub table: String,
+    /// Create the table at start-up when it is missing (development and tests; production
+    /// deployments run `fhirmesh provision` with broader permissions once).
+    pub create_table: bool,
+    /// How long a reserved but uncommitted change-log sequence stays open before readers void it.
+    pub hole_timeout_ms: u64,
+}
+
+/// Where binaries and export files live: local files under `storage.data_dir/blobs`, or an S3
+/// bucket (with `[aws]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobConfig {
+    pub backend: BlobBackend,
+    /// The bucket (`backend = "s3"`).
+    pub bucket: String,
+    /// Prefix of every object key in the bucket (before the tenant), e.g. "fhirmesh/".
+    pub key_prefix: String,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig { backend: BlobBackend::Local, bucket: "fhirmesh-blobs".into(), key_prefix: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    #[default]
+    Local,
+    S3,
+}
+
+/// Where the relay reads committed changes from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySection {
+    /// `change_log`: the store's change log in sequence order (SQLite or DynamoDB); `streams`:
+    /// DynamoDB Streams with shard leases, so several relays share the shards (DynamoDB only).
+    pub source: RelaySource,
+    /// The Streams relay's lease and checkpoint table; `{dynamodb.table}-leases` when unset.
+    pub lease_table: Option<String>,
+    /// This relay's name in the leases; `{HOSTNAME}-{pid}` when unset.
+    pub worker_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelaySource {
+    #[default]
+    ChangeLog,
+    Streams,
+}
+
+/// The event bus change events travel on between services.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// `in_process` (one process: `serve` without `--target`), `nats` (JetStream) or `sns_sqs`.
+    pub backend: BusBackend,
+    /// Create the streams/topics/queues at start-up when missing (development and tests; in
+    /// production run `fhirmesh provision` once).
+    pub provision: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusBackend {
+    #[default]
+    InProcess,
+    Nats,
+    SnsSqs,
+}
+
+/// NATS JetStream (`bus.backend = "nats"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsSection {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub dead_letter_stream: String,
+    pub dead_letter_subject_prefix: String,
+    /// Redelivery of an unacknowledged event after this many seconds.
+    pub ack_wait_seconds: u64,
+    /// Deliveries of one event before it goes to the dead-letter stream.
+    pub max_deliver: i64,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        let defaults = fhirmesh_bus::NatsConfig::default();
+        NatsSection {
+            url: defaults.url,
+            stream: defaults.stream,
+            subject_prefix: defaults.subject_prefix,
+            dead_letter_stream: defaults.dead_letter_stream,
+            dead_letter_subject_prefix: defaults.dead_letter_subject_prefix,
+            ack_wait_seconds: defaults.ack_wait.as_secs(),
+            max_deliver: defaults.max_deliver,
+        }
+    }
+}
+
+/// SNS + SQS (`bus.backend = "sns_sqs"`): one topic, one queue (+ dead-letter queue) per
+/// consuming service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnsSqsSection {
+    pub topic_name: String,
+    pub queue_prefix: String,
+    pub visibility_timeout_seconds: u64,
+    /// Receives of one message before SQS moves it to the dead-letter queue.
+    pub max_receive_count: u32,
+}
+
+impl Default for SnsSqsSection {
+    fn default() -> Self {
+        let defaults = fhirmesh_bus::SnsSqsConfig::default();
+        SnsSqsSection {
+            topic_name: defaults.topic_name,
+            queue_prefix: defaults.queue_prefix,
+            visibility_timeout_seconds: defaults.visibility_timeout.as_secs(),
+            max_receive_count: defaults.max_receive_count,
+        }
+    }
+}
+
+impl Default for DynamoDbConfig {
+    fn default() -> Self {
+        DynamoDbConfig { table: "fhirmesh-resources".into(), create_table: false, hole_timeout_ms: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,7 +358,7 @@ impl Default for ServerConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./data"), durable: true }
+        StorageConfig { backend: StorageBackend::Sqlite, data_dir: PathBuf::from("./data"), durable: true }
     }
 }
 
@@ -286,6 +455,25 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         parse_addr("server.listen", &self.server.listen)?;
+        if self.storage.backend == StorageBackend::Dynamodb {
+            if self.dynamodb.table.is_empty() {
+                bail!("dynamodb.table must name a table");
+            }
+            if self.dynamodb.hole_timeout_ms < 1000 {
+                bail!(
+                    "dynamodb.hole_timeout_ms must be at least 1000 (longer than any commit), got {}",
+                    self.dynamodb.hole_timeout_ms
+                );
+            }
+        }
+        if self.relay.source == RelaySource::Streams && self.storage.backend != StorageBackend::Dynamodb {
+            bail!("relay.source = \"streams\" reads DynamoDB Streams: it needs storage.backend = \"dynamodb\"");
+        }
+        if let Some(url) = &self.aws.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("aws.endpoint_url must be an http(s) URL, got {url:?}");
+        }
         parse_addr("resource.grpc_listen", &self.resource.grpc_listen)?;
         let base = &self.server.base_path;
         if !base.is_empty() && (!base.starts_with('/') || base.ends_with('/') || base.contains("//")) {

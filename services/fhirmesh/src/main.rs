@@ -35,6 +35,10 @@ enum Command {
     /// Rebuild the search index from the store's change log (e.g. after a search-parameter change
     /// or a lost index); a running server keeps serving meanwhile.
     Reindex(ServeArgs),
+    /// Create what the configured backends need, idempotently: the DynamoDB table (with its
+    /// stream and indexes), NATS streams or the SNS topic with SQS queues and dead-letter queues,
+    /// the S3 bucket. Safe to run on every deploy.
+    Provision(ServeArgs),
     /// Measure a FHIR server (this one or any other): named scenarios, bounded in time and
     /// requests, throughput and latency percentiles, against a bare-hyper baseline.
     Bench(fhirmesh::tools::BenchArgs),
@@ -102,6 +106,7 @@ enum Action {
     Serve,
     PrintConfig,
     Reindex,
+    Provision,
 }
 
 fn main() -> std::process::ExitCode {
@@ -110,6 +115,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => (args, Action::Serve),
         Command::Config(args) => (args, Action::PrintConfig),
         Command::Reindex(args) => (args, Action::Reindex),
+        Command::Provision(args) => (args, Action::Provision),
         Command::Bench(args) => return exit(fhirmesh::tools::run_bench(args)),
         Command::Load(args) => return exit(fhirmesh::tools::run_load(args)),
     };
@@ -126,6 +132,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
         Action::Reindex => fhirmesh::reindex::run(&config),
+        Action::Provision => fhirmesh::provision::run(&config),
         Action::Serve => serve::run(config, args.target),
     };
     exit(outcome)

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use fhirmesh_core::indexer::{Indexer, IndexerConfig};
-use fhirmesh_core::ports::{ChangeLog, SearchIndex};
+use fhirmesh_core::ports::SearchIndex;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
@@ -15,12 +15,12 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async {
-        let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
+        let changes = crate::stores::open(config).await?.changes;
         let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
-        let total = store.latest_sequence().await.context("cannot read the change log")?;
+        let total = changes.latest_sequence().await.context("cannot read the change log")?;
         index.clear().await.context("cannot clear the search index")?;
         let indexer =
-            Indexer::new(index.clone(), store.clone(), IndexerConfig { batch_size: BATCH, ..IndexerConfig::default() });
+            Indexer::new(index.clone(), changes, IndexerConfig { batch_size: BATCH, ..IndexerConfig::default() });
         let progress = ProgressBar::new(total).with_style(
             ProgressStyle::with_template("{spinner} reindexing [{bar:40}] {pos}/{len} changes ({per_sec}, eta {eta})")
                 .context("progress template")?

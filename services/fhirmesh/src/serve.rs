@@ -9,6 +9,7 @@ use fhirmesh_authn::{Algorithm, JwksSource, JwtConfig, Verifier};
 use fhirmesh_bus::InProcessBus;
 use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
 use fhirmesh_core::capabilities::{Capabilities, Security};
+use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
 use fhirmesh_gateway::{ClaimNames, GatewayAuth, GatewayConfig};
 use fhirmesh_proto::GrpcResourceClient;
@@ -16,19 +17,23 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config};
+use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config, RelaySource};
 
 /// Which part of the mesh this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
-    /// Every service in one process: gateway, resource, relay and indexer on embedded SQLite.
+    /// Every service in one process: gateway, resource, relay and indexer (embedded SQLite and the
+    /// in-process bus by default; any configured store and bus).
     All,
     /// The HTTP FHIR API, calling the resource service over gRPC (gateway.resource_endpoint).
     Gateway,
     /// The resource service over gRPC (resource.grpc_listen) on the embedded store.
     Resource,
-    /// The indexer: follows the store's change log and keeps the search index equal to it.
+    /// The indexer: follows the store's change log (and the bus, when one is configured) and
+    /// keeps the search index equal to the store.
     Indexer,
+    /// The relay: publishes the store's committed changes, in order, to the configured bus.
+    Relay,
 }
 
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
@@ -195,26 +200,57 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut grpc_addr = None;
 
     let service: Option<DynResourceService> = match target {
-        Target::All | Target::Resource | Target::Indexer => {
-            let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
-            let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
-            let events = if target == Target::All {
-                // Embedded: relay → in-process bus → indexer, each resuming from its durable position.
-                let bus = Arc::new(InProcessBus::new(4096));
-                let events = bus.subscription();
-                let relay = fhirmesh_relay::spawn(store.clone(), bus, Running::stopped(&rx));
-                tasks.push(tokio::spawn(async move { relay.await.context("relay task failed") }));
-                Some(events)
-            } else {
-                None
+        Target::All | Target::Resource | Target::Indexer | Target::Relay => {
+            let stores = crate::stores::open(config).await?;
+            let bus = match target {
+                Target::All | Target::Relay | Target::Indexer => crate::buses::open(config).await?,
+                _ => None,
             };
+            // Embedded (`All` on the in-process bus): relay → bus → indexer in this process.
+            let in_process = (target == Target::All && bus.is_none()).then(|| Arc::new(InProcessBus::new(4096)));
+            let mut events = None;
             if matches!(target, Target::All | Target::Indexer) {
-                let indexer = fhirmesh_indexer::spawn(index.clone(), store.clone(), events, Running::stopped(&rx));
-                tasks.push(tokio::spawn(async move { indexer.await.context("indexer task failed") }));
+                events = match (&bus, &in_process) {
+                    (Some(bus), _) => Some(fhirmesh_bus::durable_subscription(bus.consumer("indexer").await?)),
+                    (None, Some(in_process)) => Some(in_process.subscription()),
+                    // A lone indexer without a bus polls the change log.
+                    (None, None) => None,
+                };
             }
-            (target != Target::Indexer).then(|| {
-                fhirmesh_resource::resource_service(store, index, resource_config(config)) as DynResourceService
-            })
+            if matches!(target, Target::All | Target::Relay) {
+                let publisher: DynEventPublisher = match (&bus, in_process) {
+                    (Some(bus), _) => bus.publisher(),
+                    (None, Some(in_process)) => in_process,
+                    (None, None) => {
+                        bail!("--target relay publishes to an external bus: set bus.backend = \"nats\" or \"sns_sqs\"")
+                    }
+                };
+                // Each resumes from its durable position (the relay's checkpoint in the store, or
+                // its per-shard checkpoints in the lease table).
+                let stopped = Running::stopped(&rx);
+                let relay = match config.relay.source {
+                    RelaySource::ChangeLog => fhirmesh_relay::spawn(stores.changes.clone(), publisher, stopped),
+                    RelaySource::Streams => {
+                        let relay = crate::stores::stream_relay(config).await?;
+                        tokio::spawn(relay.run(publisher, stopped))
+                    }
+                };
+                tasks.push(tokio::spawn(async move { relay.await.context("relay task failed") }));
+            }
+            if target == Target::Relay {
+                None
+            } else {
+                let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
+                if matches!(target, Target::All | Target::Indexer) {
+                    let indexer =
+                        fhirmesh_indexer::spawn(index.clone(), stores.changes.clone(), events, Running::stopped(&rx));
+                    tasks.push(tokio::spawn(async move { indexer.await.context("indexer task failed") }));
+                }
+                (target != Target::Indexer).then(|| {
+                    fhirmesh_resource::resource_service(stores.store, stores.changes, index, resource_config(config))
+                        as DynResourceService
+                })
+            }
         }
         Target::Gateway => {
             if config.auth.mode == AuthMode::None && !config.auth.insecure_allow_none {
@@ -283,6 +319,9 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
         }
         if target == Target::Indexer {
             println!("fhirmesh: indexer running on {}", config.storage.data_dir.display());
+        }
+        if target == Target::Relay {
+            println!("fhirmesh: relay publishing changes to the {:?} bus", config.bus.backend);
         }
         shutdown_signal().await;
         tracing::info!("shutting down");

@@ -17,7 +17,13 @@ pub struct Process {
 
 /// Starts `fhirmesh serve <args>` and waits for its "listening on" (or "indexer running on") line.
 pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
+    spawn_with_env(args, data_dir, &[]).await
+}
+
+/// [`spawn`] with extra environment variables (`FHIRMESH_SECTION__KEY` configuration).
+pub async fn spawn_with_env(args: &[&str], data_dir: Option<&Path>, env: &[(String, String)]) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fhirmesh"));
+    command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     command
         .arg("serve")
         .args(args)
@@ -40,6 +46,9 @@ pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
             }
             if let Some((_, data_dir)) = line.split_once(" indexer running on ") {
                 return data_dir.trim().to_owned();
+            }
+            if let Some((_, bus)) = line.split_once(" relay publishing changes to the ") {
+                return bus.trim().to_owned();
             }
         }
         panic!("fhirmesh exited before listening");

@@ -45,8 +45,16 @@ pub(crate) fn error_response(error: &FhirError, pretty: bool) -> Response {
     if status.is_server_error() {
         tracing::warn!(error = %error, "request failed");
     }
-    json_response(status, &error.to_operation_outcome(), pretty)
+    let mut response = json_response(status, &error.to_operation_outcome(), pretty);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // A backend outage or overload: safe to retry shortly.
+        response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    }
+    response
 }
+
+/// What a 503 tells clients to wait before retrying.
+const RETRY_AFTER_SECONDS: &str = "2";
 
 /// A stored resource shaped by `_summary`/`_elements`/`_pretty`, as bytes.
 pub(crate) fn shaped_body(body: &Bytes, presentation: &Presentation) -> Result<Bytes, FhirError> {

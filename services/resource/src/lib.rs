@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use fhirmesh_core::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use fhirmesh_core::{DynResourceService, FhirResources, ResourceConfig};
+use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore};
 use fhirmesh_store_sqlite::{SqliteConfig, SqliteSearchConfig, SqliteSearchIndex, SqliteStore};
 use tokio::net::TcpListener;
 
@@ -39,13 +41,28 @@ pub fn open_sqlite_search_index(data_dir: &Path) -> anyhow::Result<Arc<SqliteSea
     Ok(Arc::new(index))
 }
 
-/// The resource service over a store, searching `index`.
+/// Opens the DynamoDB store on `config.table`, creating the table first when `create_table`.
+pub async fn open_dynamodb_store(
+    client: aws_sdk_dynamodb::Client,
+    config: DynamoConfig,
+    create_table: bool,
+) -> anyhow::Result<Arc<DynamoStore>> {
+    if create_table {
+        fhirmesh_store_dynamodb::provision(&client, &config.table)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot create the DynamoDB table {}: {err}", config.table))?;
+    }
+    Ok(Arc::new(DynamoStore::new(client, config)))
+}
+
+/// The resource service over a store and its change log, searching `index`.
 pub fn resource_service(
-    store: Arc<SqliteStore>,
-    index: Arc<SqliteSearchIndex>,
+    store: DynResourceStore,
+    changes: DynChangeLog,
+    index: DynSearchIndex,
     config: ResourceConfig,
 ) -> Arc<FhirResources> {
-    Arc::new(FhirResources::new(store.clone(), config).with_search(index, store))
+    Arc::new(FhirResources::new(store, config).with_search(index, changes))
 }
 
 /// Serves `service` as gRPC `fhirmesh.v1.ResourceService` on `listener` until `shutdown`.

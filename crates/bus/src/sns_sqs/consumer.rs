@@ -1,0 +1,353 @@
+//! The durable consumer: long-polls the service's queue, decodes events, settles deliveries with
+//! `DeleteMessage` / `ChangeMessageVisibility`, and dead-letters poison messages itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use fhirmesh_core::ResourceChanged;
+use fhirmesh_core::ports::{Acknowledge, BusError, Delivery, EventConsumer};
+use tokio::sync::OnceCell;
+
+use super::{
+    MAX_LONG_POLL, MAX_VISIBILITY_TIMEOUT, QueueUrls, SnsSqsConfig, attributes, unavailable, whole_seconds_ceil,
+};
+
+/// SQS returns at most 10 messages per `ReceiveMessage`.
+pub(super) const MAX_RECEIVE: usize = 10;
+/// SQS allows at most 10 message attributes per message.
+const MAX_ATTRIBUTES: usize = 10;
+/// How much longer than its long-poll a `ReceiveMessage` may take before the consumer gives up on it.
+const RECEIVE_GRACE: Duration = Duration::from_secs(15);
+/// The longest `dead-letter-reason` attribute value written.
+const MAX_REASON_CHARS: usize = 256;
+/// SQS refuses an empty body; a poison message without one is dead-lettered with this one.
+const EMPTY_BODY: &str = "(empty body)";
+
+/// A durable consumer of one service's queue (see [`super::SnsSqsBus::consumer`]). Cheap to clone;
+/// clones share the looked-up queue URLs.
+#[derive(Clone)]
+pub struct SqsConsumer {
+    inner: Arc<ConsumerInner>,
+}
+
+struct ConsumerInner {
+    sqs: aws_sdk_sqs::Client,
+    config: SnsSqsConfig,
+    consumer: String,
+    queue_url: OnceCell<Arc<str>>,
+    dead_letter_url: OnceCell<String>,
+}
+
+impl std::fmt::Debug for SqsConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsConsumer")
+            .field("consumer", &self.inner.consumer)
+            .field("queue_url", &self.inner.queue_url.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqsConsumer {
+    pub(super) fn new(
+        sqs: aws_sdk_sqs::Client,
+        config: SnsSqsConfig,
+        consumer: &str,
+        known: Option<QueueUrls>,
+    ) -> SqsConsumer {
+        let (queue_url, dead_letter_url) = match known {
+            Some(urls) => (OnceCell::new_with(Some(Arc::from(urls.queue))), OnceCell::new_with(Some(urls.dead_letter))),
+            None => (OnceCell::new(), OnceCell::new()),
+        };
+        SqsConsumer {
+            inner: Arc::new(ConsumerInner { sqs, config, consumer: consumer.to_owned(), queue_url, dead_letter_url }),
+        }
+    }
+
+    /// The consumer service this reads for.
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+
+    /// The URL of the queue this consumer reads (looked up by name on first use).
+    pub async fn queue_url(&self) -> Result<String, BusError> {
+        Ok(self.resolved_queue_url().await?.to_string())
+    }
+
+    /// The URL of this consumer's dead-letter queue (looked up by name on first use).
+    pub async fn dead_letter_queue_url(&self) -> Result<String, BusError> {
+        let inner = &self.inner;
+        inner
+            .dead_letter_url
+            .get_or_try_init(|| self.lookup(inner.config.dead_letter_queue_name(&inner.consumer)))
+            .await
+            .cloned()
+    }
+
+    async fn resolved_queue_url(&self) -> Result<Arc<str>, BusError> {
+        let inner = &self.inner;
+        inner
+            .queue_url
+            .get_or_try_init(|| async {
+                inner.config.check_consumer(&inner.consumer)?;
+                self.lookup(inner.config.queue_name(&inner.consumer)).await.map(Arc::from)
+            })
+            .await
+            .cloned()
+    }
+
+    async fn lookup(&self, queue_name: String) -> Result<String, BusError> {
+        let out = self.inner.sqs.get_queue_url().queue_name(&queue_name).send().await.map_err(|err| {
+            unavailable(format!(
+                "looking up sqs queue '{queue_name}' of consumer '{}' (was the bus provisioned?): {}",
+                self.inner.consumer,
+                aws_sdk_sqs::error::DisplayErrorContext(err)
+            ))
+        })?;
+        out.queue_url()
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| unavailable(format!("looking up sqs queue '{queue_name}': the response has no url")))
+    }
+
+    /// One `ReceiveMessage`, bounded in time on the client side too.
+    async fn receive(&self, queue_url: &str, max: usize, wait_seconds: i32) -> Result<Vec<Message>, BusError> {
+        let max = i32::try_from(max.clamp(1, MAX_RECEIVE)).unwrap_or(1);
+        let request = self
+            .inner
+            .sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(max)
+            .wait_time_seconds(wait_seconds)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_attribute_names("All")
+            .send();
+        let deadline = Duration::from_secs(u64::try_from(wait_seconds).unwrap_or(0)) + RECEIVE_GRACE;
+        match tokio::time::timeout(deadline, request).await {
+            Ok(Ok(out)) => Ok(out.messages.unwrap_or_default()),
+            Ok(Err(err)) => Err(unavailable(format!(
+                "receiving from sqs queue {queue_url}: {}",
+                aws_sdk_sqs::error::DisplayErrorContext(err)
+            ))),
+            Err(_) => Err(unavailable(format!("receiving from sqs queue {queue_url}: no answer within {deadline:?}"))),
+        }
+    }
+
+    /// The delivery a received message makes, or `None` when it cannot make one (a poison
+    /// message is dead-lettered here).
+    async fn delivery(&self, queue_url: &Arc<str>, message: Message) -> Option<Delivery> {
+        let message_id = message.message_id().unwrap_or_default().to_owned();
+        let Some(receipt_handle) = message.receipt_handle().filter(|handle| !handle.is_empty()) else {
+            tracing::warn!(queue = %queue_url, %message_id, "sqs message without a receipt handle ignored");
+            return None;
+        };
+        let mut event = match decode_body(message.body().unwrap_or_default()) {
+            Ok(event) => event,
+            Err(reason) => {
+                self.dead_letter(queue_url, &message, receipt_handle, &reason).await;
+                return None;
+            }
+        };
+        if event.traceparent.is_none() {
+            event.traceparent = string_attribute(&message, attributes::TRACEPARENT).map(str::to_owned);
+        }
+        let attempt = receive_count(&message);
+        Some(Delivery {
+            event: Arc::new(event),
+            attempt,
+            ack: Box::new(SqsAck {
+                sqs: self.inner.sqs.clone(),
+                queue_url: Arc::clone(queue_url),
+                receipt_handle: receipt_handle.to_owned(),
+                message_id,
+                visibility_timeout: whole_seconds_ceil(self.inner.config.visibility_timeout, MAX_VISIBILITY_TIMEOUT),
+                nak_delay: self.inner.config.nak_delay,
+            }),
+        })
+    }
+
+    /// Sends a message that cannot be decoded to the dead-letter queue (with why) and deletes it.
+    /// On any failure the message stays where it is, and the redrive policy moves it after
+    /// `max_receive_count` receives anyway.
+    async fn dead_letter(&self, queue_url: &str, message: &Message, receipt_handle: &str, reason: &str) {
+        let message_id = message.message_id().unwrap_or_default();
+        let consumer = &self.inner.consumer;
+        let dead_letter_url = match self.dead_letter_queue_url().await {
+            Ok(url) => url,
+            Err(err) => {
+                tracing::warn!(%consumer, queue = %queue_url, %message_id, %reason, error = %err, "undecodable sqs message left for the redrive policy");
+                return;
+            }
+        };
+        let body = message.body().filter(|body| !body.is_empty()).unwrap_or(EMPTY_BODY);
+        let mut send = self
+            .inner
+            .sqs
+            .send_message()
+            .queue_url(&dead_letter_url)
+            .message_body(body)
+            .set_message_attributes(message.message_attributes().cloned());
+        let attribute_count = message.message_attributes().map_or(0, |attributes| attributes.len());
+        let reason_value = MessageAttributeValue::builder().data_type("String").string_value(truncate(reason)).build();
+        if let (true, Ok(value)) = (attribute_count < MAX_ATTRIBUTES, reason_value) {
+            send = send.message_attributes(attributes::DEAD_LETTER_REASON, value);
+        }
+        if let Err(err) = send.send().await {
+            tracing::warn!(%consumer, queue = %dead_letter_url, %message_id, %reason, error = %aws_sdk_sqs::error::DisplayErrorContext(err), "could not dead-letter an undecodable sqs message; left for the redrive policy");
+            return;
+        }
+        match self.inner.sqs.delete_message().queue_url(queue_url).receipt_handle(receipt_handle).send().await {
+            Ok(_) => {
+                tracing::warn!(%consumer, queue = %queue_url, dead_letter_queue = %dead_letter_url, %message_id, %reason, "undecodable sqs message moved to the dead-letter queue");
+            }
+            Err(err) => {
+                // It is in the dead-letter queue already; it will come back once more and go again.
+                tracing::warn!(%consumer, queue = %queue_url, %message_id, error = %aws_sdk_sqs::error::DisplayErrorContext(err), "undecodable sqs message dead-lettered but not deleted");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventConsumer for SqsConsumer {
+    /// Long-polls for the first messages (SQS waits whole seconds: `wait` is rounded down and
+    /// capped at `max_wait`, at most 20 s), then keeps receiving without waiting while messages
+    /// come and fewer than `max` were collected.
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let queue_url = self.resolved_queue_url().await?;
+        let mut wait_seconds = whole_seconds_floor(wait, self.inner.config.max_wait.min(MAX_LONG_POLL));
+        let mut deliveries = Vec::new();
+        // Every receive but the last returns at least one message; poison ones do not count
+        // towards `max`, so bound the receives as well.
+        let max_receives = max.div_ceil(MAX_RECEIVE).saturating_add(2);
+        for _ in 0..max_receives {
+            let want = max.saturating_sub(deliveries.len()).min(MAX_RECEIVE);
+            if want == 0 {
+                break;
+            }
+            let messages = match self.receive(&queue_url, want, wait_seconds).await {
+                Ok(messages) => messages,
+                // Hand out what was received; the rest stays in the queue.
+                Err(err) if !deliveries.is_empty() => {
+                    tracing::warn!(consumer = %self.inner.consumer, error = %err, "sqs receive failed after some messages");
+                    break;
+                }
+                Err(err) => return Err(err),
+            };
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                if let Some(delivery) = self.delivery(&queue_url, message).await {
+                    deliveries.push(delivery);
+                }
+            }
+            wait_seconds = 0;
+        }
+        Ok(deliveries)
+    }
+}
+
+/// Settles one received message by its receipt handle.
+struct SqsAck {
+    sqs: aws_sdk_sqs::Client,
+    queue_url: Arc<str>,
+    receipt_handle: String,
+    message_id: String,
+    visibility_timeout: i32,
+    nak_delay: Duration,
+}
+
+impl SqsAck {
+    async fn change_visibility(&self, seconds: i32, why: &str) -> Result<(), BusError> {
+        self.sqs
+            .change_message_visibility()
+            .queue_url(self.queue_url.as_ref())
+            .receipt_handle(&self.receipt_handle)
+            .visibility_timeout(seconds)
+            .send()
+            .await
+            .map_err(|err| {
+                unavailable(format!(
+                    "{why} message {} of sqs queue {} (visibility {seconds} s): {}",
+                    self.message_id,
+                    self.queue_url,
+                    aws_sdk_sqs::error::DisplayErrorContext(err)
+                ))
+            })?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acknowledge for SqsAck {
+    /// Deletes the message from the queue.
+    async fn ack(&self) -> Result<(), BusError> {
+        self.sqs
+            .delete_message()
+            .queue_url(self.queue_url.as_ref())
+            .receipt_handle(&self.receipt_handle)
+            .send()
+            .await
+            .map_err(|err| {
+                unavailable(format!(
+                    "acknowledging (deleting) message {} of sqs queue {}: {}",
+                    self.message_id,
+                    self.queue_url,
+                    aws_sdk_sqs::error::DisplayErrorContext(err)
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// Makes the message visible again after `delay` (default: the configured `nak_delay`; whole
+    /// seconds, rounded up, at most 12 h). On the last allowed attempt the message is not moved
+    /// here: the queue's redrive policy moves it to the dead-letter queue on its next receive.
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
+        let seconds = whole_seconds_ceil(delay.unwrap_or(self.nak_delay), MAX_VISIBILITY_TIMEOUT);
+        self.change_visibility(seconds, "rejecting (nak)").await
+    }
+
+    /// Renews the lease: the message stays invisible for a full visibility timeout from now.
+    async fn in_progress(&self) -> Result<(), BusError> {
+        self.change_visibility(self.visibility_timeout, "extending").await
+    }
+}
+
+/// The event in a message body: base64 of the protobuf encoding. The error says what is wrong
+/// without echoing the body.
+pub(super) fn decode_body(body: &str) -> Result<ResourceChanged, String> {
+    let bytes = BASE64.decode(body.trim()).map_err(|err| format!("body is not base64: {err}"))?;
+    fhirmesh_proto::decode_resource_changed(Bytes::from(bytes)).map_err(|err| format!("body is not an event: {err}"))
+}
+
+/// `ApproximateReceiveCount`: 1 on the first delivery (and when SQS does not say).
+pub(super) fn receive_count(message: &Message) -> u32 {
+    message
+        .attributes()
+        .and_then(|attributes| attributes.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .and_then(|count| count.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+fn string_attribute<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+    message.message_attributes()?.get(name)?.string_value().filter(|value| !value.is_empty())
+}
+
+/// Whole seconds for a long-poll wait, rounded down and capped at `max`.
+pub(super) fn whole_seconds_floor(duration: Duration, max: Duration) -> i32 {
+    i32::try_from(duration.min(max).as_secs()).unwrap_or(i32::MAX)
+}
+
+fn truncate(reason: &str) -> String {
+    reason.chars().take(MAX_REASON_CHARS).collect()
+}

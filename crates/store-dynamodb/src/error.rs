@@ -1,0 +1,53 @@
+//! SDK failures → [`StoreError`]: the transport, throttling and server-side failures a retry may
+//! cure are `Unavailable` (503 with Retry-After at the API); the rest is `Internal`.
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use fhirmesh_core::ports::StoreError;
+
+/// Service error codes that mean "try again later", not "this request is wrong".
+const TRANSIENT_CODES: &[&str] = &[
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "LimitExceededException",
+];
+
+pub(crate) fn sdk_error<E, R>(what: &str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(format!("DynamoDB {what}: {}", describe(&err)))
+        }
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("unknown");
+            let message = service.err().message().unwrap_or("");
+            if TRANSIENT_CODES.contains(&code) {
+                StoreError::Unavailable(format!("DynamoDB {what}: {code} {message}"))
+            } else {
+                StoreError::Internal(format!("DynamoDB {what}: {code} {message}"))
+            }
+        }
+        _ => StoreError::Internal(format!("DynamoDB {what}: {}", describe(&err))),
+    }
+}
+
+/// Whether the request may have reached DynamoDB and been applied although no answer came back.
+pub(crate) fn is_indeterminate<E, R>(err: &SdkError<E, R>) -> bool {
+    matches!(err, SdkError::TimeoutError(_) | SdkError::ResponseError(_) | SdkError::DispatchFailure(_))
+}
+
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

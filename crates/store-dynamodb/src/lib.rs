@@ -1,0 +1,174 @@
+//! The scale-out resource store: [`ResourceStore`] and [`ChangeLog`] on one DynamoDB table.
+//!
+//! What it is: versioned resource items keyed by tenant, a current-version pointer moved with
+//! conditional writes, atomic commits with `TransactWriteItems`, and a gap-free change log built
+//! from a sequence counter and change items (holes of dead writers voided after a timeout). See
+//! `design.md` beside this crate for the table, the protocol and the deliberate differences from
+//! the SQLite store.
+//!
+//! Also here: the DynamoDB Streams relay ([`streams`]: shard discovery, parent-before-child
+//! order, per-shard checkpoints and leases). What it is not: the search index.
+
+mod changes;
+mod commit;
+mod error;
+mod items;
+mod provision;
+mod queries;
+pub mod streams;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use fhirmesh_core::model::{ResourceVersion, TenantId};
+use fhirmesh_core::ports::{
+    ChangeLog, ChangeRecord, CommitReceipt, HistoryQuery, ResourceStore, StoreError, VersionWrite,
+};
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use tokio::sync::Notify;
+
+pub use crate::commit::{MAX_BODY_BYTES, MAX_WRITES_PER_COMMIT};
+pub use crate::provision::{Provisioned, provision, stream_arn};
+pub use crate::streams::{StreamRelay, StreamRelayConfig, provision_leases};
+
+/// Tunables of [`DynamoStore`].
+#[derive(Debug, Clone)]
+pub struct DynamoConfig {
+    pub table: String,
+    /// How long a change-log hole (a reserved sequence without its commit) stays open before a
+    /// reader voids it: longer than any commit takes, with the SDK's retries.
+    pub hole_timeout: Duration,
+    /// How often [`ChangeLog::wait_for_changes`] wakes up when this process committed nothing
+    /// (other processes' commits are only seen by polling).
+    pub poll_interval: Duration,
+}
+
+impl Default for DynamoConfig {
+    fn default() -> Self {
+        DynamoConfig {
+            table: "fhirmesh-resources".to_owned(),
+            hole_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The DynamoDB-backed [`ResourceStore`] and [`ChangeLog`]. Cheap to clone.
+#[derive(Clone)]
+pub struct DynamoStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    table: String,
+    config: DynamoConfig,
+    /// Commits of this process wake the change-log followers in it.
+    committed: Notify,
+    /// When each open change-log hole was first seen by this process.
+    holes: Mutex<HashMap<u64, Instant>>,
+    /// How far [`DynamoStore::latest_committed`] has read the change log: (the last resolved
+    /// sequence, the last change among them).
+    frontier: Mutex<(u64, u64)>,
+}
+
+impl DynamoStore {
+    /// A store on `config.table`, which must exist (see [`provision`]).
+    pub fn new(client: Client, config: DynamoConfig) -> DynamoStore {
+        DynamoStore {
+            inner: Arc::new(Inner {
+                client,
+                table: config.table.clone(),
+                config,
+                committed: Notify::new(),
+                holes: Mutex::new(HashMap::new()),
+                frontier: Mutex::new((0, 0)),
+            }),
+        }
+    }
+
+    /// Wakes the change-log followers of this process: every current waiter, and one permit
+    /// for a follower that is between two waits (it would otherwise sleep a poll interval).
+    fn signal_commit(&self) {
+        self.inner.committed.notify_waiters();
+        self.inner.committed.notify_one();
+    }
+
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+}
+
+#[async_trait]
+impl ResourceStore for DynamoStore {
+    async fn read(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        self.read_current(tenant, resource_type, id).await
+    }
+
+    async fn read_many(
+        &self,
+        tenant: &TenantId,
+        keys: &[(ResourceType, LogicalId)],
+    ) -> Result<Vec<Option<ResourceVersion>>, StoreError> {
+        self.read_current_many(tenant, keys).await
+    }
+
+    async fn vread(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        version_id: u64,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        self.read_version(tenant, resource_type, id, version_id).await
+    }
+
+    async fn commit(&self, tenant: &TenantId, writes: Vec<VersionWrite>) -> Result<CommitReceipt, StoreError> {
+        self.commit_writes(tenant, writes).await
+    }
+
+    async fn history(&self, tenant: &TenantId, query: HistoryQuery) -> Result<Vec<ResourceVersion>, StoreError> {
+        self.read_history(tenant, query).await
+    }
+}
+
+#[async_trait]
+impl ChangeLog for DynamoStore {
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<ChangeRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read_changes(after, limit).await
+    }
+
+    async fn latest_sequence(&self) -> Result<u64, StoreError> {
+        self.latest_committed().await
+    }
+
+    async fn checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
+        self.read_checkpoint(consumer).await
+    }
+
+    async fn save_checkpoint(&self, consumer: &str, sequence: u64) -> Result<(), StoreError> {
+        self.write_checkpoint(consumer, sequence).await
+    }
+
+    async fn wait_for_changes(&self) {
+        tokio::select! {
+            _ = self.inner.committed.notified() => {}
+            _ = tokio::time::sleep(self.inner.config.poll_interval) => {}
+        }
+    }
+}

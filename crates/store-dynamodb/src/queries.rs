@@ -1,0 +1,264 @@
+//! Reads: current version, several at once, one version, history pages, batched item fetches.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::KeysAndAttributes;
+use fhirmesh_core::model::{ResourceVersion, TenantId};
+use fhirmesh_core::ports::{HistoryQuery, HistoryScope, StoreError};
+use fhirmesh_fhir::{LogicalId, ResourceType};
+
+use crate::DynamoStore;
+use crate::error::sdk_error;
+use crate::items::{
+    BY_TENANT, BY_TYPE, CURRENT_SK, Item, PK, SK, VERSION_PREFIX, get_s, get_u64, key, micros, n, resource_pk, s,
+    type_pk, version_from_item, version_sk,
+};
+
+/// `BatchGetItem` takes 100 keys per call.
+const BATCH_GET_MAX: usize = 100;
+/// Versions read per query round while walking history.
+const HISTORY_ROUND: i32 = 100;
+
+impl DynamoStore {
+    pub(crate) async fn read_current(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        let out = self
+            .inner
+            .client
+            .query()
+            .table_name(&self.inner.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+            .expression_attribute_values(":pk", s(resource_pk(tenant, resource_type, id)))
+            .expression_attribute_values(":v", s(VERSION_PREFIX))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("read", e))?;
+        out.items().first().map(version_from_item).transpose()
+    }
+
+    pub(crate) async fn read_version(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        id: &LogicalId,
+        version_id: u64,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        let out = self
+            .inner
+            .client
+            .get_item()
+            .table_name(&self.inner.table)
+            .set_key(Some(key(resource_pk(tenant, resource_type, id), version_sk(version_id))))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("vread", e))?;
+        out.item().map(version_from_item).transpose()
+    }
+
+    pub(crate) async fn read_current_many(
+        &self,
+        tenant: &TenantId,
+        keys: &[(ResourceType, LogicalId)],
+    ) -> Result<Vec<Option<ResourceVersion>>, StoreError> {
+        let pointer_keys: Vec<(String, String)> =
+            keys.iter().map(|(t, id)| (resource_pk(tenant, *t, id), CURRENT_SK.to_owned())).collect();
+        let pointers = self.batch_get(&pointer_keys).await?;
+        let mut version_keys = Vec::new();
+        for (pk, sk) in &pointer_keys {
+            if let Some(pointer) = pointers.get(&(pk.clone(), sk.clone())) {
+                version_keys.push((pk.clone(), version_sk(get_u64(pointer, "ver")?)));
+            }
+        }
+        let versions = self.batch_get(&version_keys).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (pk, sk) in &pointer_keys {
+            let version = match pointers.get(&(pk.clone(), sk.clone())) {
+                None => None,
+                Some(pointer) => {
+                    let version_key = (pk.clone(), version_sk(get_u64(pointer, "ver")?));
+                    let item = versions.get(&version_key).ok_or_else(|| {
+                        StoreError::Internal(format!("{pk}: the pointer names a version that is not stored"))
+                    })?;
+                    Some(version_from_item(item)?)
+                }
+            };
+            out.push(version);
+        }
+        Ok(out)
+    }
+
+    /// Items by `(pk, sk)`, strongly consistent, in as few `BatchGetItem` calls as possible;
+    /// missing items are absent from the map.
+    pub(crate) async fn batch_get(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<HashMap<(String, String), Item>, StoreError> {
+        let mut found = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(BATCH_GET_MAX) {
+            // BatchGetItem refuses duplicate keys.
+            let unique: std::collections::HashSet<&(String, String)> = chunk.iter().collect();
+            let mut pending: Vec<Item> = unique.into_iter().map(|(pk, sk)| key(pk.clone(), sk.clone())).collect();
+            let mut round = 0u32;
+            while !pending.is_empty() {
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut pending)))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| StoreError::Internal(format!("cannot build a batch get: {e}")))?;
+                let out = self
+                    .inner
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.inner.table, request)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("batch read", e))?;
+                for item in out.responses().and_then(|r| r.get(&self.inner.table)).into_iter().flatten() {
+                    found.insert((get_s(item, PK)?.to_owned(), get_s(item, SK)?.to_owned()), item.clone());
+                }
+                if let Some(unprocessed) = out.unprocessed_keys().and_then(|u| u.get(&self.inner.table)) {
+                    pending = unprocessed.keys().to_vec();
+                    if !pending.is_empty() {
+                        round += 1;
+                        if round > 8 {
+                            return Err(StoreError::Unavailable(
+                                "DynamoDB kept keys of a batch read unprocessed".into(),
+                            ));
+                        }
+                        let base = 10u64 << round.min(6);
+                        tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..base))).await;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    pub(crate) async fn read_history(
+        &self,
+        tenant: &TenantId,
+        query: HistoryQuery,
+    ) -> Result<Vec<ResourceVersion>, StoreError> {
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut page = Vec::new();
+        let mut start_key: Option<Item> = None;
+        loop {
+            let (candidates, next) = self.history_round(tenant, &query.scope, query.before_sequence, start_key).await?;
+            for version in candidates {
+                if self.history_matches(tenant, &query, &version).await? {
+                    page.push(version);
+                    if page.len() == query.limit {
+                        return Ok(page);
+                    }
+                }
+            }
+            match next {
+                Some(key) => start_key = Some(key),
+                None => return Ok(page),
+            }
+        }
+    }
+
+    /// One round of candidates, newest first, and where the next round starts.
+    async fn history_round(
+        &self,
+        tenant: &TenantId,
+        scope: &HistoryScope,
+        before: Option<u64>,
+        start_key: Option<Item>,
+    ) -> Result<(Vec<ResourceVersion>, Option<Item>), StoreError> {
+        let client = &self.inner.client;
+        let query = client
+            .query()
+            .table_name(&self.inner.table)
+            .scan_index_forward(false)
+            .limit(HISTORY_ROUND)
+            .set_exclusive_start_key(start_key);
+        let (index_pk, partition) = match scope {
+            HistoryScope::Instance(resource_type, id) => {
+                let out = query
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+                    .expression_attribute_values(":pk", s(resource_pk(tenant, *resource_type, id)))
+                    .expression_attribute_values(":v", s(VERSION_PREFIX))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("instance history", e))?;
+                let mut versions = Vec::new();
+                for item in out.items() {
+                    let version = version_from_item(item)?;
+                    if before.is_none_or(|b| version.sequence < b) {
+                        versions.push(version);
+                    }
+                }
+                return Ok((versions, out.last_evaluated_key().cloned()));
+            }
+            HistoryScope::Type(resource_type) => (BY_TYPE, ("tpk", type_pk(tenant, *resource_type))),
+            HistoryScope::System => (BY_TENANT, ("spk", tenant.as_str().to_owned())),
+        };
+        let condition = if before.is_some() {
+            format!("{} = :p AND seq < :before", partition.0)
+        } else {
+            format!("{} = :p", partition.0)
+        };
+        let mut query = query
+            .index_name(index_pk)
+            .key_condition_expression(condition)
+            .expression_attribute_values(":p", s(partition.1));
+        if let Some(before) = before {
+            query = query.expression_attribute_values(":before", n(before));
+        }
+        let out = query.send().await.map_err(|e| sdk_error("history", e))?;
+        let keys: Vec<(String, String)> = out
+            .items()
+            .iter()
+            .map(|item| Ok((get_s(item, PK)?.to_owned(), get_s(item, SK)?.to_owned())))
+            .collect::<Result<_, StoreError>>()?;
+        let mut items = self.batch_get(&keys).await?;
+        let mut versions = Vec::with_capacity(keys.len());
+        for k in &keys {
+            // A key the index has but the table not: impossible for versions (never deleted).
+            if let Some(item) = items.remove(k) {
+                versions.push(version_from_item(&item)?);
+            }
+        }
+        Ok((versions, out.last_evaluated_key().cloned()))
+    }
+
+    async fn history_matches(
+        &self,
+        tenant: &TenantId,
+        query: &HistoryQuery,
+        version: &ResourceVersion,
+    ) -> Result<bool, StoreError> {
+        if let Some(since) = query.since
+            && micros(version.last_updated) < micros(since)
+        {
+            return Ok(false);
+        }
+        if let Some((start, end)) = query.at {
+            // Current at some point in [start, end): began before `end`, and its successor (if
+            // any) began after `start`.
+            if micros(version.last_updated) >= micros(end) {
+                return Ok(false);
+            }
+            let successor =
+                self.read_version(tenant, version.resource_type, &version.id, version.version_id + 1).await?;
+            if successor.is_some_and(|next| micros(next.last_updated) <= micros(start)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}

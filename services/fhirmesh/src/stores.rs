@@ -1,0 +1,90 @@
+//! The resource store the configuration names, behind the ports: SQLite under the data directory
+//! or DynamoDB (with the AWS SDK configured from `[aws]` and the standard AWS chain).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, ResourceStore};
+use fhirmesh_store_dynamodb::{DynamoConfig, StreamRelay, StreamRelayConfig};
+
+use crate::config::{AwsConfig, Config, StorageBackend};
+
+/// One store, seen through both of its ports.
+#[derive(Clone)]
+pub struct Stores {
+    pub store: DynResourceStore,
+    pub changes: DynChangeLog,
+}
+
+impl Stores {
+    fn of<S: ResourceStore + ChangeLog>(store: Arc<S>) -> Stores {
+        Stores { store: store.clone(), changes: store }
+    }
+}
+
+/// Opens the configured store.
+pub async fn open(config: &Config) -> anyhow::Result<Stores> {
+    match config.storage.backend {
+        StorageBackend::Sqlite => {
+            let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
+            Ok(Stores::of(store))
+        }
+        StorageBackend::Dynamodb => {
+            let sdk = aws_sdk_config(&config.aws).await;
+            let dynamo = DynamoConfig {
+                table: config.dynamodb.table.clone(),
+                hole_timeout: Duration::from_millis(config.dynamodb.hole_timeout_ms),
+                ..DynamoConfig::default()
+            };
+            let store = fhirmesh_resource::open_dynamodb_store(
+                aws_sdk_dynamodb::Client::new(&sdk),
+                dynamo,
+                config.dynamodb.create_table,
+            )
+            .await?;
+            Ok(Stores::of(store))
+        }
+    }
+}
+
+/// The lease table of the Streams relay.
+pub fn lease_table(config: &Config) -> String {
+    config.relay.lease_table.clone().unwrap_or_else(|| format!("{}-leases", config.dynamodb.table))
+}
+
+/// The DynamoDB Streams relay of the configured table (creating its lease table first when
+/// `dynamodb.create_table`).
+pub async fn stream_relay(config: &Config) -> anyhow::Result<StreamRelay> {
+    let sdk = aws_sdk_config(&config.aws).await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    let leases = lease_table(config);
+    if config.dynamodb.create_table {
+        fhirmesh_store_dynamodb::provision_leases(&dynamodb, &leases)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot create the lease table {leases}: {err}"))?;
+    }
+    let stream_arn = fhirmesh_store_dynamodb::stream_arn(&dynamodb, &config.dynamodb.table)
+        .await
+        .map_err(|err| anyhow::anyhow!("{err}"))
+        .context("the Streams relay needs the table's stream")?;
+    let worker_id = config.relay.worker_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".to_owned());
+        format!("{host}-{}", std::process::id())
+    });
+    let relay_config = StreamRelayConfig::new(stream_arn, leases, worker_id);
+    Ok(StreamRelay::new(dynamodb, aws_sdk_dynamodbstreams::Client::new(&sdk), relay_config))
+}
+
+/// The AWS SDK configuration: `[aws]` overrides on top of the standard chain (environment,
+/// profile, web identity, instance metadata).
+pub async fn aws_sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &aws.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
+}

@@ -1,0 +1,122 @@
+//! The mesh as separate processes on the scale-out backends: resource (DynamoDB on moto), relay,
+//! indexer (NATS JetStream) and gateway. The relay and then the indexer are killed with SIGKILL in
+//! the middle of a write load and restarted; afterwards the search index holds exactly what the
+//! store holds.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const WRITES: usize = 120;
+const WRITERS: usize = 4;
+
+use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name as unique};
+
+fn mesh_env() -> Vec<(String, String)> {
+    let pairs = [
+        ("FHIRMESH_STORAGE__BACKEND", "dynamodb".to_owned()),
+        ("FHIRMESH_AWS__ENDPOINT_URL", aws_endpoint()),
+        ("FHIRMESH_AWS__REGION", "us-east-1".to_owned()),
+        ("FHIRMESH_DYNAMODB__TABLE", unique("mesh")),
+        ("FHIRMESH_DYNAMODB__CREATE_TABLE", "true".to_owned()),
+        ("FHIRMESH_BUS__BACKEND", "nats".to_owned()),
+        ("FHIRMESH_BUS__PROVISION", "true".to_owned()),
+        ("FHIRMESH_NATS__URL", nats_url()),
+        ("FHIRMESH_NATS__STREAM", unique("MESH")),
+        ("FHIRMESH_NATS__SUBJECT_PREFIX", unique("mesh")),
+        ("FHIRMESH_NATS__DEAD_LETTER_STREAM", unique("MESHDLQ")),
+        ("FHIRMESH_NATS__DEAD_LETTER_SUBJECT_PREFIX", unique("meshdlq")),
+    ];
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+async fn total(client: &reqwest::Client, base: &str, family: &str) -> u64 {
+    let answer: Value = client
+        .get(format!("{base}/Patient?family={family}&_summary=count"))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("json");
+    answer["total"].as_u64().unwrap_or_else(|| panic!("no total in {answer}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing() {
+    let env = mesh_env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resource =
+        support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path()), &env)
+            .await;
+    let indexer = support::spawn_with_env(&["--target", "indexer"], Some(dir.path()), &env).await;
+    let relay = support::spawn_with_env(&["--target", "relay"], Some(dir.path()), &env).await;
+    let endpoint = format!("http://{}", resource.address);
+    let gateway = support::spawn_with_env(
+        &["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &endpoint],
+        None,
+        &env,
+    )
+    .await;
+    let base = gateway.address.clone();
+    let client = reqwest::Client::new();
+    let family = unique("Mesh");
+
+    // The load: WRITERS clients creating WRITES Patients in total.
+    let written = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (client, base, family, written) = (client.clone(), base.clone(), family.clone(), Arc::clone(&written));
+            tokio::spawn(async move {
+                while written.fetch_add(1, Ordering::SeqCst) < WRITES {
+                    let response = client
+                        .post(format!("{base}/Patient"))
+                        .header("content-type", "application/fhir+json")
+                        .body(json!({"resourceType": "Patient", "name": [{"family": family}]}).to_string())
+                        .send()
+                        .await
+                        .expect("create");
+                    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap_or_default());
+                }
+            })
+        })
+        .collect();
+
+    let wait_for = |count: usize| {
+        let written = Arc::clone(&written);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while written.load(Ordering::SeqCst) < count {
+                assert!(tokio::time::Instant::now() < deadline, "the load stalled below {count} writes");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(WRITES / 4).await;
+    relay.kill_9().await;
+    wait_for(WRITES / 2).await;
+    let relay = support::spawn_with_env(&["--target", "relay"], Some(dir.path()), &env).await;
+    indexer.kill_9().await;
+    wait_for(3 * WRITES / 4).await;
+    let indexer = support::spawn_with_env(&["--target", "indexer"], Some(dir.path()), &env).await;
+    for writer in load {
+        writer.await.expect("writer");
+    }
+
+    // Everything written is found, and nothing twice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut found = total(&client, &base, &family).await;
+    while found != WRITES as u64 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        found = total(&client, &base, &family).await;
+    }
+    assert_eq!(found, WRITES as u64, "the index holds every acknowledged write exactly once");
+
+    for process in [gateway, relay, indexer, resource] {
+        process.kill_9().await;
+    }
+}

@@ -1,0 +1,149 @@
+//! The scale-out event path in one process: the DynamoDB store (moto) → relay (from the change log,
+//! or from DynamoDB Streams) → NATS JetStream or SNS + SQS → indexer, checked end to end: what is written over HTTP is found by search, and the
+//! events really travelled on the external bus (a second durable consumer sees every one).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fhirmesh::config::{BusBackend, Config, RelaySource};
+use fhirmesh_core::ports::{DynEventConsumer, EventConsumer};
+use fhirmesh_testkit::{TestServer, nats_url, unique_name, use_dynamodb};
+use serde_json::json;
+
+const PATIENTS: usize = 12;
+
+/// Writes `PATIENTS` Patients of one family (and updates one, deletes another), then checks the
+/// search answer; returns the ids written and the family.
+async fn write_and_search(server: &TestServer) -> (BTreeSet<String>, String) {
+    let family = unique_name("Pipeline");
+    let mut ids = BTreeSet::new();
+    for i in 0..PATIENTS {
+        let (status, created) = server
+            .create(&json!({"resourceType": "Patient", "name": [{"family": family, "given": [format!("n{i}")]}]}))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.insert(created["id"].as_str().expect("id").to_owned());
+    }
+    let deleted = ids.iter().next().cloned().expect("one id");
+    let response = server.client.delete(server.url(&format!("Patient/{deleted}"))).send().await.expect("delete");
+    assert_eq!(response.status(), 204);
+    // A search right after the writes sees them (read-your-writes through the external bus).
+    let (status, found) = server.get(&format!("Patient?family={family}&_count=100")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], PATIENTS - 1, "{found}");
+    (ids, family)
+}
+
+/// Every (id, operation) the observer consumer receives within the deadline, acknowledged.
+async fn observe(consumer: &dyn EventConsumer, expected_events: usize) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < expected_events && tokio::time::Instant::now() < deadline {
+        for delivery in consumer.fetch(100, Duration::from_secs(1)).await.expect("fetch") {
+            seen.push((delivery.event.id.to_string(), delivery.event.operation.as_str().to_owned()));
+            delivery.ack.ack().await.expect("ack");
+        }
+    }
+    seen
+}
+
+fn expected(ids: &BTreeSet<String>) -> Vec<(String, String)> {
+    let mut events: Vec<(String, String)> = ids.iter().map(|id| (id.clone(), "create".to_owned())).collect();
+    events.push((ids.iter().next().cloned().expect("one id"), "delete".to_owned()));
+    events.sort();
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_relay_nats_indexer() {
+    nats_pipeline(RelaySource::ChangeLog).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_streams_relay_nats_indexer() {
+    nats_pipeline(RelaySource::Streams).await;
+}
+
+async fn nats_pipeline(source: RelaySource) {
+    let (stream, subjects, dlq, dlq_subjects) =
+        (unique_name("CHANGES"), unique_name("changes"), unique_name("DLQ"), unique_name("dlq"));
+    let configure = |config: &mut Config| {
+        use_dynamodb(config);
+        config.bus.backend = BusBackend::Nats;
+        config.bus.provision = true;
+        config.nats.url = nats_url();
+        config.nats.stream = stream.clone();
+        config.nats.subject_prefix = subjects.clone();
+        config.nats.dead_letter_stream = dlq.clone();
+        config.nats.dead_letter_subject_prefix = dlq_subjects.clone();
+        config.relay.source = source;
+    };
+    let server = TestServer::start_with(configure).await;
+    // An observer with its own durable consumer on the same stream, from the beginning.
+    let bus = fhirmesh_bus::NatsBus::connect(fhirmesh_bus::NatsConfig {
+        url: nats_url(),
+        stream: stream.clone(),
+        subject_prefix: subjects.clone(),
+        dead_letter_stream: dlq.clone(),
+        dead_letter_subject_prefix: dlq_subjects.clone(),
+        ..fhirmesh_bus::NatsConfig::default()
+    })
+    .await
+    .expect("connect");
+    let observer: DynEventConsumer = std::sync::Arc::new(bus.consumer("observer").await.expect("consumer"));
+
+    let (ids, _) = write_and_search(&server).await;
+    let mut seen = observe(observer.as_ref(), PATIENTS + 1).await;
+    seen.sort();
+    assert_eq!(seen, expected(&ids), "every change crossed NATS exactly once");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_relay_sns_sqs_indexer() {
+    let (topic, prefix) = (unique_name("changes"), unique_name("fm"));
+    let configure = |config: &mut Config| {
+        use_dynamodb(config);
+        config.bus.backend = BusBackend::SnsSqs;
+        config.bus.provision = true;
+        config.sns_sqs.topic_name = topic.clone();
+        config.sns_sqs.queue_prefix = prefix.clone();
+    };
+    let server = TestServer::start_with(configure).await;
+    // The notifier's queue is provisioned with the indexer's and receives the same events.
+    let sdk = fhirmesh_testinfra::aws_config().await;
+    let bus = fhirmesh_bus::SnsSqsBus::new(
+        &sdk,
+        fhirmesh_bus::SnsSqsConfig {
+            topic_name: topic.clone(),
+            queue_prefix: prefix.clone(),
+            ..fhirmesh_bus::SnsSqsConfig::default()
+        },
+    );
+    let observer = bus.consumer("notifier");
+
+    let (ids, _) = write_and_search(&server).await;
+    let mut seen = observe(&observer, PATIENTS + 1).await;
+    seen.sort();
+    assert_eq!(seen, expected(&ids), "every change crossed SNS and SQS exactly once");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_outage_is_a_503_with_retry_after() {
+    let server = TestServer::start_with(|config| {
+        use_dynamodb(config);
+        // Nothing listens on the discard port; the table is not created at start-up.
+        config.aws.endpoint_url = Some("http://127.0.0.1:9".into());
+        config.dynamodb.create_table = false;
+    })
+    .await;
+    let response = server.client.get(server.url("Patient/p1")).send().await.expect("read");
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
+    let (_, outcome) = fhirmesh_testkit::status_and_json(response).await;
+    assert_eq!(outcome["issue"][0]["code"], "transient", "{outcome}");
+    let write = server.create(&json!({"resourceType": "Patient"})).await;
+    assert_eq!(write.0, 503, "{}", write.1);
+    server.stop().await;
+}
