@@ -1,5 +1,6 @@
-//! The mesh as separate processes on the scale-out backends: resource (DynamoDB on moto), relay,
-//! indexer (NATS JetStream) and gateway. The relay and then the indexer are killed with SIGKILL in
+//! The mesh as separate processes on the scale-out backends: resource (DynamoDB on moto), relay
+//! (from the change log or from DynamoDB Streams), indexer (NATS JetStream or SNS + SQS) and
+//! gateway. The relay and then the indexer are killed with SIGKILL in
 //! the middle of a write load and restarted; afterwards the search index holds exactly what the
 //! store holds.
 
@@ -16,21 +17,42 @@ const WRITERS: usize = 4;
 
 use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name as unique};
 
-fn mesh_env() -> Vec<(String, String)> {
-    let pairs = [
+/// The bus a mesh test runs on, and where its relay reads.
+enum Shape {
+    NatsFromChangeLog,
+    NatsFromStreams,
+    SnsSqsFromChangeLog,
+}
+
+fn mesh_env(shape: &Shape) -> Vec<(String, String)> {
+    let mut pairs = vec![
         ("FHIRMESH_STORAGE__BACKEND", "dynamodb".to_owned()),
         ("FHIRMESH_AWS__ENDPOINT_URL", aws_endpoint()),
         ("FHIRMESH_AWS__REGION", "us-east-1".to_owned()),
         ("FHIRMESH_DYNAMODB__TABLE", unique("mesh")),
         ("FHIRMESH_DYNAMODB__CREATE_TABLE", "true".to_owned()),
-        ("FHIRMESH_BUS__BACKEND", "nats".to_owned()),
         ("FHIRMESH_BUS__PROVISION", "true".to_owned()),
-        ("FHIRMESH_NATS__URL", nats_url()),
-        ("FHIRMESH_NATS__STREAM", unique("MESH")),
-        ("FHIRMESH_NATS__SUBJECT_PREFIX", unique("mesh")),
-        ("FHIRMESH_NATS__DEAD_LETTER_STREAM", unique("MESHDLQ")),
-        ("FHIRMESH_NATS__DEAD_LETTER_SUBJECT_PREFIX", unique("meshdlq")),
     ];
+    match shape {
+        Shape::NatsFromChangeLog | Shape::NatsFromStreams => pairs.extend([
+            ("FHIRMESH_BUS__BACKEND", "nats".to_owned()),
+            ("FHIRMESH_NATS__URL", nats_url()),
+            ("FHIRMESH_NATS__STREAM", unique("MESH")),
+            ("FHIRMESH_NATS__SUBJECT_PREFIX", unique("mesh")),
+            ("FHIRMESH_NATS__DEAD_LETTER_STREAM", unique("MESHDLQ")),
+            ("FHIRMESH_NATS__DEAD_LETTER_SUBJECT_PREFIX", unique("meshdlq")),
+        ]),
+        Shape::SnsSqsFromChangeLog => pairs.extend([
+            ("FHIRMESH_BUS__BACKEND", "sns_sqs".to_owned()),
+            ("FHIRMESH_SNS_SQS__TOPIC_NAME", unique("mesh")),
+            ("FHIRMESH_SNS_SQS__QUEUE_PREFIX", unique("mesh")),
+        ]),
+    }
+    if let Shape::NatsFromStreams = shape {
+        // A restarted relay with the same worker id takes its shard leases back at once.
+        pairs
+            .extend([("FHIRMESH_RELAY__SOURCE", "streams".to_owned()), ("FHIRMESH_RELAY__WORKER_ID", unique("relay"))]);
+    }
     pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
@@ -47,8 +69,22 @@ async fn total(client: &reqwest::Client, base: &str, family: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing() {
-    let env = mesh_env();
+async fn nats_mesh_loses_nothing_when_relay_and_indexer_are_killed() {
+    killing_the_relay_and_the_indexer_mid_load_loses_nothing(Shape::NatsFromChangeLog).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_relay_mesh_loses_nothing_when_relay_and_indexer_are_killed() {
+    killing_the_relay_and_the_indexer_mid_load_loses_nothing(Shape::NatsFromStreams).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_sqs_mesh_loses_nothing_when_relay_and_indexer_are_killed() {
+    killing_the_relay_and_the_indexer_mid_load_loses_nothing(Shape::SnsSqsFromChangeLog).await;
+}
+
+async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing(shape: Shape) {
+    let env = mesh_env(&shape);
     let dir = tempfile::tempdir().expect("tempdir");
     let resource =
         support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path()), &env)
