@@ -22,7 +22,9 @@ pub struct ResourceChanged {
     /// The last sequence of the commit (transaction) this change belongs to; `sequence` itself for
     /// a single write. The changes `sequence..=commit_end` become visible together or not at all.
     pub commit_end: u64,
-    /// The resource JSON (`None` for deletes).
+    /// The resource JSON: `None` for deletes — and for a live version whose body was too large
+    /// for the bus that carried it ([`ResourceChanged::body_omitted`]): consumers read that one
+    /// from the store.
     pub resource: Option<Bytes>,
     /// W3C trace context of the write, when known.
     pub traceparent: Option<String>,
@@ -31,6 +33,17 @@ pub struct ResourceChanged {
 }
 
 impl ResourceChanged {
+    /// True when this is a live version whose body was left out (too large for the bus): the
+    /// consumer must read the version from the store (the indexer: from the change log).
+    pub fn body_omitted(&self) -> bool {
+        self.resource.is_none() && self.operation != crate::model::Operation::Delete
+    }
+
+    /// This event without its body, for a bus that cannot carry it (see [`Self::body_omitted`]).
+    pub fn without_body(&self) -> ResourceChanged {
+        ResourceChanged { resource: None, ..self.clone() }
+    }
+
     pub fn idempotency_key_for(
         tenant: &TenantId,
         resource_type: ResourceType,

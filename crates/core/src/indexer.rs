@@ -146,6 +146,11 @@ impl Indexer {
             while let Some(received) = next.take() {
                 match received {
                     Received::Event(event) if event.sequence <= position => {}
+                    // Its body was too large for the bus: the change log has it.
+                    Received::Event(event) if event.body_omitted() => {
+                        let _ = self.apply(complete_commits(batch)).await;
+                        return true;
+                    }
                     Received::Event(event) if event.sequence == position + 1 => {
                         position = event.sequence;
                         commit_end = commit_end.max(event.commit_end);

@@ -147,3 +147,75 @@ async fn a_dynamodb_outage_is_a_503_with_retry_after() {
     assert_eq!(write.0, 503, "{}", write.1);
     server.stop().await;
 }
+
+/// Creates a Basic of about `size` bytes, checks search finds it (the indexer read its body from
+/// the change log) and that the bus carried the event without the body.
+async fn oversized_resource_travels_without_its_body(server: &TestServer, observer: &dyn EventConsumer, size: usize) {
+    let (status, created) = server.create(&json!({"resourceType": "Basic", "code": {"text": "x".repeat(size)}})).await;
+    assert_eq!(status, 201, "{}", created["issue"]);
+    let id = created["id"].as_str().expect("id");
+    let (status, found) = server.get(&format!("Basic?_id={id}&_elements=id")).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 1, "indexed from the store, not dropped as a delete: {found}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let deliveries = observer.fetch(10, Duration::from_secs(1)).await.expect("fetch");
+        if let Some(event) = deliveries.iter().map(|d| &d.event).find(|e| e.id.as_str() == id) {
+            assert!(event.body_omitted(), "a {size}-byte body does not fit the bus");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the event never arrived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_too_large_for_nats_is_indexed_from_the_store() {
+    let (stream, subjects, dlq, dlq_subjects) =
+        (unique_name("BIG"), unique_name("big"), unique_name("BIGDLQ"), unique_name("bigdlq"));
+    let server = TestServer::start_with(|config| {
+        config.bus.backend = BusBackend::Nats;
+        config.bus.provision = true;
+        config.nats.url = nats_url();
+        config.nats.stream = stream.clone();
+        config.nats.subject_prefix = subjects.clone();
+        config.nats.dead_letter_stream = dlq.clone();
+        config.nats.dead_letter_subject_prefix = dlq_subjects.clone();
+    })
+    .await;
+    let bus = fhirmesh_bus::NatsBus::connect(fhirmesh_bus::NatsConfig {
+        url: nats_url(),
+        stream,
+        subject_prefix: subjects,
+        dead_letter_stream: dlq,
+        dead_letter_subject_prefix: dlq_subjects,
+        ..fhirmesh_bus::NatsConfig::default()
+    })
+    .await
+    .expect("connect");
+    let observer = bus.consumer("observer").await.expect("consumer");
+    // NATS's default max_payload is 1 MiB.
+    oversized_resource_travels_without_its_body(&server, &observer, 1_200_000).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_too_large_for_sns_is_indexed_from_the_store() {
+    let (topic, prefix) = (unique_name("big"), unique_name("big"));
+    let server = TestServer::start_with(|config| {
+        config.aws.endpoint_url = Some(fhirmesh_testkit::aws_endpoint());
+        config.aws.region = Some("us-east-1".into());
+        config.bus.backend = BusBackend::SnsSqs;
+        config.bus.provision = true;
+        config.sns_sqs.topic_name = topic.clone();
+        config.sns_sqs.queue_prefix = prefix.clone();
+    })
+    .await;
+    let sdk = fhirmesh_testinfra::aws_config().await;
+    let bus = fhirmesh_bus::SnsSqsBus::new(
+        &sdk,
+        fhirmesh_bus::SnsSqsConfig { topic_name: topic, queue_prefix: prefix, ..fhirmesh_bus::SnsSqsConfig::default() },
+    );
+    // SNS takes 256 KiB per message (the body travels base64-encoded).
+    oversized_resource_travels_without_its_body(&server, &bus.consumer("notifier"), 300_000).await;
+    server.stop().await;
+}

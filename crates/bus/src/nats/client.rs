@@ -17,6 +17,9 @@ use super::consumer::NatsConsumer;
 use super::publish::{Outgoing, backoff_with_jitter, publish_all};
 use super::wire::{change_subject, event_headers, redact_url};
 
+/// Bytes of a message's `max_payload` kept for headers (ids, traceparent) and framing.
+const PAYLOAD_MARGIN: usize = 4096;
+
 const FIRST_CONNECT_DELAY: Duration = Duration::from_millis(200);
 const MAX_CONNECT_DELAY: Duration = Duration::from_secs(5);
 
@@ -127,11 +130,14 @@ impl NatsBus {
                 event.resource_type, event.sequence
             ))
         })?;
-        Ok(Outgoing {
-            subject: change_subject(&self.config.subject_prefix, event),
-            headers,
-            payload: encode_resource_changed(event),
-        })
+        let mut payload = encode_resource_changed(event);
+        // Leave room for the headers and protocol framing within the server's max_payload.
+        let limit = self.client.server_info().max_payload.saturating_sub(PAYLOAD_MARGIN);
+        if payload.len() > limit && event.resource.is_some() {
+            tracing::debug!(key = %event.idempotency_key, size = payload.len(), "event body too large for NATS; sent without it");
+            payload = encode_resource_changed(&event.without_body());
+        }
+        Ok(Outgoing { subject: change_subject(&self.config.subject_prefix, event), headers, payload })
     }
 }
 

@@ -35,7 +35,18 @@ pub(super) struct Outgoing {
 }
 
 impl Outgoing {
+    /// The event as SNS will carry it: without its body when the whole would exceed SNS's
+    /// message limit (consumers then read the version from the store).
     pub(super) fn new(event: &ResourceChanged) -> Outgoing {
+        let outgoing = Outgoing::encode(event);
+        if outgoing.size > MAX_PAYLOAD_BYTES && event.resource.is_some() {
+            tracing::debug!(key = %event.idempotency_key, size = outgoing.size, "event body too large for SNS; sent without it");
+            return Outgoing::encode(&event.without_body());
+        }
+        outgoing
+    }
+
+    fn encode(event: &ResourceChanged) -> Outgoing {
         let message = BASE64.encode(fhirmesh_proto::encode_resource_changed(event));
         let mut attributes = vec![
             (attributes::IDEMPOTENCY_KEY, event.idempotency_key.clone()),
