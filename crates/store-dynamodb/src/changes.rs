@@ -66,7 +66,7 @@ impl DynamoStore {
             .inner
             .client
             .query()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .key_condition_expression("pk = :pk AND sk >= :from")
             .expression_attribute_values(":pk", s(change_pk(from)))
             .expression_attribute_values(":from", s(change_sk(from)))
@@ -128,7 +128,7 @@ impl DynamoStore {
             .inner
             .client
             .get_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_key(Some(key("S".into(), "S".into())))
             .consistent_read(true)
             .send()
@@ -178,7 +178,7 @@ impl DynamoStore {
             .inner
             .client
             .get_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_key(Some(key(crate::items::checkpoint_pk(consumer), "K".into())))
             .consistent_read(true)
             .send()
@@ -196,7 +196,7 @@ impl DynamoStore {
         self.inner
             .client
             .put_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_item(Some(item))
             .send()
             .await

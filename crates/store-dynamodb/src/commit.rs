@@ -92,7 +92,7 @@ impl DynamoStore {
             .inner
             .client
             .update_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_key(Some(key("S".into(), "S".into())))
             .update_expression("ADD #last :count")
             .expression_attribute_names("#last", "last")
@@ -106,7 +106,7 @@ impl DynamoStore {
     }
 
     async fn transact(&self, tenant: &TenantId, writes: &[VersionWrite], first: u64, last: u64) -> Outcome {
-        let items = match transaction_items(&self.inner.table, tenant, writes, first, last) {
+        let items = match transaction_items(&self.inner.config.table, tenant, writes, first, last) {
             Ok(items) => items,
             Err(err) => return Outcome::Failed(err),
         };
@@ -170,7 +170,7 @@ impl DynamoStore {
             .inner
             .client
             .put_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_item(Some(item))
             .condition_expression("attribute_not_exists(pk)")
             .send()
@@ -187,7 +187,7 @@ impl DynamoStore {
             .inner
             .client
             .get_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_key(Some(key(change_pk(sequence), change_sk(sequence))))
             .consistent_read(true)
             .send()

@@ -64,7 +64,6 @@ pub struct DynamoStore {
 
 struct Inner {
     client: Client,
-    table: String,
     config: DynamoConfig,
     /// Commits of this process wake the change-log followers in it.
     committed: Notify,
@@ -81,7 +80,6 @@ impl DynamoStore {
         DynamoStore {
             inner: Arc::new(Inner {
                 client,
-                table: config.table.clone(),
                 config,
                 committed: Notify::new(),
                 holes: Mutex::new(HashMap::new()),
@@ -98,7 +96,7 @@ impl DynamoStore {
     }
 
     pub fn table(&self) -> &str {
-        &self.inner.table
+        &self.inner.config.table
     }
 
     pub fn client(&self) -> &Client {

@@ -31,7 +31,7 @@ impl DynamoStore {
             .inner
             .client
             .query()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
             .expression_attribute_values(":pk", s(resource_pk(tenant, resource_type, id)))
             .expression_attribute_values(":v", s(VERSION_PREFIX))
@@ -55,7 +55,7 @@ impl DynamoStore {
             .inner
             .client
             .get_item()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .set_key(Some(key(resource_pk(tenant, resource_type, id), version_sk(version_id))))
             .consistent_read(true)
             .send()
@@ -118,14 +118,14 @@ impl DynamoStore {
                     .inner
                     .client
                     .batch_get_item()
-                    .request_items(&self.inner.table, request)
+                    .request_items(&self.inner.config.table, request)
                     .send()
                     .await
                     .map_err(|e| sdk_error("batch read", e))?;
-                for item in out.responses().and_then(|r| r.get(&self.inner.table)).into_iter().flatten() {
+                for item in out.responses().and_then(|r| r.get(&self.inner.config.table)).into_iter().flatten() {
                     found.insert((get_s(item, PK)?.to_owned(), get_s(item, SK)?.to_owned()), item.clone());
                 }
-                if let Some(unprocessed) = out.unprocessed_keys().and_then(|u| u.get(&self.inner.table)) {
+                if let Some(unprocessed) = out.unprocessed_keys().and_then(|u| u.get(&self.inner.config.table)) {
                     pending = unprocessed.keys().to_vec();
                     if !pending.is_empty() {
                         round += 1;
@@ -181,7 +181,7 @@ impl DynamoStore {
         let client = &self.inner.client;
         let query = client
             .query()
-            .table_name(&self.inner.table)
+            .table_name(&self.inner.config.table)
             .scan_index_forward(false)
             .limit(HISTORY_ROUND)
             .set_exclusive_start_key(start_key);

@@ -51,7 +51,7 @@ impl Bus {
 
 /// Connects to the configured external bus; `None` for the in-process bus. Provisions it first
 /// when `bus.provision` is set.
-pub async fn open(config: &Config) -> anyhow::Result<Option<Bus>> {
+pub async fn open(config: &Config, aws: &crate::stores::Aws) -> anyhow::Result<Option<Bus>> {
     let bus = match config.bus.backend {
         BusBackend::InProcess => return Ok(None),
         BusBackend::Nats => {
@@ -69,7 +69,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Option<Bus>> {
             Bus::Nats(Box::new(NatsBus::connect(settings).await.context("cannot connect to NATS")?))
         }
         BusBackend::SnsSqs => {
-            let sdk = crate::stores::aws_sdk_config(&config.aws).await;
+            let sdk = aws.sdk().await;
             let sns_sqs = &config.sns_sqs;
             let settings = SnsSqsConfig {
                 topic_name: sns_sqs.topic_name.clone(),
@@ -79,7 +79,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Option<Bus>> {
                 ..SnsSqsConfig::default()
             };
             settings.validate().context("invalid [sns_sqs] configuration")?;
-            Bus::SnsSqs(SnsSqsBus::new(&sdk, settings))
+            Bus::SnsSqs(SnsSqsBus::new(sdk, settings))
         }
     };
     if config.bus.provision {

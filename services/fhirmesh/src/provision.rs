@@ -19,13 +19,10 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
 /// Provisions every configured backend; returns one line per thing checked or created.
 pub async fn provision(config: &Config) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
-    let needs_aws = config.storage.backend == StorageBackend::Dynamodb
-        || config.bus.backend == BusBackend::SnsSqs
-        || config.blob.backend == BlobBackend::S3;
-    let sdk = if needs_aws { Some(crate::stores::aws_sdk_config(&config.aws).await) } else { None };
+    let aws = crate::stores::Aws::new(&config.aws);
 
-    if let (StorageBackend::Dynamodb, Some(sdk)) = (config.storage.backend, &sdk) {
-        let client = aws_sdk_dynamodb::Client::new(sdk);
+    if config.storage.backend == StorageBackend::Dynamodb {
+        let client = aws_sdk_dynamodb::Client::new(aws.sdk().await);
         let table = &config.dynamodb.table;
         let provisioned = fhirmesh_store_dynamodb::provision(&client, table)
             .await
@@ -47,7 +44,7 @@ pub async fn provision(config: &Config) -> anyhow::Result<Vec<String>> {
         done.push(format!("resources: SQLite under {}", config.storage.data_dir.display()));
     }
 
-    match crate::buses::open(config).await? {
+    match crate::buses::open(config, &aws).await? {
         Some(bus) => {
             bus.provision().await?;
             done.push(match config.bus.backend {
@@ -68,7 +65,8 @@ pub async fn provision(config: &Config) -> anyhow::Result<Vec<String>> {
         None => done.push("event bus: in-process (nothing to create)".into()),
     }
 
-    if let (BlobBackend::S3, Some(sdk)) = (config.blob.backend, &sdk) {
+    if config.blob.backend == BlobBackend::S3 {
+        let sdk = aws.sdk().await;
         let options = fhirmesh_blob::S3Options { key_prefix: config.blob.key_prefix.clone(), ..Default::default() };
         let store = fhirmesh_blob::S3BlobStore::new(aws_sdk_s3::Client::new(sdk), &config.blob.bucket, options)
             .map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))?;

@@ -15,7 +15,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async {
-        let changes = crate::stores::open(config).await?.changes;
+        let changes = crate::stores::open(config, &crate::stores::Aws::new(&config.aws)).await?.changes;
         let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
         let total = changes.latest_sequence().await.context("cannot read the change log")?;
         index.clear().await.context("cannot clear the search index")?;

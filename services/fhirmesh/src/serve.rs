@@ -201,9 +201,10 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
 
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
-            let stores = crate::stores::open(config).await?;
+            let aws = crate::stores::Aws::new(&config.aws);
+            let stores = crate::stores::open(config, &aws).await?;
             let bus = match target {
-                Target::All | Target::Relay | Target::Indexer => crate::buses::open(config).await?,
+                Target::All | Target::Relay | Target::Indexer => crate::buses::open(config, &aws).await?,
                 _ => None,
             };
             // Embedded (`All` on the in-process bus): relay → bus → indexer in this process.
@@ -231,7 +232,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 let relay = match config.relay.source {
                     RelaySource::ChangeLog => fhirmesh_relay::spawn(stores.changes.clone(), publisher, stopped),
                     RelaySource::Streams => {
-                        let relay = crate::stores::stream_relay(config).await?;
+                        let relay = crate::stores::stream_relay(config, &aws).await?;
                         tokio::spawn(relay.run(publisher, stopped))
                     }
                 };

@@ -23,22 +23,39 @@ impl Stores {
     }
 }
 
+/// The AWS SDK configuration of `[aws]`, loaded once, on first use: every AWS adapter of a process
+/// shares it (region and credential resolution may do I/O).
+pub struct Aws {
+    settings: AwsConfig,
+    loaded: tokio::sync::OnceCell<aws_config::SdkConfig>,
+}
+
+impl Aws {
+    pub fn new(settings: &AwsConfig) -> Aws {
+        Aws { settings: settings.clone(), loaded: tokio::sync::OnceCell::new() }
+    }
+
+    pub async fn sdk(&self) -> &aws_config::SdkConfig {
+        self.loaded.get_or_init(|| aws_sdk_config(&self.settings)).await
+    }
+}
+
 /// Opens the configured store.
-pub async fn open(config: &Config) -> anyhow::Result<Stores> {
+pub async fn open(config: &Config, aws: &Aws) -> anyhow::Result<Stores> {
     match config.storage.backend {
         StorageBackend::Sqlite => {
             let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
             Ok(Stores::of(store))
         }
         StorageBackend::Dynamodb => {
-            let sdk = aws_sdk_config(&config.aws).await;
+            let sdk = aws.sdk().await;
             let dynamo = DynamoConfig {
                 table: config.dynamodb.table.clone(),
                 hole_timeout: Duration::from_millis(config.dynamodb.hole_timeout_ms),
                 ..DynamoConfig::default()
             };
             let store = fhirmesh_resource::open_dynamodb_store(
-                aws_sdk_dynamodb::Client::new(&sdk),
+                aws_sdk_dynamodb::Client::new(sdk),
                 dynamo,
                 config.dynamodb.create_table,
             )
@@ -55,9 +72,9 @@ pub fn lease_table(config: &Config) -> String {
 
 /// The DynamoDB Streams relay of the configured table (creating its lease table first when
 /// `dynamodb.create_table`).
-pub async fn stream_relay(config: &Config) -> anyhow::Result<StreamRelay> {
-    let sdk = aws_sdk_config(&config.aws).await;
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+pub async fn stream_relay(config: &Config, aws: &Aws) -> anyhow::Result<StreamRelay> {
+    let sdk = aws.sdk().await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
     let leases = lease_table(config);
     if config.dynamodb.create_table {
         fhirmesh_store_dynamodb::provision_leases(&dynamodb, &leases)
@@ -73,12 +90,12 @@ pub async fn stream_relay(config: &Config) -> anyhow::Result<StreamRelay> {
         format!("{host}-{}", std::process::id())
     });
     let relay_config = StreamRelayConfig::new(stream_arn, leases, worker_id);
-    Ok(StreamRelay::new(dynamodb, aws_sdk_dynamodbstreams::Client::new(&sdk), relay_config))
+    Ok(StreamRelay::new(dynamodb, aws_sdk_dynamodbstreams::Client::new(sdk), relay_config))
 }
 
 /// The AWS SDK configuration: `[aws]` overrides on top of the standard chain (environment,
 /// profile, web identity, instance metadata).
-pub async fn aws_sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
+async fn aws_sdk_config(aws: &AwsConfig) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     if let Some(region) = &aws.region {
         loader = loader.region(aws_config::Region::new(region.clone()));

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use fhirmesh::config::{BusBackend, Config, RelaySource};
-use fhirmesh_core::ports::{DynEventConsumer, EventConsumer};
+use fhirmesh_core::ports::EventConsumer;
 use fhirmesh_testkit::{TestServer, nats_url, unique_name, use_dynamodb};
 use serde_json::json;
 
@@ -54,6 +54,74 @@ fn expected(ids: &BTreeSet<String>) -> Vec<(String, String)> {
     events
 }
 
+/// A NATS stream of this test's own: the server's configuration, and an observer consumer.
+struct TestNats {
+    settings: fhirmesh_bus::NatsConfig,
+}
+
+impl TestNats {
+    fn new() -> TestNats {
+        TestNats {
+            settings: fhirmesh_bus::NatsConfig {
+                url: nats_url(),
+                stream: unique_name("CHANGES"),
+                subject_prefix: unique_name("changes"),
+                dead_letter_stream: unique_name("DLQ"),
+                dead_letter_subject_prefix: unique_name("dlq"),
+                ..fhirmesh_bus::NatsConfig::default()
+            },
+        }
+    }
+
+    fn configure(&self, config: &mut Config) {
+        config.bus.backend = BusBackend::Nats;
+        config.bus.provision = true;
+        config.nats.url = self.settings.url.clone();
+        config.nats.stream = self.settings.stream.clone();
+        config.nats.subject_prefix = self.settings.subject_prefix.clone();
+        config.nats.dead_letter_stream = self.settings.dead_letter_stream.clone();
+        config.nats.dead_letter_subject_prefix = self.settings.dead_letter_subject_prefix.clone();
+    }
+
+    /// A durable consumer of its own on the same stream, from the beginning.
+    async fn observer(&self) -> fhirmesh_bus::nats::NatsConsumer {
+        let bus = fhirmesh_bus::NatsBus::connect(self.settings.clone()).await.expect("connect");
+        bus.consumer("observer").await.expect("consumer")
+    }
+}
+
+/// An SNS topic and SQS queues of this test's own (on moto).
+struct TestSnsSqs {
+    settings: fhirmesh_bus::SnsSqsConfig,
+}
+
+impl TestSnsSqs {
+    fn new() -> TestSnsSqs {
+        TestSnsSqs {
+            settings: fhirmesh_bus::SnsSqsConfig {
+                topic_name: unique_name("changes"),
+                queue_prefix: unique_name("fm"),
+                ..fhirmesh_bus::SnsSqsConfig::default()
+            },
+        }
+    }
+
+    fn configure(&self, config: &mut Config) {
+        config.aws.endpoint_url = Some(fhirmesh_testkit::aws_endpoint());
+        config.aws.region = Some("us-east-1".into());
+        config.bus.backend = BusBackend::SnsSqs;
+        config.bus.provision = true;
+        config.sns_sqs.topic_name = self.settings.topic_name.clone();
+        config.sns_sqs.queue_prefix = self.settings.queue_prefix.clone();
+    }
+
+    /// The notifier's queue: provisioned with the indexer's, it receives the same events.
+    async fn observer(&self) -> fhirmesh_bus::sns_sqs::SqsConsumer {
+        let sdk = fhirmesh_testinfra::aws_config().await;
+        fhirmesh_bus::SnsSqsBus::new(&sdk, self.settings.clone()).consumer("notifier")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_relay_nats_indexer() {
     nats_pipeline(RelaySource::ChangeLog).await;
@@ -65,35 +133,17 @@ async fn dynamodb_streams_relay_nats_indexer() {
 }
 
 async fn nats_pipeline(source: RelaySource) {
-    let (stream, subjects, dlq, dlq_subjects) =
-        (unique_name("CHANGES"), unique_name("changes"), unique_name("DLQ"), unique_name("dlq"));
-    let configure = |config: &mut Config| {
+    let nats = TestNats::new();
+    let server = TestServer::start_with(|config| {
         use_dynamodb(config);
-        config.bus.backend = BusBackend::Nats;
-        config.bus.provision = true;
-        config.nats.url = nats_url();
-        config.nats.stream = stream.clone();
-        config.nats.subject_prefix = subjects.clone();
-        config.nats.dead_letter_stream = dlq.clone();
-        config.nats.dead_letter_subject_prefix = dlq_subjects.clone();
+        nats.configure(config);
         config.relay.source = source;
-    };
-    let server = TestServer::start_with(configure).await;
-    // An observer with its own durable consumer on the same stream, from the beginning.
-    let bus = fhirmesh_bus::NatsBus::connect(fhirmesh_bus::NatsConfig {
-        url: nats_url(),
-        stream: stream.clone(),
-        subject_prefix: subjects.clone(),
-        dead_letter_stream: dlq.clone(),
-        dead_letter_subject_prefix: dlq_subjects.clone(),
-        ..fhirmesh_bus::NatsConfig::default()
     })
-    .await
-    .expect("connect");
-    let observer: DynEventConsumer = std::sync::Arc::new(bus.consumer("observer").await.expect("consumer"));
+    .await;
+    let observer = nats.observer().await;
 
     let (ids, _) = write_and_search(&server).await;
-    let mut seen = observe(observer.as_ref(), PATIENTS + 1).await;
+    let mut seen = observe(&observer, PATIENTS + 1).await;
     seen.sort();
     assert_eq!(seen, expected(&ids), "every change crossed NATS exactly once");
     server.stop().await;
@@ -101,26 +151,13 @@ async fn nats_pipeline(source: RelaySource) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_relay_sns_sqs_indexer() {
-    let (topic, prefix) = (unique_name("changes"), unique_name("fm"));
-    let configure = |config: &mut Config| {
+    let sns_sqs = TestSnsSqs::new();
+    let server = TestServer::start_with(|config| {
         use_dynamodb(config);
-        config.bus.backend = BusBackend::SnsSqs;
-        config.bus.provision = true;
-        config.sns_sqs.topic_name = topic.clone();
-        config.sns_sqs.queue_prefix = prefix.clone();
-    };
-    let server = TestServer::start_with(configure).await;
-    // The notifier's queue is provisioned with the indexer's and receives the same events.
-    let sdk = fhirmesh_testinfra::aws_config().await;
-    let bus = fhirmesh_bus::SnsSqsBus::new(
-        &sdk,
-        fhirmesh_bus::SnsSqsConfig {
-            topic_name: topic.clone(),
-            queue_prefix: prefix.clone(),
-            ..fhirmesh_bus::SnsSqsConfig::default()
-        },
-    );
-    let observer = bus.consumer("notifier");
+        sns_sqs.configure(config);
+    })
+    .await;
+    let observer = sns_sqs.observer().await;
 
     let (ids, _) = write_and_search(&server).await;
     let mut seen = observe(&observer, PATIENTS + 1).await;
@@ -170,29 +207,9 @@ async fn oversized_resource_travels_without_its_body(server: &TestServer, observ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_too_large_for_nats_is_indexed_from_the_store() {
-    let (stream, subjects, dlq, dlq_subjects) =
-        (unique_name("BIG"), unique_name("big"), unique_name("BIGDLQ"), unique_name("bigdlq"));
-    let server = TestServer::start_with(|config| {
-        config.bus.backend = BusBackend::Nats;
-        config.bus.provision = true;
-        config.nats.url = nats_url();
-        config.nats.stream = stream.clone();
-        config.nats.subject_prefix = subjects.clone();
-        config.nats.dead_letter_stream = dlq.clone();
-        config.nats.dead_letter_subject_prefix = dlq_subjects.clone();
-    })
-    .await;
-    let bus = fhirmesh_bus::NatsBus::connect(fhirmesh_bus::NatsConfig {
-        url: nats_url(),
-        stream,
-        subject_prefix: subjects,
-        dead_letter_stream: dlq,
-        dead_letter_subject_prefix: dlq_subjects,
-        ..fhirmesh_bus::NatsConfig::default()
-    })
-    .await
-    .expect("connect");
-    let observer = bus.consumer("observer").await.expect("consumer");
+    let nats = TestNats::new();
+    let server = TestServer::start_with(|config| nats.configure(config)).await;
+    let observer = nats.observer().await;
     // NATS's default max_payload is 1 MiB.
     oversized_resource_travels_without_its_body(&server, &observer, 1_200_000).await;
     server.stop().await;
@@ -200,22 +217,10 @@ async fn a_resource_too_large_for_nats_is_indexed_from_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_too_large_for_sns_is_indexed_from_the_store() {
-    let (topic, prefix) = (unique_name("big"), unique_name("big"));
-    let server = TestServer::start_with(|config| {
-        config.aws.endpoint_url = Some(fhirmesh_testkit::aws_endpoint());
-        config.aws.region = Some("us-east-1".into());
-        config.bus.backend = BusBackend::SnsSqs;
-        config.bus.provision = true;
-        config.sns_sqs.topic_name = topic.clone();
-        config.sns_sqs.queue_prefix = prefix.clone();
-    })
-    .await;
-    let sdk = fhirmesh_testinfra::aws_config().await;
-    let bus = fhirmesh_bus::SnsSqsBus::new(
-        &sdk,
-        fhirmesh_bus::SnsSqsConfig { topic_name: topic, queue_prefix: prefix, ..fhirmesh_bus::SnsSqsConfig::default() },
-    );
+    let sns_sqs = TestSnsSqs::new();
+    let server = TestServer::start_with(|config| sns_sqs.configure(config)).await;
+    let observer = sns_sqs.observer().await;
     // SNS takes 256 KiB per message (the body travels base64-encoded).
-    oversized_resource_travels_without_its_body(&server, &bus.consumer("notifier"), 300_000).await;
+    oversized_resource_travels_without_its_body(&server, &observer, 300_000).await;
     server.stop().await;
 }
