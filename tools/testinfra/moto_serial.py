@@ -1,4 +1,5 @@
-"""moto in server mode, with DynamoDB requests handled one at a time.
+"""moto in server mode, with DynamoDB requests handled one at a time and transactions rolled back
+item by item.
 
 Why: moto's TransactWriteItems is not isolated. It deep-copies the table before a transaction and,
 when the transaction is cancelled, puts that copy back — undoing every write other requests made
@@ -7,16 +8,93 @@ that: each request is atomic. Serializing DynamoDB and DynamoDB Streams requests
 apart by their X-Amz-Target header) restores that guarantee; other services (SQS long polls in
 particular, which sleep inside the request) stay concurrent.
 
+The deep copy has two more costs, both fixed by `journal_rollback` below: it copies the whole
+table (with its stream) once per item of the transaction, so a commit costs time proportional to
+everything ever written (tests slow down quadratically); and the rollback swaps in a copy of the
+stream shard, so a stream reader keeps the orphaned shard with the cancelled writes in it.
+Instead, the items a transaction touches are saved before it runs, and a cancelled transaction
+puts them back and drops the stream records it added — what DynamoDB shows: nothing happened.
+
 usage: python3 moto_serial.py -H 127.0.0.1 -p PORT
 """
 
 import argparse
+import copy
 import signal
 import sys
 import threading
 
+import moto.dynamodb.models as dynamodb_models
+from moto.dynamodb.models.dynamo_type import DynamoType
+from moto.dynamodb.models.table import Table
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import run_simple
+
+
+class _TablesNotCopied:
+    """Stands in for the `copy` module inside moto's DynamoDB backend: tables are not copied
+    (the journal restores what a cancelled transaction changed), everything else is."""
+
+    @staticmethod
+    def deepcopy(obj, memo=None):
+        return obj if isinstance(obj, Table) else copy.deepcopy(obj, memo)
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+
+def _touched(backend, transact_items):
+    """(table, hash, range) of every item the transaction names, with a copy of what is there."""
+    saved = []
+    for entry in transact_items:
+        _, op = next(iter(entry.items()))
+        table = backend.tables.get(op.get("TableName"))
+        if table is None:
+            continue
+        key = op.get("Item") if "Item" in op else op.get("Key")
+        if not key or table.hash_key_attr not in key:
+            continue
+        hash_value = DynamoType(key[table.hash_key_attr])
+        range_value = None
+        if table.range_key_attr is not None:
+            if table.range_key_attr not in key:
+                continue
+            range_value = DynamoType(key[table.range_key_attr])
+        current = table.get_item(hash_value, range_value)
+        saved.append((table, hash_value, range_value, copy.deepcopy(current)))
+    return saved
+
+
+def _restore(saved, stream_lengths):
+    for table, hash_value, range_value, item in reversed(saved):
+        if range_value is None:
+            if item is None:
+                table.items.pop(hash_value, None)
+            else:
+                table.items[hash_value] = item
+        else:
+            if item is None:
+                table.items[hash_value].pop(range_value, None)
+            else:
+                table.items[hash_value][range_value] = item
+    for table, length in stream_lengths.items():
+        del table.stream_shard.items[length:]
+
+
+def journal_rollback():
+    dynamodb_models.copy = _TablesNotCopied()
+    original = dynamodb_models.DynamoDBBackend.transact_write_items
+
+    def transact_write_items(self, transact_items):
+        saved = _touched(self, transact_items)
+        streams = {table: len(table.stream_shard.items) for table, _, _, _ in saved if table.stream_shard}
+        try:
+            return original(self, transact_items)
+        except Exception:
+            _restore(saved, streams)
+            raise
+
+    dynamodb_models.DynamoDBBackend.transact_write_items = transact_write_items
 
 
 def main() -> None:
@@ -25,6 +103,7 @@ def main() -> None:
     parser.add_argument("-p", "--port", type=int, required=True)
     args = parser.parse_args()
 
+    journal_rollback()
     moto_app = DomainDispatcherApplication(create_backend_app)
     dynamodb = threading.Lock()
 

@@ -1,6 +1,7 @@
 //! The change log: a gap-free prefix of the change items, holes of dead writers voided after a
 //! timeout (see `design.md`, "The change log").
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use fhirmesh_core::ports::{ChangeRecord, StoreError};
@@ -8,8 +9,9 @@ use fhirmesh_core::ports::{ChangeRecord, StoreError};
 use crate::DynamoStore;
 use crate::error::sdk_error;
 use crate::items::{
-    Item, VERSION_PREFIX, change_from_version_item, change_pk, change_sk, get_s, get_u64, key, n, s, version_sk,
+    CHANGE_BUCKET, Item, VERSION_PREFIX, change_pk, change_sk, get_s, get_u64, key, n, s, tenant_of, version_sk,
 };
+use crate::txn::{TxnState, txn_of};
 
 /// What the log holds at one sequence.
 enum Slot {
@@ -17,6 +19,9 @@ enum Slot {
     Void,
     /// Nothing (yet): a commit in flight, a dead writer's hole, or the end of the log.
     Missing,
+    /// A change of a staged transaction that has not committed yet (it is aborted at its
+    /// deadline by whoever meets it then).
+    Pending,
 }
 
 impl DynamoStore {
@@ -27,6 +32,7 @@ impl DynamoStore {
         while found.len() < limit {
             let slots = self.bucket_from(next, limit - found.len()).await?;
             let mut at_hole = slots.is_empty();
+            let mut pending = false;
             for (_, slot) in slots {
                 match slot {
                     Slot::Change(item) => found.push(item),
@@ -35,8 +41,15 @@ impl DynamoStore {
                         at_hole = true;
                         break;
                     }
+                    Slot::Pending => {
+                        pending = true;
+                        break;
+                    }
                 }
                 next += 1;
+            }
+            if pending {
+                break;
             }
             if !at_hole {
                 // The round ended at its limit or at the end of a bucket: read on from `next`.
@@ -84,8 +97,22 @@ impl DynamoStore {
                 slots.push((expected, Slot::Missing));
                 break;
             }
-            let slot = if item.contains_key("void") { Slot::Void } else { Slot::Change(item.clone()) };
+            let slot = if item.contains_key("void") {
+                Slot::Void
+            } else if let Some(txn) = txn_of(item, "txn") {
+                match self.settle(txn).await? {
+                    TxnState::Committed => Slot::Change(item.clone()),
+                    TxnState::Aborted => Slot::Void,
+                    TxnState::Pending { .. } => Slot::Pending,
+                }
+            } else {
+                Slot::Change(item.clone())
+            };
+            let stop = matches!(slot, Slot::Pending);
             slots.push((sequence, slot));
+            if stop {
+                break;
+            }
         }
         Ok(slots)
     }
@@ -104,7 +131,7 @@ impl DynamoStore {
                 match slot {
                     Slot::Change(_) => latest = sequence,
                     Slot::Void => {}
-                    Slot::Missing => {
+                    Slot::Missing | Slot::Pending => {
                         at_hole = true;
                         break;
                     }
@@ -120,6 +147,33 @@ impl DynamoStore {
             *frontier = (position, latest);
         }
         Ok(frontier.1)
+    }
+
+    /// The sequences of `first..=last` that have a change item (a change or a void).
+    pub(crate) async fn sequences_present(&self, first: u64, last: u64) -> Result<HashSet<u64>, StoreError> {
+        let mut present = HashSet::new();
+        let mut from = first;
+        while from <= last {
+            let bucket_end = (from / CHANGE_BUCKET + 1) * CHANGE_BUCKET - 1;
+            let to = bucket_end.min(last);
+            let query = self
+                .inner
+                .client
+                .query()
+                .table_name(&self.inner.config.table)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
+                .expression_attribute_values(":pk", s(change_pk(from)))
+                .expression_attribute_values(":from", s(change_sk(from)))
+                .expression_attribute_values(":to", s(change_sk(to)))
+                .projection_expression("sk");
+            for item in self.query_all(query, "read the change log").await? {
+                if let Ok(sequence) = get_s(&item, "sk")?.parse::<u64>() {
+                    present.insert(sequence);
+                }
+            }
+            from = to + 1;
+        }
+        Ok(present)
     }
 
     /// The last sequence handed out (0 before the first commit).
@@ -168,7 +222,11 @@ impl DynamoStore {
                 StoreError::Internal(format!("the change log names {}/{} which is not stored", k.0, k.1))
             })?;
             debug_assert!(k.1.starts_with(VERSION_PREFIX));
-            records.push(change_from_version_item(&item)?);
+            records.push(ChangeRecord {
+                tenant: tenant_of(&item)?,
+                version: self.decode(&item).await?,
+                commit_end: get_u64(&item, "cend")?,
+            });
         }
         Ok(records)
     }

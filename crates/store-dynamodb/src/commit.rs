@@ -14,22 +14,39 @@ use fhirmesh_core::ports::{CommitReceipt, Expected, StoreError, VersionWrite};
 
 use crate::DynamoStore;
 use crate::error::{is_indeterminate, sdk_error};
-use crate::items::{self, CURRENT_SK, Item, VersionItem, change_pk, change_sk, get_u64, key, n, resource_pk, s};
+use crate::items::{CURRENT_SK, Item, VersionItem, change_pk, change_sk, get_u64, key, n, resource_pk, s};
+use crate::txn::PointerState;
 
-/// `TransactWriteItems` takes 100 items; a write is three (pointer, version, change).
-pub const MAX_WRITES_PER_COMMIT: usize = 33;
+/// `TransactWriteItems` takes 100 items; a write is three (pointer, version, change). Larger
+/// commits go through the staged protocol (`txn.rs`).
+pub const MAX_WRITES_PER_TRANSACTION: usize = 33;
+/// `TransactWriteItems` takes 4 MB in all; above this many body bytes a commit is staged.
+pub const MAX_TRANSACTION_BYTES: usize = 3 * 1024 * 1024;
 /// DynamoDB items are limited to 400 KB; this leaves room for the other attributes.
 pub const MAX_BODY_BYTES: usize = 350 * 1024;
 /// Attempts when the transaction lost a race it can simply retry (not a version conflict).
-const MAX_ATTEMPTS: u32 = 8;
+pub(crate) const MAX_ATTEMPTS: u32 = 8;
+
+/// Jittered exponential back-off before attempt `attempt` (two writers retrying in lock step
+/// would collide again).
+pub(crate) async fn backoff(attempt: u32) {
+    let base = 10u64 << attempt.min(6);
+    tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..base))).await;
+}
 
 /// How one transaction attempt ended.
 enum Outcome {
     Committed,
-    /// The current pointer of `writes[index]` did not match: a version conflict.
+    /// The current pointer of `writes[index]` did not match: a version conflict, or the lock of
+    /// a staged transaction (`old` is the pointer as DynamoDB returned it, when it did).
+    PointerFailed {
+        index: usize,
+        old: Option<Item>,
+    },
+    /// The version item exists although the pointer matched: a concurrent writer of the same
+    /// version won.
     Conflict {
         index: usize,
-        actual: Option<u64>,
     },
     /// Our change items were voided by a reader, or another transaction touched the same items:
     /// nothing was written, try again with new sequences.
@@ -47,29 +64,68 @@ impl DynamoStore {
         writes: Vec<VersionWrite>,
     ) -> Result<CommitReceipt, StoreError> {
         check_writes(&writes)?;
+        let blobs = self.offload(tenant, &writes).await?;
+        let inline: usize = writes
+            .iter()
+            .zip(&blobs)
+            .filter(|(_, blob)| blob.is_none())
+            .filter_map(|(w, _)| w.body.as_ref())
+            .map(|b| b.len())
+            .sum();
+        let result = if writes.len() > MAX_WRITES_PER_TRANSACTION || inline > MAX_TRANSACTION_BYTES {
+            self.commit_staged(tenant, &writes, &blobs).await
+        } else {
+            self.commit_once(tenant, &writes, &blobs).await
+        };
+        // A definite failure leaves the uploaded bodies unnamed: remove them. `Unavailable` may
+        // hide a commit that applied (no answer came back): keep them then.
+        if let Err(err) = &result
+            && !matches!(err, StoreError::Unavailable(_))
+        {
+            self.discard(tenant, &blobs).await;
+        }
+        result
+    }
+
+    /// A commit of at most [`MAX_WRITES_PER_TRANSACTION`] writes: one `TransactWriteItems`.
+    async fn commit_once(
+        &self,
+        tenant: &TenantId,
+        writes: &[VersionWrite],
+        blobs: &[Option<String>],
+    ) -> Result<CommitReceipt, StoreError> {
         let mut last_reason = String::new();
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
-                // Jittered back-off: two writers retrying in lock step would collide again.
-                let base = 10u64 << attempt.min(6);
-                tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..base))).await;
+                backoff(attempt).await;
             }
             let last = self.reserve(writes.len() as u64).await?;
             let first = last + 1 - writes.len() as u64;
-            match self.transact(tenant, &writes, first, last).await {
+            match self.transact(tenant, writes, blobs, first, last).await {
                 Outcome::Committed => {
                     self.signal_commit();
                     return Ok(CommitReceipt { first_sequence: first, last_sequence: last });
                 }
-                Outcome::Conflict { index, actual } => {
+                Outcome::PointerFailed { index, old } => {
                     self.void_range(first, last).await;
                     let write = &writes[index];
-                    return Err(StoreError::Conflict {
-                        resource_type: write.resource_type,
-                        id: write.id.clone(),
-                        expected: write.expected,
-                        actual,
-                    });
+                    let pk = resource_pk(tenant, write.resource_type, &write.id);
+                    match self.pointer_after_failure(&pk, old.as_ref()).await? {
+                        PointerState::LockedBy(txn) => {
+                            // A staged transaction holds the resource: wait for it to end, then
+                            // try again against what it left.
+                            self.clear_lock(&pk, &txn).await?;
+                            last_reason = format!("{pk} was locked by transaction {txn}");
+                        }
+                        PointerState::Version(actual) => {
+                            return Err(conflict(write, actual));
+                        }
+                    }
+                }
+                Outcome::Conflict { index } => {
+                    self.void_range(first, last).await;
+                    let write = &writes[index];
+                    return Err(conflict(write, None));
                 }
                 Outcome::Retry(reason) => {
                     self.void_range(first, last).await;
@@ -87,7 +143,7 @@ impl DynamoStore {
     }
 
     /// Hands out `count` sequences; returns the last one.
-    async fn reserve(&self, count: u64) -> Result<u64, StoreError> {
+    pub(crate) async fn reserve(&self, count: u64) -> Result<u64, StoreError> {
         let out = self
             .inner
             .client
@@ -105,8 +161,15 @@ impl DynamoStore {
         get_u64(&attributes, "last")
     }
 
-    async fn transact(&self, tenant: &TenantId, writes: &[VersionWrite], first: u64, last: u64) -> Outcome {
-        let items = match transaction_items(&self.inner.config.table, tenant, writes, first, last) {
+    async fn transact(
+        &self,
+        tenant: &TenantId,
+        writes: &[VersionWrite],
+        blobs: &[Option<String>],
+        first: u64,
+        last: u64,
+    ) -> Outcome {
+        let items = match transaction_items(&self.inner.config.table, tenant, writes, blobs, first, last) {
             Ok(items) => items,
             Err(err) => return Outcome::Failed(err),
         };
@@ -202,13 +265,6 @@ fn check_writes(writes: &[VersionWrite]) -> Result<(), StoreError> {
     if writes.is_empty() {
         return Err(StoreError::Internal("a commit needs at least one write".into()));
     }
-    if writes.len() > MAX_WRITES_PER_COMMIT {
-        return Err(StoreError::Unsupported(format!(
-            "the DynamoDB store commits at most {MAX_WRITES_PER_COMMIT} resources atomically; this transaction \
-             writes {} (larger transactions are not supported on this backend yet)",
-            writes.len()
-        )));
-    }
     let mut seen = HashSet::new();
     for write in writes {
         if !seen.insert((write.resource_type, write.id.as_str())) {
@@ -222,18 +278,6 @@ fn check_writes(writes: &[VersionWrite]) -> Result<(), StoreError> {
             return Err(StoreError::Internal(format!(
                 "version {} of {}/{} does not follow {:?}",
                 write.version_id, write.resource_type, write.id, write.expected
-            )));
-        }
-        if let Some(body) = &write.body
-            && body.len() > MAX_BODY_BYTES
-        {
-            return Err(StoreError::Unsupported(format!(
-                "{}/{} is {} bytes; the DynamoDB store holds resources up to {} KB (larger ones are not \
-                 supported on this backend yet)",
-                write.resource_type,
-                write.id,
-                body.len(),
-                MAX_BODY_BYTES / 1024
             )));
         }
     }
@@ -256,11 +300,12 @@ fn transaction_items(
     table: &str,
     tenant: &TenantId,
     writes: &[VersionWrite],
+    blobs: &[Option<String>],
     first: u64,
     last: u64,
 ) -> Result<Vec<TransactWriteItem>, StoreError> {
     let mut items = Vec::with_capacity(writes.len() * 3);
-    for (offset, write) in writes.iter().enumerate() {
+    for (offset, (write, blob)) in writes.iter().zip(blobs).enumerate() {
         let sequence = first + offset as u64;
         let pk = resource_pk(tenant, write.resource_type, &write.id);
 
@@ -270,36 +315,64 @@ fn transaction_items(
         pointer.insert("del".into(), AttributeValue::Bool(write.body.is_none()));
         let pointer = match write.expected {
             Expected::Absent => put(table, pointer, "attribute_not_exists(pk)", None)?,
-            Expected::Version(v) => put(table, pointer, "ver = :expected", Some((":expected", n(v))))?,
+            // A pointer locked by a staged transaction is not ours to replace.
+            Expected::Version(v) => {
+                put(table, pointer, "ver = :expected AND attribute_not_exists(lk)", Some((":expected", n(v))))?
+            }
         };
 
-        let version = VersionItem {
-            tenant,
-            resource_type: write.resource_type,
-            id: &write.id,
-            version_id: write.version_id,
-            sequence,
-            commit_end: last,
-            last_updated: write.last_updated,
-            operation: write.operation,
-            body: write.body.as_ref(),
-        }
-        .to_item();
-        let version = put(table, version, "attribute_not_exists(pk)", None)?;
+        let version = version_item(tenant, write, blob.as_deref(), sequence, last);
+        // A version item that carries a transaction while the pointer is below it is what an
+        // aborted staged transaction left behind: it may be replaced.
+        let version = put(table, version, "attribute_not_exists(pk) OR attribute_exists(txn)", None)?;
 
-        let mut change = key(change_pk(sequence), change_sk(sequence));
-        change.insert("tenant".into(), s(tenant.as_str()));
-        change.insert("type".into(), s(write.resource_type.as_str()));
-        change.insert("id".into(), s(write.id.as_str()));
-        change.insert("ver".into(), n(write.version_id));
-        change.insert("cend".into(), n(last));
-        let change = put(table, change, "attribute_not_exists(pk)", None)?;
+        let change = put(table, change_item(tenant, write, sequence, last), "attribute_not_exists(pk)", None)?;
 
         for put in [pointer, version, change] {
             items.push(TransactWriteItem::builder().put(put).build());
         }
     }
     Ok(items)
+}
+
+/// The answer to a write whose expected version did not hold (`actual`: what is there, when known).
+pub(crate) fn conflict(write: &VersionWrite, actual: Option<u64>) -> StoreError {
+    StoreError::Conflict { resource_type: write.resource_type, id: write.id.clone(), expected: write.expected, actual }
+}
+
+/// The version item of `write` at `sequence`, in a commit ending at `last` (its body in the blob
+/// store at `blob`, when there).
+pub(crate) fn version_item(
+    tenant: &TenantId,
+    write: &VersionWrite,
+    blob: Option<&str>,
+    sequence: u64,
+    last: u64,
+) -> Item {
+    VersionItem {
+        tenant,
+        resource_type: write.resource_type,
+        id: &write.id,
+        version_id: write.version_id,
+        sequence,
+        commit_end: last,
+        last_updated: write.last_updated,
+        operation: write.operation,
+        body: write.body.as_ref(),
+        blob,
+    }
+    .to_item()
+}
+
+/// The change-log item of `write` at `sequence`, in a commit ending at `last`.
+pub(crate) fn change_item(tenant: &TenantId, write: &VersionWrite, sequence: u64, last: u64) -> Item {
+    let mut change = key(change_pk(sequence), change_sk(sequence));
+    change.insert("tenant".into(), s(tenant.as_str()));
+    change.insert("type".into(), s(write.resource_type.as_str()));
+    change.insert("id".into(), s(write.id.as_str()));
+    change.insert("ver".into(), n(write.version_id));
+    change.insert("cend".into(), n(last));
+    change
 }
 
 /// Reads DynamoDB's per-item cancellation reasons (in item order: pointer, version, change per
@@ -310,13 +383,10 @@ fn classify_cancellation(reasons: &[CancellationReason]) -> Outcome {
         let (index, part) = (position / 3, position % 3);
         match (code, part) {
             ("None", _) => {}
-            ("ConditionalCheckFailed", 0) => {
-                let actual = reason.item().and_then(|old| items::get_u64(old, "ver").ok());
-                return Outcome::Conflict { index, actual };
-            }
+            ("ConditionalCheckFailed", 0) => return Outcome::PointerFailed { index, old: reason.item().cloned() },
             // The version item exists although the pointer matched: only a concurrent writer of
             // the same version can cause that — a conflict too (the pointer moved under us).
-            ("ConditionalCheckFailed", 1) => return Outcome::Conflict { index, actual: None },
+            ("ConditionalCheckFailed", 1) => return Outcome::Conflict { index },
             ("ConditionalCheckFailed", _) => return Outcome::Retry("a reserved sequence was voided".into()),
             ("TransactionConflict", _) => return Outcome::Retry("transaction conflict".into()),
             ("ThrottlingError" | "ProvisionedThroughputExceeded", _) => {
@@ -359,9 +429,7 @@ mod tests {
         assert!(check_writes(&[write("a", Expected::Absent, 1, Some(10))]).is_ok());
         assert!(matches!(check_writes(&[]), Err(StoreError::Internal(_))));
         let many: Vec<_> = (0..34).map(|i| write(&format!("p{i}"), Expected::Absent, 1, Some(2))).collect();
-        assert!(matches!(check_writes(&many), Err(StoreError::Unsupported(m)) if m.contains("at most 33")));
-        let big = write("a", Expected::Absent, 1, Some(MAX_BODY_BYTES + 1));
-        assert!(matches!(check_writes(&[big]), Err(StoreError::Unsupported(_))));
+        assert!(check_writes(&many).is_ok(), "large commits are staged, not refused");
         let twice = [write("a", Expected::Absent, 1, Some(2)), write("a", Expected::Version(1), 2, Some(2))];
         assert!(matches!(check_writes(&twice), Err(StoreError::Internal(_))));
         assert!(check_writes(&[write("a", Expected::Version(3), 3, None)]).is_err(), "versions must increase");
@@ -370,12 +438,18 @@ mod tests {
     #[test]
     fn cancellation_reasons_map_to_outcomes() {
         let ok = reason("None");
-        let conflict = classify_cancellation(&[ok.clone(), ok.clone(), ok.clone(), reason("ConditionalCheckFailed")]);
-        assert!(matches!(conflict, Outcome::Conflict { index: 1, actual: None }));
+        let pointer = classify_cancellation(&[ok.clone(), ok.clone(), ok.clone(), reason("ConditionalCheckFailed")]);
+        assert!(matches!(pointer, Outcome::PointerFailed { index: 1, old: None }));
+        let version =
+            classify_cancellation(&[ok.clone(), ok.clone(), ok.clone(), ok.clone(), reason("ConditionalCheckFailed")]);
+        assert!(matches!(version, Outcome::Conflict { index: 1 }));
         let mut old = Item::new();
         old.insert("ver".into(), n(4));
         let with_item = CancellationReason::builder().code("ConditionalCheckFailed").set_item(Some(old)).build();
-        assert!(matches!(classify_cancellation(&[with_item]), Outcome::Conflict { index: 0, actual: Some(4) }));
+        assert!(matches!(
+            classify_cancellation(&[with_item]),
+            Outcome::PointerFailed { index: 0, old: Some(item) } if item.get("ver") == Some(&n(4))
+        ));
         let voided = classify_cancellation(&[ok.clone(), ok.clone(), reason("ConditionalCheckFailed")]);
         assert!(matches!(voided, Outcome::Retry(_)));
         assert!(matches!(classify_cancellation(&[reason("TransactionConflict")]), Outcome::Retry(_)));

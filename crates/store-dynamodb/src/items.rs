@@ -83,6 +83,8 @@ pub(crate) struct VersionItem<'a> {
     pub last_updated: OffsetDateTime,
     pub operation: Operation,
     pub body: Option<&'a Bytes>,
+    /// Where the body lives when it is too large for the item (then it is not in the item).
+    pub blob: Option<&'a str>,
 }
 
 impl VersionItem<'_> {
@@ -96,8 +98,15 @@ impl VersionItem<'_> {
         item.insert("cend".into(), n(self.commit_end));
         item.insert("lu".into(), n(micros(self.last_updated)));
         item.insert("op".into(), s(self.operation.as_str()));
-        if let Some(body) = self.body {
-            item.insert("body".into(), AttributeValue::B(Blob::new(body.to_vec())));
+        match (self.blob, self.body) {
+            (Some(path), Some(body)) => {
+                item.insert("blob".into(), s(path));
+                item.insert("blen".into(), n(body.len()));
+            }
+            (_, Some(body)) => {
+                item.insert("body".into(), AttributeValue::B(Blob::new(body.to_vec())));
+            }
+            (_, None) => {}
         }
         item.insert("tpk".into(), s(type_pk(self.tenant, self.resource_type)));
         item.insert("spk".into(), s(self.tenant.as_str()));
@@ -185,6 +194,7 @@ mod tests {
             last_updated: at,
             operation: Operation::Update,
             body: Some(&body),
+            blob: None,
         }
         .to_item();
         assert_eq!(written.get(PK), Some(&s("R#t-1#Patient#p.1")));

@@ -9,6 +9,7 @@
 //! Also here: the DynamoDB Streams relay ([`streams`]: shard discovery, parent-before-child
 //! order, per-shard checkpoints and leases). What it is not: the search index.
 
+mod blobs;
 mod changes;
 mod commit;
 mod error;
@@ -16,6 +17,7 @@ mod items;
 mod provision;
 mod queries;
 pub mod streams;
+mod txn;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use fhirmesh_core::blob::DynBlobStore;
 use fhirmesh_core::model::{ResourceVersion, TenantId};
 use fhirmesh_core::ports::{
     ChangeLog, ChangeRecord, CommitReceipt, HistoryQuery, ResourceStore, StoreError, VersionWrite,
@@ -30,7 +33,7 @@ use fhirmesh_core::ports::{
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tokio::sync::Notify;
 
-pub use crate::commit::{MAX_BODY_BYTES, MAX_WRITES_PER_COMMIT};
+pub use crate::commit::{MAX_BODY_BYTES, MAX_TRANSACTION_BYTES, MAX_WRITES_PER_TRANSACTION};
 pub use crate::provision::{Provisioned, provision, stream_arn};
 pub use crate::streams::{StreamRelay, StreamRelayConfig, provision_leases};
 
@@ -44,6 +47,10 @@ pub struct DynamoConfig {
     /// How often [`ChangeLog::wait_for_changes`] wakes up when this process committed nothing
     /// (other processes' commits are only seen by polling).
     pub poll_interval: Duration,
+    /// How long a large (staged) commit may stay pending before anyone may abort it, plus 10 ms
+    /// per write: change-log readers wait for a pending commit at most this long when its
+    /// writer dies.
+    pub txn_timeout: Duration,
 }
 
 impl Default for DynamoConfig {
@@ -52,6 +59,7 @@ impl Default for DynamoConfig {
             table: "fhirmesh-resources".to_owned(),
             hole_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(200),
+            txn_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -72,11 +80,24 @@ struct Inner {
     /// How far [`DynamoStore::latest_committed`] has read the change log: (the last resolved
     /// sequence, the last change among them).
     frontier: Mutex<(u64, u64)>,
+    /// Final states of staged transactions (true: committed), which never change.
+    txns: Mutex<HashMap<String, bool>>,
+    /// Where bodies too large for an item go (none: they are refused).
+    blobs: Option<DynBlobStore>,
 }
 
 impl DynamoStore {
     /// A store on `config.table`, which must exist (see [`provision`]).
     pub fn new(client: Client, config: DynamoConfig) -> DynamoStore {
+        DynamoStore::build(client, config, None)
+    }
+
+    /// A store on `config.table` that keeps bodies over [`MAX_BODY_BYTES`] in `blobs`.
+    pub fn with_blob_store(client: Client, config: DynamoConfig, blobs: DynBlobStore) -> DynamoStore {
+        DynamoStore::build(client, config, Some(blobs))
+    }
+
+    fn build(client: Client, config: DynamoConfig, blobs: Option<DynBlobStore>) -> DynamoStore {
         DynamoStore {
             inner: Arc::new(Inner {
                 client,
@@ -84,6 +105,8 @@ impl DynamoStore {
                 committed: Notify::new(),
                 holes: Mutex::new(HashMap::new()),
                 frontier: Mutex::new((0, 0)),
+                txns: Mutex::new(HashMap::new()),
+                blobs,
             }),
         }
     }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::types::KeysAndAttributes;
 use fhirmesh_core::model::{ResourceVersion, TenantId};
 use fhirmesh_core::ports::{HistoryQuery, HistoryScope, StoreError};
@@ -12,8 +13,9 @@ use crate::DynamoStore;
 use crate::error::sdk_error;
 use crate::items::{
     BY_TENANT, BY_TYPE, CURRENT_SK, Item, PK, SK, VERSION_PREFIX, get_s, get_u64, key, micros, n, resource_pk, s,
-    type_pk, version_from_item, version_sk,
+    type_pk, version_sk,
 };
+use crate::txn::txn_of;
 
 /// `BatchGetItem` takes 100 keys per call.
 const BATCH_GET_MAX: usize = 100;
@@ -27,21 +29,37 @@ impl DynamoStore {
         resource_type: ResourceType,
         id: &LogicalId,
     ) -> Result<Option<ResourceVersion>, StoreError> {
-        let out = self
-            .inner
-            .client
-            .query()
-            .table_name(&self.inner.config.table)
-            .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
-            .expression_attribute_values(":pk", s(resource_pk(tenant, resource_type, id)))
-            .expression_attribute_values(":v", s(VERSION_PREFIX))
-            .scan_index_forward(false)
-            .limit(1)
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| sdk_error("read", e))?;
-        out.items().first().map(version_from_item).transpose()
+        // The newest committed version item IS the current version. Newer ones of a staged
+        // transaction still pending (or aborted, not cleaned up yet) are passed over.
+        let mut start: Option<Item> = None;
+        let mut limit = 1;
+        loop {
+            let out = self
+                .inner
+                .client
+                .query()
+                .table_name(&self.inner.config.table)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+                .expression_attribute_values(":pk", s(resource_pk(tenant, resource_type, id)))
+                .expression_attribute_values(":v", s(VERSION_PREFIX))
+                .scan_index_forward(false)
+                .limit(limit)
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| sdk_error("read", e))?;
+            for item in out.items() {
+                if self.visible(item).await? {
+                    return self.decode(item).await.map(Some);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(next) => start = Some(next.clone()),
+                None => return Ok(None),
+            }
+            limit = 10;
+        }
     }
 
     pub(crate) async fn read_version(
@@ -61,7 +79,10 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| sdk_error("vread", e))?;
-        out.item().map(version_from_item).transpose()
+        match out.item() {
+            Some(item) if self.visible(item).await? => self.decode(item).await.map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub(crate) async fn read_current_many(
@@ -74,26 +95,53 @@ impl DynamoStore {
         let pointers = self.batch_get(&pointer_keys).await?;
         let mut version_keys = Vec::new();
         for (pk, sk) in &pointer_keys {
-            if let Some(pointer) = pointers.get(&(pk.clone(), sk.clone())) {
+            if let Some(pointer) = pointers.get(&(pk.clone(), sk.clone()))
+                && txn_of(pointer, "lk").is_none()
+            {
                 version_keys.push((pk.clone(), version_sk(get_u64(pointer, "ver")?)));
             }
         }
         let versions = self.batch_get(&version_keys).await?;
         let mut out = Vec::with_capacity(keys.len());
-        for (pk, sk) in &pointer_keys {
+        for ((pk, sk), (resource_type, id)) in pointer_keys.iter().zip(keys) {
             let version = match pointers.get(&(pk.clone(), sk.clone())) {
                 None => None,
+                // Locked by a staged transaction: its pointer may be behind; the version items
+                // tell.
+                Some(pointer) if txn_of(pointer, "lk").is_some() => {
+                    self.read_current(tenant, *resource_type, id).await?
+                }
                 Some(pointer) => {
                     let version_key = (pk.clone(), version_sk(get_u64(pointer, "ver")?));
                     let item = versions.get(&version_key).ok_or_else(|| {
                         StoreError::Internal(format!("{pk}: the pointer names a version that is not stored"))
                     })?;
-                    Some(version_from_item(item)?)
+                    Some(self.decode(item).await?)
                 }
             };
             out.push(version);
         }
         Ok(out)
+    }
+
+    /// Every item `query` finds, following its pages (strongly consistent).
+    pub(crate) async fn query_all(&self, query: QueryFluentBuilder, what: &str) -> Result<Vec<Item>, StoreError> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = query
+                .clone()
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| sdk_error(what, e))?;
+            found.extend(out.items().iter().cloned());
+            match out.last_evaluated_key() {
+                Some(next) => start = Some(next.clone()),
+                None => return Ok(found),
+            }
+        }
     }
 
     /// Items by `(pk, sk)`, strongly consistent, in as few `BatchGetItem` calls as possible;
@@ -197,7 +245,10 @@ impl DynamoStore {
                     .map_err(|e| sdk_error("instance history", e))?;
                 let mut versions = Vec::new();
                 for item in out.items() {
-                    let version = version_from_item(item)?;
+                    if !self.visible(item).await? {
+                        continue;
+                    }
+                    let version = self.decode(item).await?;
                     if before.is_none_or(|b| version.sequence < b) {
                         versions.push(version);
                     }
@@ -228,9 +279,12 @@ impl DynamoStore {
         let mut items = self.batch_get(&keys).await?;
         let mut versions = Vec::with_capacity(keys.len());
         for k in &keys {
-            // A key the index has but the table not: impossible for versions (never deleted).
-            if let Some(item) = items.remove(k) {
-                versions.push(version_from_item(&item)?);
+            // A key the index has but the table not: a staged version of an aborted transaction,
+            // deleted since.
+            if let Some(item) = items.remove(k)
+                && self.visible(&item).await?
+            {
+                versions.push(self.decode(&item).await?);
             }
         }
         Ok((versions, out.last_evaluated_key().cloned()))

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use fhirmesh_core::model::{Operation, TenantId};
 use fhirmesh_core::ports::{ChangeLog, Expected, HistoryQuery, HistoryScope, ResourceStore, StoreError, VersionWrite};
 use fhirmesh_fhir::{LogicalId, ResourceType};
-use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, MAX_WRITES_PER_COMMIT, provision};
+use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, MAX_WRITES_PER_TRANSACTION, provision};
 use time::OffsetDateTime;
 
 async fn store_with(adjust: impl FnOnce(&mut DynamoConfig)) -> DynamoStore {
@@ -190,22 +190,160 @@ async fn a_failed_transaction_leaves_nothing_behind() {
     assert_eq!(seqs, (receipt.first_sequence..=receipt.last_sequence).collect::<Vec<_>>());
 }
 
+fn tagged(id: &str, expected: Expected, version_id: u64, tag: &str) -> VersionWrite {
+    let mut w = write("Basic", id, expected, version_id, t(version_id as i64));
+    w.body = Some(Bytes::from(format!("{{\"resourceType\":\"Basic\",\"id\":\"{id}\",\"tag\":\"{tag}\"}}")));
+    w
+}
+
+fn tag(version: &fhirmesh_core::ResourceVersion) -> String {
+    let body: serde_json::Value = serde_json::from_slice(version.body.as_deref().expect("body")).expect("json");
+    body["tag"].as_str().expect("tag").to_owned()
+}
+
+fn basic_keys(count: usize) -> Vec<(ResourceType, LogicalId)> {
+    (0..count).map(|i| (rt("Basic"), lid(&format!("b{i}")))).collect()
+}
+
 #[tokio::test]
-async fn what_the_table_cannot_hold_is_refused_before_writing() {
+async fn commits_larger_than_one_dynamodb_transaction_are_staged_and_atomic() {
     let store = store().await;
-    let tenant = tenant("limits");
-    let many: Vec<VersionWrite> =
-        (0..=MAX_WRITES_PER_COMMIT).map(|i| write("Basic", &format!("b{i}"), Expected::Absent, 1, t(1))).collect();
-    assert!(matches!(store.commit(&tenant, many).await, Err(StoreError::Unsupported(_))));
-    let mut big = write("Binary", "big", Expected::Absent, 1, t(1));
-    big.body = Some(Bytes::from(vec![b' '; 400 * 1024]));
-    assert!(matches!(store.commit(&tenant, vec![big]).await, Err(StoreError::Unsupported(_))));
-    assert_eq!(store.latest_sequence().await, Ok(0), "nothing was reserved");
-    // The largest allowed transaction commits whole.
-    let most: Vec<VersionWrite> =
-        (0..MAX_WRITES_PER_COMMIT).map(|i| write("Basic", &format!("b{i}"), Expected::Absent, 1, t(1))).collect();
-    let receipt = store.commit(&tenant, most).await.expect("33 writes");
-    assert_eq!(receipt.last_sequence - receipt.first_sequence + 1, MAX_WRITES_PER_COMMIT as u64);
+    let tenant = tenant("large");
+    const N: usize = 3 * MAX_WRITES_PER_TRANSACTION; // 99 writes: three transactions' worth of items
+    let creates: Vec<VersionWrite> = (0..N).map(|i| tagged(&format!("b{i}"), Expected::Absent, 1, "v1")).collect();
+    let receipt = store.commit(&tenant, creates).await.expect("large create");
+    assert_eq!((receipt.first_sequence, receipt.last_sequence), (1, N as u64));
+    let changes = store.changes_after(0, 1000).await.expect("changes");
+    assert_eq!(changes.iter().map(|c| c.version.sequence).collect::<Vec<_>>(), (1..=N as u64).collect::<Vec<_>>());
+    assert!(changes.iter().all(|c| c.commit_end == N as u64));
+    let all = store.read_many(&tenant, &basic_keys(N)).await.expect("read many");
+    assert!(all.iter().all(|v| v.as_ref().is_some_and(|v| v.version_id == 1)));
+    let type_history = HistoryQuery { limit: 1000, ..query(HistoryScope::Type(rt("Basic"))) };
+    assert_eq!(store.history(&tenant, type_history).await.expect("history").len(), N);
+
+    // One wrong expectation in the middle: nothing of the commit happens.
+    let mut updates: Vec<VersionWrite> =
+        (0..N).map(|i| tagged(&format!("b{i}"), Expected::Version(1), 2, "v2")).collect();
+    updates[50] = tagged("b50", Expected::Version(4), 5, "v2");
+    let failed = store.commit(&tenant, updates).await;
+    assert!(
+        matches!(&failed, Err(StoreError::Conflict { id, actual: Some(1), .. }) if id.as_str() == "b50"),
+        "{failed:?}"
+    );
+    let all = store.read_many(&tenant, &basic_keys(N)).await.expect("read many");
+    assert!(all.iter().all(|v| v.as_ref().is_some_and(|v| v.version_id == 1 && tag(v) == "v1")));
+    assert_eq!(store.vread(&tenant, rt("Basic"), &lid("b0"), 2).await, Ok(None));
+    assert_eq!(store.changes_after(N as u64, 1000).await, Ok(vec![]));
+    assert_eq!(store.latest_sequence().await, Ok(N as u64), "the aborted commit's sequences are not waited for");
+
+    // Its locks are gone: a single write and then a large commit with deletes go through.
+    store.commit(&tenant, vec![tagged("b0", Expected::Version(1), 2, "single")]).await.expect("single write");
+    let mut mixed: Vec<VersionWrite> =
+        (1..N).map(|i| tagged(&format!("b{i}"), Expected::Version(1), 2, "v2")).collect();
+    mixed[0] = delete("Basic", "b1", 1, t(9));
+    mixed.push(tagged("b0", Expected::Version(2), 3, "v3"));
+    mixed.push(tagged("new", Expected::Absent, 1, "v1"));
+    let receipt = store.commit(&tenant, mixed).await.expect("large update");
+    assert_eq!(receipt.last_sequence - receipt.first_sequence + 1, N as u64 + 1);
+    assert_eq!(store.read(&tenant, rt("Basic"), &lid("b1")).await.expect("read").map(|v| v.body), Some(None));
+    let b0 = store.read(&tenant, rt("Basic"), &lid("b0")).await.expect("read").expect("b0");
+    assert_eq!((b0.version_id, tag(&b0).as_str()), (3, "v3"));
+    let changes = store.changes_after(N as u64, 1000).await.expect("changes");
+    let last = changes.last().expect("changes").version.sequence;
+    assert_eq!(last, receipt.last_sequence);
+    assert_eq!(changes.len(), N + 2, "the single write and the whole large commit");
+}
+
+#[tokio::test]
+async fn concurrent_large_commits_over_the_same_resources_one_wins_whole() {
+    let store = store().await;
+    let tenant = tenant("race");
+    const N: usize = 40;
+    let creates: Vec<VersionWrite> = (0..N).map(|i| tagged(&format!("b{i}"), Expected::Absent, 1, "v1")).collect();
+    store.commit(&tenant, creates).await.expect("seed");
+    // Two large writers in opposite orders, and a small one, all expecting version 1.
+    let forward: Vec<VersionWrite> = (0..N).map(|i| tagged(&format!("b{i}"), Expected::Version(1), 2, "fwd")).collect();
+    let backward: Vec<VersionWrite> =
+        (0..N).rev().map(|i| tagged(&format!("b{i}"), Expected::Version(1), 2, "bwd")).collect();
+    let small = vec![tagged("b20", Expected::Version(1), 2, "small")];
+    let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+    let (t1, t2, t3) = (tenant.clone(), tenant.clone(), tenant.clone());
+    let results = tokio::join!(
+        tokio::spawn(async move { s1.commit(&t1, forward).await }),
+        tokio::spawn(async move { s2.commit(&t2, backward).await }),
+        tokio::spawn(async move { s3.commit(&t3, small).await }),
+    );
+    let results = [results.0.expect("join"), results.1.expect("join"), results.2.expect("join")];
+    let won: Vec<usize> = (0..3).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(won.len(), 1, "exactly one writer wins: {results:?}");
+    for (i, result) in results.iter().enumerate() {
+        if !won.contains(&i) {
+            assert!(matches!(result, Err(StoreError::Conflict { actual: Some(2), .. })), "{result:?}");
+        }
+    }
+    let all = store.read_many(&tenant, &basic_keys(N)).await.expect("read many");
+    let tags: std::collections::BTreeSet<String> =
+        all.iter().map(|v| v.as_ref().expect("present")).filter(|v| v.version_id == 2).map(tag).collect();
+    let expected = ["fwd", "bwd", "small"][won[0]];
+    assert_eq!(tags, std::collections::BTreeSet::from([expected.to_owned()]), "no mix of writers");
+    let changed = store.changes_after(N as u64, 1000).await.expect("changes");
+    assert_eq!(changed.len(), if won[0] == 2 { 1 } else { N });
+}
+
+#[tokio::test]
+async fn bodies_too_large_for_an_item_live_in_the_blob_store() {
+    let big = Bytes::from(format!("{{\"resourceType\":\"Binary\",\"data\":\"{}\"}}", "A".repeat(500 * 1024)));
+    let mut write_big = write("Binary", "big", Expected::Absent, 1, t(1));
+    write_big.body = Some(big.clone());
+
+    // Without a blob store they are refused, before anything is reserved.
+    let plain = store().await;
+    let tenant = tenant("blobs");
+    let refused = plain.commit(&tenant, vec![write_big.clone()]).await;
+    assert!(matches!(&refused, Err(StoreError::Unsupported(m)) if m.contains("blob")), "{refused:?}");
+    assert_eq!(plain.latest_sequence().await, Ok(0));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = std::sync::Arc::new(fhirmesh_blob::LocalBlobStore::open(dir.path()).await.expect("blob store"));
+    let store = DynamoStore::with_blob_store(
+        plain.client().clone(),
+        DynamoConfig { table: plain.table().to_owned(), ..DynamoConfig::default() },
+        blobs,
+    );
+    store.commit(&tenant, vec![write_big]).await.expect("a 500 KB resource");
+    let read = store.read(&tenant, rt("Binary"), &lid("big")).await.expect("read").expect("present");
+    assert_eq!(read.body.as_ref(), Some(&big));
+    let vread = store.vread(&tenant, rt("Binary"), &lid("big"), 1).await.expect("vread").expect("present");
+    assert_eq!(vread.body.as_ref(), Some(&big));
+    let changes = store.changes_after(0, 10).await.expect("changes");
+    assert_eq!(changes[0].version.body.as_ref(), Some(&big));
+    // The item keeps the blob's key, not the body.
+    let item = store
+        .client()
+        .get_item()
+        .table_name(store.table())
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("R#blobs#Binary#big".into()))
+        .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("V#00000000000000000001".into()))
+        .send()
+        .await
+        .expect("get item")
+        .item
+        .expect("version item");
+    assert!(item.contains_key("blob") && !item.contains_key("body"), "{:?}", item.keys());
+
+    // A commit whose bodies exceed what one DynamoDB transaction takes (4 MB) is staged.
+    let heavy_body = Bytes::from(format!("{{\"resourceType\":\"Binary\",\"data\":\"{}\"}}", "B".repeat(300 * 1024)));
+    let heavy: Vec<VersionWrite> = (0..12)
+        .map(|i| {
+            let mut w = write("Binary", &format!("h{i}"), Expected::Absent, 1, t(2));
+            w.body = Some(heavy_body.clone());
+            w
+        })
+        .collect();
+    let receipt = store.commit(&tenant, heavy).await.expect("12 × 300 KB");
+    assert_eq!(receipt.last_sequence - receipt.first_sequence, 11);
+    let h = store.read(&tenant, rt("Binary"), &lid("h11")).await.expect("read").expect("present");
+    assert_eq!(h.body, Some(heavy_body));
 }
 
 #[tokio::test]

@@ -79,7 +79,7 @@ impl Fixture {
             poll_interval: Duration::from_millis(50),
             ..StreamRelayConfig::new(&self.stream_arn, &self.lease_table, worker)
         };
-        StreamRelay::new(self.dynamodb.clone(), self.streams.clone(), config)
+        StreamRelay::new(self.store.clone(), self.streams.clone(), config)
     }
 
     /// The lease table's items, by shard.
@@ -205,6 +205,28 @@ async fn every_committed_version_is_published_once_in_sequence_order() {
     let lease = leases.values().next().expect("one lease");
     assert!(matches!(lease.get("checkpoint"), Some(AttributeValue::S(_))), "{lease:?}");
     assert_eq!(lease.get("owner"), Some(&AttributeValue::S("w1".into())));
+}
+
+#[tokio::test]
+async fn a_staged_commit_is_published_once_and_whole() {
+    let fx = Fixture::new().await;
+    // 40 writes: more than one DynamoDB transaction holds, so the commit is staged.
+    let writes: Vec<VersionWrite> = (0..40).map(|i| write("Basic", &format!("b{i}"), 1)).collect();
+    assert_eq!(fx.commit(writes).await, (1, 40));
+    assert_eq!(fx.commit(vec![write("Basic", "b0", 2)]).await, (41, 41));
+
+    let recorder = Recorder::default();
+    let relay = fx.relay("w1", Duration::from_secs(10));
+    drain(&relay, &recorder, 41).await;
+    let events = recorder.events();
+    let mut sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=41).collect::<Vec<_>>(), "each version once");
+    for event in &events {
+        let want_end = if event.sequence <= 40 { 40 } else { 41 };
+        assert_eq!(event.commit_end, want_end, "{}", event.idempotency_key);
+        assert_eq!(event.resource, Some(body("Basic", event.id.as_str(), event.version_id)));
+    }
 }
 
 #[tokio::test]
@@ -376,7 +398,7 @@ async fn a_failing_publisher_does_not_move_the_checkpoint() {
 async fn a_relay_on_a_missing_lease_table_fails_naming_it() {
     let fx = Fixture::new().await;
     let config = StreamRelayConfig::new(&fx.stream_arn, "no-such-lease-table", "w1");
-    let relay = StreamRelay::new(fx.dynamodb.clone(), fx.streams.clone(), config);
+    let relay = StreamRelay::new(fx.store.clone(), fx.streams.clone(), config);
     let err = relay.run_once(&Recorder::default()).await.expect_err("no lease table");
     assert!(err.to_string().contains("no-such-lease-table"), "{err}");
 }

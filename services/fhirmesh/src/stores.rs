@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fhirmesh_core::blob::DynBlobStore;
 use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, ResourceStore};
-use fhirmesh_store_dynamodb::{DynamoConfig, StreamRelay, StreamRelayConfig};
+use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, StreamRelay, StreamRelayConfig};
 
-use crate::config::{AwsConfig, Config, StorageBackend};
+use crate::config::{AwsConfig, BlobBackend, Config, StorageBackend};
 
 /// One store, seen through both of its ports.
 #[derive(Clone)]
@@ -49,18 +50,37 @@ pub async fn open(config: &Config, aws: &Aws) -> anyhow::Result<Stores> {
         }
         StorageBackend::Dynamodb => {
             let sdk = aws.sdk().await;
-            let dynamo = DynamoConfig {
-                table: config.dynamodb.table.clone(),
-                hole_timeout: Duration::from_millis(config.dynamodb.hole_timeout_ms),
-                ..DynamoConfig::default()
-            };
+            let dynamo = dynamo_config(config);
+            // Resources too large for a DynamoDB item live in the blob store.
+            let blobs = open_blobs(config, aws).await?;
             let store = fhirmesh_resource::open_dynamodb_store(
                 aws_sdk_dynamodb::Client::new(sdk),
                 dynamo,
+                Some(blobs),
                 config.dynamodb.create_table,
             )
             .await?;
             Ok(Stores::of(store))
+        }
+    }
+}
+
+/// Opens the configured blob store: local files under `data_dir/blobs`, or the S3 bucket.
+pub async fn open_blobs(config: &Config, aws: &Aws) -> anyhow::Result<DynBlobStore> {
+    match config.blob.backend {
+        BlobBackend::Local => {
+            let root = config.storage.data_dir.join("blobs");
+            let store = fhirmesh_blob::LocalBlobStore::open(&root)
+                .await
+                .map_err(|err| anyhow::anyhow!("cannot open the blob directory {}: {err}", root.display()))?;
+            Ok(Arc::new(store))
+        }
+        BlobBackend::S3 => {
+            let options = fhirmesh_blob::S3Options { key_prefix: config.blob.key_prefix.clone(), ..Default::default() };
+            let store =
+                fhirmesh_blob::S3BlobStore::new(aws_sdk_s3::Client::new(aws.sdk().await), &config.blob.bucket, options)
+                    .map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))?;
+            Ok(Arc::new(store))
         }
     }
 }
@@ -90,7 +110,18 @@ pub async fn stream_relay(config: &Config, aws: &Aws) -> anyhow::Result<StreamRe
         format!("{host}-{}", std::process::id())
     });
     let relay_config = StreamRelayConfig::new(stream_arn, leases, worker_id);
-    Ok(StreamRelay::new(dynamodb, aws_sdk_dynamodbstreams::Client::new(sdk), relay_config))
+    // The relay looks staged transactions up in the table; it never reads bodies.
+    let table = DynamoStore::new(dynamodb, dynamo_config(config));
+    Ok(StreamRelay::new(table, aws_sdk_dynamodbstreams::Client::new(sdk), relay_config))
+}
+
+/// The `[dynamodb]` section as the store's tunables.
+fn dynamo_config(config: &Config) -> DynamoConfig {
+    DynamoConfig {
+        table: config.dynamodb.table.clone(),
+        hole_timeout: Duration::from_millis(config.dynamodb.hole_timeout_ms),
+        ..DynamoConfig::default()
+    }
 }
 
 /// The AWS SDK configuration: `[aws]` overrides on top of the standard chain (environment,

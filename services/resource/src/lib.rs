@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use fhirmesh_core::blob::DynBlobStore;
 use fhirmesh_core::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
 use fhirmesh_core::{DynResourceService, FhirResources, ResourceConfig};
 use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore};
@@ -41,10 +42,12 @@ pub fn open_sqlite_search_index(data_dir: &Path) -> anyhow::Result<Arc<SqliteSea
     Ok(Arc::new(index))
 }
 
-/// Opens the DynamoDB store on `config.table`, creating the table first when `create_table`.
+/// Opens the DynamoDB store on `config.table` (bodies too large for an item in `blobs`), creating
+/// the table first when `create_table`.
 pub async fn open_dynamodb_store(
     client: aws_sdk_dynamodb::Client,
     config: DynamoConfig,
+    blobs: Option<DynBlobStore>,
     create_table: bool,
 ) -> anyhow::Result<Arc<DynamoStore>> {
     if create_table {
@@ -52,7 +55,10 @@ pub async fn open_dynamodb_store(
             .await
             .map_err(|err| anyhow::anyhow!("cannot create the DynamoDB table {}: {err}", config.table))?;
     }
-    Ok(Arc::new(DynamoStore::new(client, config)))
+    Ok(Arc::new(match blobs {
+        Some(blobs) => DynamoStore::with_blob_store(client, config, blobs),
+        None => DynamoStore::new(client, config),
+    }))
 }
 
 /// The resource service over a store and its change log, searching `index`.

@@ -315,6 +315,57 @@ async fn if_match_in_a_transaction_fails_it_cleanly() {
 }
 
 #[tokio::test]
+async fn large_transactions_commit_whole_and_race_whole() {
+    let server = TestServer::start().await;
+    // More writes than one DynamoDB transaction holds (33): on that backend the staged protocol.
+    const N: usize = 60;
+    let patient_url = "urn:uuid:aaaaaaaa-0000-4000-8000-000000000000";
+    let mut entries = vec![post(patient_url, json!({"resourceType": "Patient", "name": [{"family": "Large"}]}))];
+    entries.extend((1..=N).map(|i| {
+        post(
+            &format!("urn:uuid:aaaaaaaa-0000-4000-8000-{i:012}"),
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "large"},
+                   "subject": {"reference": patient_url}}),
+        )
+    }));
+    let (status, body) = post_bundle(&server, &transaction(entries), None).await;
+    assert_eq!(status, 200, "{body}");
+    let patient = target(&body, 0);
+    let observations: Vec<String> = (1..=N).map(|i| target(&body, i)).collect();
+    let (_, found) = server.get(&format!("Observation?subject={patient}&_count=100&_summary=count")).await;
+    assert_eq!(found["total"], N, "{found}");
+
+    // Two large updates of the same resources at once, each expecting version 1: one wins, whole.
+    let update = |tag: &str| {
+        transaction(
+            observations
+                .iter()
+                .map(|reference| {
+                    let id = reference.split('/').nth(1).expect("id");
+                    json!({"resource": {"resourceType": "Observation", "id": id, "status": "amended",
+                                        "code": {"text": tag}, "subject": {"reference": patient}},
+                           "request": {"method": "PUT", "url": reference, "ifMatch": "W/\"1\""}})
+                })
+                .collect(),
+        )
+    };
+    let (first, second) = (update("first"), update("second"));
+    let (a, b) = tokio::join!(post_bundle(&server, &first, None), post_bundle(&server, &second, None));
+    let winner = match (a.0, b.0) {
+        (200, 409 | 412) => "first",
+        (409 | 412, 200) => "second",
+        other => panic!("exactly one transaction must win: {other:?}\n{}\n{}", a.1, b.1),
+    };
+    for reference in &observations {
+        let (status, observation) = server.get(reference).await;
+        assert_eq!(status, 200);
+        assert_eq!(observation["meta"]["versionId"], "2", "{observation}");
+        assert_eq!(observation["code"]["text"], winner, "no mix of the two transactions: {observation}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn batch_entries_succeed_and_fail_independently() {
     let server = TestServer::start().await;
     let (_, existing) =

@@ -10,6 +10,7 @@ use fhirmesh_core::events::ResourceChanged;
 use fhirmesh_core::ports::StoreError;
 
 use crate::items::{Item, PK, SK, VERSION_PREFIX, change_from_version_item};
+use crate::txn::txn_of;
 
 /// DynamoDB allows 32 levels of nesting; anything deeper is not an item DynamoDB wrote.
 const MAX_DEPTH: usize = 64;
@@ -61,11 +62,12 @@ fn string_key<'a>(image: Option<&'a HashMap<String, StreamValue>>, name: &str) -
     }
 }
 
-/// Whether a stream record is the insert of a version item (`pk = R#…`, `sk = V#…`): the only
-/// records that become events. Pointer, change-log, counter and checkpoint items, and every
-/// MODIFY or REMOVE, are not.
-fn is_version_insert(record: &Record) -> bool {
-    if record.event_name() != Some(&OperationType::Insert) {
+/// Whether a stream record writes a version item (`pk = R#…`, `sk = V#…`): the only records
+/// that become events. An INSERT, or a MODIFY — a version item is only ever replaced when it was
+/// left behind by an aborted staged transaction (see `design.md`, "Large commits"). Pointer,
+/// change-log, counter, transaction and checkpoint items, and every REMOVE, are not.
+fn is_version_write(record: &Record) -> bool {
+    if !matches!(record.event_name(), Some(OperationType::Insert | OperationType::Modify)) {
         return false;
     }
     let Some(data) = record.dynamodb() else { return false };
@@ -75,10 +77,18 @@ fn is_version_insert(record: &Record) -> bool {
     matches!((pk, sk), (Some(pk), Some(sk)) if pk.starts_with("R#") && sk.starts_with(VERSION_PREFIX))
 }
 
-/// The event a stream record stands for: `Ok(None)` for records that are not version inserts,
-/// `Err` for a version insert whose image cannot be decoded (the caller logs and skips it).
-pub(crate) fn event_from_record(record: &Record) -> Result<Option<ResourceChanged>, StoreError> {
-    if !is_version_insert(record) {
+/// A version write read from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VersionEvent {
+    pub event: ResourceChanged,
+    /// The staged transaction that wrote it: the event is published only once that commits.
+    pub txn: Option<String>,
+}
+
+/// The event a stream record stands for: `Ok(None)` for records that are not version writes,
+/// `Err` for a version write whose image cannot be decoded (the caller logs and skips it).
+pub(crate) fn event_from_record(record: &Record) -> Result<Option<VersionEvent>, StoreError> {
+    if !is_version_write(record) {
         return Ok(None);
     }
     let image = record.dynamodb().and_then(|data| data.new_image()).ok_or_else(|| {
@@ -88,10 +98,12 @@ pub(crate) fn event_from_record(record: &Record) -> Result<Option<ResourceChange
     })?;
     let item = image_to_item(image)
         .map_err(|e| StoreError::Internal(format!("cannot convert the stream image of a version item: {e}")))?;
+    // A body kept in the blob store is not in the image: the event goes without it
+    // (`body_omitted`), and consumers read the version from the store.
     let change = change_from_version_item(&item)?;
     let mut event = ResourceChanged::from(change);
     event.traceparent = None;
-    Ok(Some(event))
+    Ok(Some(VersionEvent { event, txn: txn_of(&item, "txn").map(str::to_owned) }))
 }
 
 /// The sequence number of a stream record, when it carries one.
@@ -198,9 +210,11 @@ mod tests {
 
     #[test]
     fn version_inserts_become_events() {
-        let event = event_from_record(&record(OperationType::Insert, version_image("V#00000000000000000002"), "100"))
+        let written = event_from_record(&record(OperationType::Insert, version_image("V#00000000000000000002"), "100"))
             .expect("decodes")
             .expect("an event");
+        assert_eq!(written.txn, None);
+        let event = written.event;
         assert_eq!((event.version_id, event.sequence, event.commit_end), (2, 7, 8));
         assert_eq!(event.operation, Operation::Update);
         assert_eq!(event.idempotency_key, "t1/Patient/p1/_history/2");
@@ -209,11 +223,28 @@ mod tests {
     }
 
     #[test]
+    fn replaced_and_staged_versions_are_events_that_name_their_transaction() {
+        let mut staged = version_image("V#00000000000000000002");
+        staged.insert("txn".to_owned(), s("tx1"));
+        let written = event_from_record(&record(OperationType::Modify, staged, "3")).expect("decodes").expect("event");
+        assert_eq!(written.txn.as_deref(), Some("tx1"));
+        assert_eq!(written.event.version_id, 2);
+        // A body in the blob store: the event carries none and says so.
+        let mut offloaded = version_image("V#00000000000000000002");
+        offloaded.remove("body");
+        offloaded.insert("blob".to_owned(), s("resources/Patient/p1/2-00.json"));
+        offloaded.insert("blen".to_owned(), n(400_000));
+        let written =
+            event_from_record(&record(OperationType::Insert, offloaded, "4")).expect("decodes").expect("event");
+        assert!(written.event.body_omitted());
+    }
+
+    #[test]
     fn other_items_and_other_operations_are_not_events() {
         let version = version_image("V#00000000000000000002");
-        for op in [OperationType::Modify, OperationType::Remove] {
-            assert_eq!(event_from_record(&record(op, version.clone(), "1")), Ok(None));
-        }
+        assert_eq!(event_from_record(&record(OperationType::Remove, version.clone(), "1")), Ok(None));
+        let transaction = HashMap::from([("pk".to_owned(), s("X#abc")), ("sk".to_owned(), s("X"))]);
+        assert_eq!(event_from_record(&record(OperationType::Insert, transaction, "1")), Ok(None));
         let pointer = HashMap::from([
             ("pk".to_owned(), s("R#t1#Patient#p1")),
             ("sk".to_owned(), s("C")),

@@ -20,11 +20,13 @@ use fhirmesh_core::events::ResourceChanged;
 use fhirmesh_core::ports::{BusError, DynEventPublisher, EventPublisher, StoreError};
 use tokio::sync::Mutex;
 
+use crate::DynamoStore;
 use crate::error::sdk_error;
-use crate::streams::convert::{event_from_record, sequence_number};
+use crate::streams::convert::{VersionEvent, event_from_record, sequence_number};
 use crate::streams::leases::Leases;
 pub use crate::streams::leases::provision_leases;
 pub use crate::streams::shards::{ShardInfo, ready_shards};
+use crate::txn::TxnState;
 
 /// GetRecords returns at most 1,000 records a call.
 const MAX_RECORDS_PER_CALL: i32 = 1000;
@@ -181,6 +183,8 @@ fn backoff(poll_interval: Duration, lease_duration: Duration, failures: u32) -> 
 /// The DynamoDB Streams relay. One per process; several processes share a stream through the
 /// lease table.
 pub struct StreamRelay {
+    /// The table the stream belongs to: staged transactions are looked up there.
+    store: DynamoStore,
     streams: aws_sdk_dynamodbstreams::Client,
     leases: Leases,
     config: StreamRelayConfig,
@@ -188,13 +192,10 @@ pub struct StreamRelay {
 }
 
 impl StreamRelay {
-    pub fn new(
-        dynamodb: aws_sdk_dynamodb::Client,
-        streams: aws_sdk_dynamodbstreams::Client,
-        config: StreamRelayConfig,
-    ) -> StreamRelay {
-        let leases = Leases::new(dynamodb, config.lease_table.clone(), config.worker_id.clone());
-        StreamRelay { streams, leases, config, state: Mutex::new(State::default()) }
+    /// A relay of `store`'s table stream (`config.stream_arn`).
+    pub fn new(store: DynamoStore, streams: aws_sdk_dynamodbstreams::Client, config: StreamRelayConfig) -> StreamRelay {
+        let leases = Leases::new(store.client().clone(), config.lease_table.clone(), config.worker_id.clone());
+        StreamRelay { store, streams, leases, config, state: Mutex::new(State::default()) }
     }
 
     pub fn config(&self) -> &StreamRelayConfig {
@@ -420,9 +421,28 @@ impl StreamRelay {
         };
         let mut events: Vec<ResourceChanged> = Vec::new();
         let mut last_sequence: Option<&str> = None;
+        // A version of a staged transaction still pending stops the batch before it: what came
+        // before is published and checkpointed, the rest is read again next round.
+        let mut blocked = false;
         for record in &records {
             match event_from_record(record) {
-                Ok(Some(event)) => events.push(event),
+                Ok(Some(written)) => match self.publishable(&written).await {
+                    Ok(Some(true)) => events.push(written.event),
+                    Ok(Some(false)) => {}
+                    Ok(None) => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(error) => {
+                        owned.iterator = None;
+                        if !events.is_empty() || last_sequence.is_some() {
+                            tracing::debug!(%shard, %error, "streams relay stops at an unresolved transaction");
+                            blocked = true;
+                            break;
+                        }
+                        return Err(error);
+                    }
+                },
                 Ok(None) => {}
                 Err(error) => tracing::error!(
                     %shard,
@@ -437,6 +457,11 @@ impl StreamRelay {
                 tracing::warn!(%shard, "stream record without a sequence number");
             }
         }
+        if blocked && last_sequence.is_none() {
+            // Nothing before the pending version: reopen after the checkpoint next round.
+            owned.iterator = None;
+            return Ok(0);
+        }
         if !events.is_empty()
             && let Err(error) = publisher.publish(&events).await
         {
@@ -444,7 +469,8 @@ impl StreamRelay {
             owned.iterator = None;
             return Err(bus_error(shard, events.len(), error));
         }
-        let finished = next.is_none();
+        // A blocked batch ends early: the shard is not finished, whatever its iterator says.
+        let finished = next.is_none() && !blocked;
         if last_sequence.is_none() && !finished {
             owned.iterator = next;
             return Ok(events.len());
@@ -463,7 +489,7 @@ impl StreamRelay {
                 if let Some(sequence) = last_sequence {
                     owned.checkpoint = Some(sequence.to_owned());
                 }
-                owned.iterator = next;
+                owned.iterator = if blocked { None } else { next };
             }
             Ok(false) => {
                 tracing::warn!(
@@ -479,6 +505,18 @@ impl StreamRelay {
             }
         }
         Ok(events.len())
+    }
+
+    /// Whether a version write is published: `Some(true)` yes, `Some(false)` never (its staged
+    /// transaction aborted), `None` not yet (still pending; aborted by whoever meets it after
+    /// its deadline, this relay included).
+    async fn publishable(&self, written: &VersionEvent) -> Result<Option<bool>, StoreError> {
+        let Some(txn) = &written.txn else { return Ok(Some(true)) };
+        Ok(match self.store.settle(txn).await? {
+            TxnState::Committed => Some(true),
+            TxnState::Aborted => Some(false),
+            TxnState::Pending { .. } => None,
+        })
     }
 
     /// One GetRecords on `shard`, opening (or renewing) the iterator as needed. `Ok(None)`: the

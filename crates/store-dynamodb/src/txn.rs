@@ -1,0 +1,934 @@
+//! Commits too large for one `TransactWriteItems` (more than 33 writes, or more bytes than a
+//! transaction takes): a commit record, pointer locks and staged versions (see `design.md`,
+//! "Large commits"). Also what every other path needs to respect them: the state of a
+//! transaction (cached once final), waiting for a lock, aborting a transaction whose writer died,
+//! rolling a committed one forward.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, Put, PutRequest, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+    WriteRequest,
+};
+use fhirmesh_core::model::TenantId;
+use fhirmesh_core::ports::{CommitReceipt, Expected, StoreError, VersionWrite};
+use futures::stream::{self, TryStreamExt};
+
+use crate::DynamoStore;
+use crate::commit::{change_item, conflict, version_item};
+use crate::error::sdk_error;
+use crate::items::{CURRENT_SK, Item, corrupt, get_s, get_u64, key, n, resource_pk, s, version_sk};
+
+/// Partition-key prefix of a transaction's items: its record (`sk = X`) and manifest (`W#…`).
+const TXN_PREFIX: &str = "X#";
+const RECORD_SK: &str = "X";
+const MANIFEST_PREFIX: &str = "W#";
+/// Writes per manifest item (about 60 bytes each: well below the 400 KB item limit).
+const MANIFEST_CHUNK: usize = 2000;
+/// `TransactWriteItems` takes 100 items.
+const TRANSACT_MAX_ITEMS: usize = 100;
+/// `BatchWriteItem` takes 25 items (and 16 MB: 25 items of at most 400 KB fit).
+const BATCH_WRITE_MAX: usize = 25;
+/// Item writes a transaction has in flight at once while moving or releasing its pointers.
+const CONCURRENCY: usize = 16;
+/// Final states remembered; past that the cache starts over (a miss costs one read).
+const CACHE_LIMIT: usize = 100_000;
+/// Attempts at one lock chunk that keeps meeting other transactions' races.
+const LOCK_ATTEMPTS: u32 = 20;
+
+const PENDING: &str = "pending";
+const COMMITTED: &str = "committed";
+const ABORTED: &str = "aborted";
+
+/// Where a transaction stands. `Committed` and `Aborted` never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TxnState {
+    /// Being staged; anyone may abort it once `deadline_ms` (epoch milliseconds) has passed.
+    Pending {
+        deadline_ms: u64,
+    },
+    Committed,
+    Aborted,
+}
+
+/// One write of a transaction, as its manifest records it: enough to move or release its pointer
+/// and to find its staged version item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ManifestEntry {
+    pub pk: String,
+    pub version: u64,
+    pub sequence: u64,
+    pub deleted: bool,
+    /// The lock created the pointer (the resource did not exist): releasing it deletes it.
+    pub created: bool,
+}
+
+impl ManifestEntry {
+    fn encode(&self) -> String {
+        format!("{}|{}|{}|{}|{}", self.version, self.sequence, u8::from(self.deleted), u8::from(self.created), self.pk)
+    }
+
+    fn decode(text: &str) -> Result<ManifestEntry, StoreError> {
+        let bad = || corrupt(format!("manifest entry {text:?}"));
+        let mut parts = text.splitn(5, '|');
+        let mut next = || parts.next().ok_or_else(bad);
+        let version = next()?.parse().map_err(|_| bad())?;
+        let sequence = next()?.parse().map_err(|_| bad())?;
+        let flag = |text: &str| match text {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err(bad()),
+        };
+        let deleted = flag(next()?)?;
+        let created = flag(next()?)?;
+        let pk = next()?.to_owned();
+        if !pk.starts_with("R#") {
+            return Err(bad());
+        }
+        Ok(ManifestEntry { pk, version, sequence, deleted, created })
+    }
+}
+
+/// Why staging stopped before the commit point (the transaction is then aborted).
+enum Staging {
+    /// A reader voided one of our sequences, or we were aborted at our deadline: try again.
+    Retry(String),
+    Conflict {
+        index: usize,
+        actual: Option<u64>,
+    },
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Staging {
+    fn from(err: StoreError) -> Self {
+        Staging::Failed(err)
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn txn_pk(txn: &str) -> String {
+    format!("{TXN_PREFIX}{txn}")
+}
+
+fn new_txn_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+fn conditional_failed<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
+    err: &SdkError<E, impl std::fmt::Debug>,
+) -> bool {
+    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+fn build_error(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("cannot build a DynamoDB request: {err}"))
+}
+
+/// The transaction holding `item` (a version, change or pointer item), if any.
+pub(crate) fn txn_of<'a>(item: &'a Item, attribute: &str) -> Option<&'a str> {
+    match item.get(attribute) {
+        Some(AttributeValue::S(txn)) => Some(txn),
+        _ => None,
+    }
+}
+
+impl DynamoStore {
+    /// A commit through the staged protocol. Same contract as the one-transaction path: all or
+    /// nothing, `Conflict` when an expected version does not hold, a definite answer.
+    pub(crate) async fn commit_staged(
+        &self,
+        tenant: &TenantId,
+        writes: &[VersionWrite],
+        blobs: &[Option<String>],
+    ) -> Result<CommitReceipt, StoreError> {
+        let mut last_reason = String::new();
+        for attempt in 0..crate::commit::MAX_ATTEMPTS {
+            if attempt > 0 {
+                crate::commit::backoff(attempt).await;
+            }
+            let last = self.reserve(writes.len() as u64).await?;
+            let first = last + 1 - writes.len() as u64;
+            let txn = new_txn_id();
+            let receipt = CommitReceipt { first_sequence: first, last_sequence: last };
+            let staged = match self.stage(tenant, writes, blobs, first, last, &txn).await {
+                Ok(()) => self.commit_point(&txn).await,
+                Err(failure) => Err(failure),
+            };
+            let failure = match staged {
+                Ok(()) => {
+                    self.signal_commit();
+                    return Ok(receipt);
+                }
+                Err(failure) => failure,
+            };
+            // Abort decides: if the commit point was passed after all (an unanswered request),
+            // the abort finds the transaction committed.
+            match self.abort_txn(&txn).await {
+                Ok(TxnState::Committed) => {
+                    self.finish_committed(&txn).await;
+                    self.signal_commit();
+                    return Ok(receipt);
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(%txn, error = %err, "could not abort a staged transaction; its deadline will");
+                    return Err(match failure {
+                        Staging::Failed(cause) => cause,
+                        _ => err,
+                    });
+                }
+            }
+            match failure {
+                Staging::Retry(reason) => {
+                    tracing::debug!(%reason, attempt, "staged DynamoDB commit retried");
+                    last_reason = reason;
+                }
+                Staging::Conflict { index, actual } => {
+                    let write = &writes[index];
+                    return Err(conflict(write, actual));
+                }
+                Staging::Failed(err) => return Err(err),
+            }
+        }
+        Err(StoreError::Unavailable(format!("commit kept losing races after several attempts: {last_reason}")))
+    }
+
+    /// Steps 1–4 of a staged commit: record, change items, locks, versions (see `design.md`).
+    async fn stage(
+        &self,
+        tenant: &TenantId,
+        writes: &[VersionWrite],
+        blobs: &[Option<String>],
+        first: u64,
+        last: u64,
+        txn: &str,
+    ) -> Result<(), Staging> {
+        // Lock order: sorted partition keys, so two large transactions never wait on each other
+        // in a cycle.
+        let mut order: Vec<usize> = (0..writes.len()).collect();
+        let pks: Vec<String> = writes.iter().map(|w| resource_pk(tenant, w.resource_type, &w.id)).collect();
+        order.sort_by(|&a, &b| pks[a].cmp(&pks[b]));
+        let manifest: Vec<ManifestEntry> = order
+            .iter()
+            .map(|&i| ManifestEntry {
+                pk: pks[i].clone(),
+                version: writes[i].version_id,
+                sequence: first + i as u64,
+                deleted: writes[i].body.is_none(),
+                created: writes[i].expected == Expected::Absent,
+            })
+            .collect();
+
+        // 1. The record and manifest: from here on anyone can finish or abort the transaction.
+        let deadline_ms = now_ms() + self.txn_timeout(writes.len()).as_millis() as u64;
+        self.write_record(txn, deadline_ms, first, last, &manifest).await?;
+
+        // 2. The change items, marked with the transaction: the change log shows them once it
+        //    commits, treats them as voids if it aborts, and waits while it is pending.
+        let changes: Vec<Item> = writes
+            .iter()
+            .enumerate()
+            .map(|(i, write)| {
+                let mut item = change_item(tenant, write, first + i as u64, last);
+                item.insert("txn".into(), s(txn));
+                item
+            })
+            .collect();
+        for chunk in changes.chunks(TRANSACT_MAX_ITEMS) {
+            let items = chunk
+                .iter()
+                .map(|item| put_if_absent(&self.inner.config.table, item.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            match self.inner.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => {}
+                Err(SdkError::ServiceError(service)) => match service.into_err() {
+                    TransactWriteItemsError::TransactionCanceledException(e) => {
+                        return Err(Staging::Retry(format!("staging change items: {e}")));
+                    }
+                    other => return Err(Staging::Failed(StoreError::Internal(format!("DynamoDB stage: {other}")))),
+                },
+                Err(err) => return Err(Staging::Failed(sdk_error("stage change items", err))),
+            }
+        }
+
+        // 3. Lock every pointer, checking the expected versions.
+        let positions: Vec<usize> = order.clone();
+        for chunk in positions.chunks(TRANSACT_MAX_ITEMS) {
+            self.lock_chunk(txn, writes, &pks, chunk).await?;
+        }
+
+        // 4. Stage the version items (we hold every pointer: no one else writes these keys).
+        let versions: Vec<Item> = writes
+            .iter()
+            .zip(blobs)
+            .enumerate()
+            .map(|(i, (write, blob))| {
+                let mut item = version_item(tenant, write, blob.as_deref(), first + i as u64, last);
+                item.insert("txn".into(), s(txn));
+                item
+            })
+            .collect();
+        self.batch_put(versions).await?;
+        Ok(())
+    }
+
+    /// The commit point of a staged transaction, then the pointers move (not needed for the
+    /// answer: whoever meets a lock finishes it).
+    async fn commit_point(&self, txn: &str) -> Result<(), Staging> {
+        self.mark_committed(txn).await?;
+        self.finish_committed(txn).await;
+        Ok(())
+    }
+
+    /// The commit point: one conditional write.
+    async fn mark_committed(&self, txn: &str) -> Result<(), Staging> {
+        let committed = self
+            .inner
+            .client
+            .update_item()
+            .table_name(&self.inner.config.table)
+            .set_key(Some(key(txn_pk(txn), RECORD_SK.into())))
+            .update_expression("SET #state = :committed")
+            .condition_expression("#state = :pending")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":committed", s(COMMITTED))
+            .expression_attribute_values(":pending", s(PENDING))
+            .send()
+            .await;
+        match committed {
+            Ok(_) => {}
+            Err(err) if conditional_failed(&err) => {
+                return Err(Staging::Retry("aborted at its deadline before it committed".into()));
+            }
+            Err(err) => return Err(Staging::Failed(sdk_error("commit a staged transaction", err))),
+        }
+        self.remember(txn, TxnState::Committed);
+        Ok(())
+    }
+
+    /// How long a transaction of `writes` writes may stay pending before anyone may abort it.
+    fn txn_timeout(&self, writes: usize) -> Duration {
+        self.inner.config.txn_timeout + Duration::from_millis(10 * writes as u64)
+    }
+
+    async fn write_record(
+        &self,
+        txn: &str,
+        deadline_ms: u64,
+        first: u64,
+        last: u64,
+        manifest: &[ManifestEntry],
+    ) -> Result<(), StoreError> {
+        let mut items = Vec::new();
+        for (chunk_index, chunk) in manifest.chunks(MANIFEST_CHUNK).enumerate() {
+            let mut item = key(txn_pk(txn), format!("{MANIFEST_PREFIX}{chunk_index:06}"));
+            item.insert("w".into(), AttributeValue::L(chunk.iter().map(|e| s(e.encode())).collect()));
+            items.push(item);
+        }
+        // The manifest first: a record is never without it.
+        self.batch_put(items).await?;
+        let mut record = key(txn_pk(txn), RECORD_SK.into());
+        record.insert("state".into(), s(PENDING));
+        record.insert("deadline".into(), n(deadline_ms));
+        record.insert("first".into(), n(first));
+        record.insert("last".into(), n(last));
+        self.inner
+            .client
+            .put_item()
+            .table_name(&self.inner.config.table)
+            .set_item(Some(record))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await
+            .map_err(|e| sdk_error("write a transaction record", e))?;
+        Ok(())
+    }
+
+    /// Locks the pointers of `chunk` (indexes into `writes`) in one `TransactWriteItems`, waiting
+    /// for other transactions' locks to clear.
+    async fn lock_chunk(
+        &self,
+        txn: &str,
+        writes: &[VersionWrite],
+        pks: &[String],
+        chunk: &[usize],
+    ) -> Result<(), Staging> {
+        for attempt in 0..LOCK_ATTEMPTS {
+            let items = chunk
+                .iter()
+                .map(|&i| lock_update(&self.inner.config.table, &pks[i], writes[i].expected, txn))
+                .collect::<Result<Vec<_>, _>>()?;
+            let reasons = match self.inner.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => return Ok(()),
+                Err(SdkError::ServiceError(service)) => match service.into_err() {
+                    TransactWriteItemsError::TransactionCanceledException(e) => e.cancellation_reasons().to_vec(),
+                    TransactWriteItemsError::TransactionInProgressException(_) => Vec::new(),
+                    other => return Err(Staging::Failed(StoreError::Internal(format!("DynamoDB lock: {other}")))),
+                },
+                Err(err) => return Err(Staging::Failed(sdk_error("lock pointers", err))),
+            };
+            for (position, reason) in reasons.iter().enumerate() {
+                if reason.code() != Some("ConditionalCheckFailed") {
+                    continue;
+                }
+                let index = chunk[position];
+                match self.pointer_after_failure(&pks[index], reason.item()).await? {
+                    PointerState::LockedBy(other) if other != txn => {
+                        self.clear_lock(&pks[index], &other).await?;
+                    }
+                    PointerState::LockedBy(_) => {}
+                    PointerState::Version(actual) => return Err(Staging::Conflict { index, actual }),
+                }
+            }
+            // Lost a race (locks cleared, TransactionConflict, throttling): again.
+            crate::commit::backoff(attempt.min(4) + 1).await;
+        }
+        Err(Staging::Retry("pointers stayed locked by other transactions".into()))
+    }
+
+    /// What a failed pointer condition met: from the returned old item, else read again.
+    pub(crate) async fn pointer_after_failure(&self, pk: &str, old: Option<&Item>) -> Result<PointerState, StoreError> {
+        let pointer = match old {
+            Some(old) => Some(old.clone()),
+            None => self.get(pk, CURRENT_SK).await?,
+        };
+        Ok(match pointer {
+            None => PointerState::Version(None),
+            Some(pointer) => match txn_of(&pointer, "lk") {
+                Some(other) => PointerState::LockedBy(other.to_owned()),
+                None => PointerState::Version(get_u64(&pointer, "ver").ok()),
+            },
+        })
+    }
+
+    pub(crate) async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .inner
+            .client
+            .get_item()
+            .table_name(&self.inner.config.table)
+            .set_key(Some(key(pk.to_owned(), sk.to_owned())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("read an item", e))?;
+        Ok(out.item().cloned())
+    }
+
+    /// Puts `items` with `BatchWriteItem`, retrying what comes back unprocessed.
+    async fn batch_put(&self, items: Vec<Item>) -> Result<(), StoreError> {
+        let table = self.inner.config.table.clone();
+        let mut requests = items
+            .into_iter()
+            .map(|item| {
+                PutRequest::builder()
+                    .set_item(Some(item))
+                    .build()
+                    .map(|put| WriteRequest::builder().put_request(put).build())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(build_error)?;
+        while !requests.is_empty() {
+            let rest = requests.split_off(requests.len().min(BATCH_WRITE_MAX));
+            let mut pending = std::mem::replace(&mut requests, rest);
+            let mut round = 0u32;
+            while !pending.is_empty() {
+                let out = self
+                    .inner
+                    .client
+                    .batch_write_item()
+                    .request_items(&table, pending)
+                    .send()
+                    .await
+                    .map_err(|e| sdk_error("batch write", e))?;
+                pending = out.unprocessed_items().and_then(|u| u.get(&table)).cloned().unwrap_or_default();
+                if !pending.is_empty() {
+                    round += 1;
+                    if round > 8 {
+                        return Err(StoreError::Unavailable("DynamoDB kept items of a batch write unprocessed".into()));
+                    }
+                    crate::commit::backoff(round.min(6)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The state of `txn`: from the cache when final, else read (strongly consistent).
+    pub(crate) async fn txn_state(&self, txn: &str) -> Result<TxnState, StoreError> {
+        if let Some(state) = self.cached(txn) {
+            return Ok(state);
+        }
+        let record = self
+            .get(&txn_pk(txn), RECORD_SK)
+            .await?
+            .ok_or_else(|| corrupt(format!("transaction {txn} has no record")))?;
+        let state = match get_s(&record, "state")? {
+            PENDING => TxnState::Pending { deadline_ms: get_u64(&record, "deadline")? },
+            COMMITTED => TxnState::Committed,
+            ABORTED => TxnState::Aborted,
+            other => return Err(corrupt(format!("transaction {txn} is in state {other:?}"))),
+        };
+        self.remember(txn, state);
+        Ok(state)
+    }
+
+    /// Whether an item written by `txn` (if any) belongs to the committed data.
+    pub(crate) async fn visible(&self, item: &Item) -> Result<bool, StoreError> {
+        match txn_of(item, "txn") {
+            None => Ok(true),
+            Some(txn) => Ok(self.txn_state(txn).await? == TxnState::Committed),
+        }
+    }
+
+    /// `txn_state`, aborting a pending transaction whose deadline has passed: what readers that
+    /// must not wait forever (the change log, the stream relay) call.
+    pub(crate) async fn settle(&self, txn: &str) -> Result<TxnState, StoreError> {
+        match self.txn_state(txn).await? {
+            TxnState::Pending { deadline_ms } if now_ms() > deadline_ms => {
+                tracing::warn!(%txn, "aborting a staged transaction that passed its deadline (its writer stopped)");
+                self.abort_txn(txn).await
+            }
+            state => Ok(state),
+        }
+    }
+
+    /// Aborts `txn` unless it committed; returns its final state. The caller that aborts it
+    /// cleans up (releases its locks, deletes its staged versions, voids its unstaged sequences).
+    pub(crate) async fn abort_txn(&self, txn: &str) -> Result<TxnState, StoreError> {
+        let aborted = self
+            .inner
+            .client
+            .update_item()
+            .table_name(&self.inner.config.table)
+            .set_key(Some(key(txn_pk(txn), RECORD_SK.into())))
+            .update_expression("SET #state = :aborted")
+            .condition_expression("#state = :pending")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":aborted", s(ABORTED))
+            .expression_attribute_values(":pending", s(PENDING))
+            .send()
+            .await;
+        match aborted {
+            Ok(_) => {
+                self.remember(txn, TxnState::Aborted);
+                if let Err(error) = self.clean_aborted(txn).await {
+                    tracing::debug!(%txn, %error, "cleanup of an aborted transaction left for later readers");
+                }
+                Ok(TxnState::Aborted)
+            }
+            Err(err) if conditional_failed(&err) => {
+                // Final already (or the record is missing, which `txn_state` reports).
+                self.txn_state(txn).await
+            }
+            Err(err) => Err(sdk_error("abort a staged transaction", err)),
+        }
+    }
+
+    /// Waits until `txn` is final (aborting it at its deadline) and returns that state.
+    async fn await_txn(&self, txn: &str) -> Result<TxnState, StoreError> {
+        let mut delay = 20u64;
+        loop {
+            match self.settle(txn).await? {
+                TxnState::Pending { .. } => {
+                    tokio::time::sleep(Duration::from_millis(delay + fastrand::u64(..delay))).await;
+                    delay = (delay * 2).min(500);
+                }
+                state => return Ok(state),
+            }
+        }
+    }
+
+    /// Frees the pointer `pk` from `txn`'s lock: waits for the transaction to end, then rolls it
+    /// forward (committed) or releases the pointer (aborted).
+    pub(crate) async fn clear_lock(&self, pk: &str, txn: &str) -> Result<(), StoreError> {
+        match self.await_txn(txn).await? {
+            TxnState::Committed => self.roll_forward(txn).await,
+            _ => self.release_pointer(pk, txn).await,
+        }
+    }
+
+    async fn finish_committed(&self, txn: &str) {
+        if let Err(error) = self.roll_forward(txn).await {
+            tracing::debug!(%txn, %error, "pointers of a committed transaction left for the next writer to move");
+        }
+    }
+
+    /// Moves every pointer `txn` still locks to its new version.
+    async fn roll_forward(&self, txn: &str) -> Result<(), StoreError> {
+        let table = &self.inner.config.table;
+        let manifest = self.read_manifest(txn).await?;
+        let moves = manifest
+            .iter()
+            .map(|entry| {
+                let update = Update::builder()
+                    .table_name(table)
+                    .set_key(Some(key(entry.pk.clone(), CURRENT_SK.into())))
+                    .update_expression("SET ver = :ver, seq = :seq, del = :del REMOVE lk")
+                    .condition_expression("lk = :txn")
+                    .expression_attribute_values(":ver", n(entry.version))
+                    .expression_attribute_values(":seq", n(entry.sequence))
+                    .expression_attribute_values(":del", AttributeValue::Bool(entry.deleted))
+                    .expression_attribute_values(":txn", s(txn))
+                    .build()
+                    .map_err(build_error)?;
+                Ok(TransactWriteItem::builder().update(update).build())
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.apply_where_held(moves, "move pointers").await
+    }
+
+    /// Releases `txn`'s lock on `pk` (a single pointer met by a writer).
+    async fn release_pointer(&self, pk: &str, txn: &str) -> Result<(), StoreError> {
+        // Whether the lock created the pointer is in the manifest; without reading it, try the
+        // delete of a created pointer first, then the removal of the lock.
+        let created = ManifestEntry { pk: pk.to_owned(), version: 0, sequence: 0, deleted: false, created: true };
+        let existing = ManifestEntry { created: false, ..created.clone() };
+        let items = vec![release_item(&self.inner.config.table, &created, txn)?];
+        self.apply_where_held(items, "release a pointer").await?;
+        let items = vec![release_item(&self.inner.config.table, &existing, txn)?];
+        self.apply_where_held(items, "release a pointer").await
+    }
+
+    /// After an abort: delete the staged versions, release the locks, void the sequences whose
+    /// change items were never staged (so the change log need not wait `hole_timeout`).
+    async fn clean_aborted(&self, txn: &str) -> Result<(), StoreError> {
+        let table = &self.inner.config.table;
+        let manifest = self.read_manifest(txn).await?;
+        let mut items = Vec::with_capacity(manifest.len() * 2);
+        for entry in &manifest {
+            let delete = Delete::builder()
+                .table_name(table)
+                .set_key(Some(key(entry.pk.clone(), version_sk(entry.version))))
+                .condition_expression("txn = :txn")
+                .expression_attribute_values(":txn", s(txn))
+                .build()
+                .map_err(build_error)?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+        }
+        self.apply_where_held(items, "delete staged versions").await?;
+        let releases =
+            manifest.iter().map(|entry| release_item(table, entry, txn)).collect::<Result<Vec<_>, StoreError>>()?;
+        self.apply_where_held(releases, "release pointers").await?;
+
+        let record = self.get(&txn_pk(txn), RECORD_SK).await?.ok_or_else(|| corrupt("a transaction without record"))?;
+        let (first, last) = (get_u64(&record, "first")?, get_u64(&record, "last")?);
+        let present = self.sequences_present(first, last).await?;
+        let missing: Vec<u64> = (first..=last).filter(|seq| !present.contains(seq)).collect();
+        stream::iter(missing.into_iter().map(Ok))
+            .try_for_each_concurrent(CONCURRENCY, |sequence| async move { self.void(sequence).await.map(|_| ()) })
+            .await
+    }
+
+    /// Applies conditional writes whose condition says "`txn` still holds this", in transactions
+    /// of 100: items whose condition fails were done by someone else (or never held) and are
+    /// dropped; the rest of a cancelled transaction is tried again.
+    async fn apply_where_held(&self, items: Vec<TransactWriteItem>, what: &str) -> Result<(), StoreError> {
+        for chunk in items.chunks(TRANSACT_MAX_ITEMS) {
+            let mut pending = chunk.to_vec();
+            let mut attempt = 0;
+            while !pending.is_empty() {
+                let sent =
+                    self.inner.client.transact_write_items().set_transact_items(Some(pending.clone())).send().await;
+                let reasons = match sent {
+                    Ok(_) => break,
+                    Err(SdkError::ServiceError(service)) => match service.into_err() {
+                        TransactWriteItemsError::TransactionCanceledException(e) => e.cancellation_reasons().to_vec(),
+                        TransactWriteItemsError::TransactionInProgressException(_) => Vec::new(),
+                        other => return Err(StoreError::Internal(format!("DynamoDB {what}: {other}"))),
+                    },
+                    Err(err) => return Err(sdk_error(what, err)),
+                };
+                if reasons.len() == pending.len() {
+                    pending = pending
+                        .into_iter()
+                        .zip(&reasons)
+                        .filter(|(_, reason)| reason.code() != Some("ConditionalCheckFailed"))
+                        .map(|(item, _)| item)
+                        .collect();
+                }
+                attempt += 1;
+                if attempt > LOCK_ATTEMPTS {
+                    return Err(StoreError::Unavailable(format!("DynamoDB {what}: kept losing races")));
+                }
+                if !pending.is_empty() {
+                    crate::commit::backoff(attempt.min(4)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_manifest(&self, txn: &str) -> Result<Vec<ManifestEntry>, StoreError> {
+        let query = self
+            .inner
+            .client
+            .query()
+            .table_name(&self.inner.config.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :w)")
+            .expression_attribute_values(":pk", s(txn_pk(txn)))
+            .expression_attribute_values(":w", s(MANIFEST_PREFIX));
+        let mut entries = Vec::new();
+        for item in self.query_all(query, "read a transaction manifest").await? {
+            let Some(AttributeValue::L(list)) = item.get("w") else {
+                return Err(corrupt(format!("manifest of transaction {txn} without entries")));
+            };
+            for value in list {
+                let AttributeValue::S(text) = value else {
+                    return Err(corrupt(format!("manifest of transaction {txn}: {value:?}")));
+                };
+                entries.push(ManifestEntry::decode(text)?);
+            }
+        }
+        Ok(entries)
+    }
+
+    fn cached(&self, txn: &str) -> Option<TxnState> {
+        let cache = self.inner.txns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.get(txn).map(|&committed| if committed { TxnState::Committed } else { TxnState::Aborted })
+    }
+
+    fn remember(&self, txn: &str, state: TxnState) {
+        let committed = match state {
+            TxnState::Committed => true,
+            TxnState::Aborted => false,
+            TxnState::Pending { .. } => return,
+        };
+        let mut cache = self.inner.txns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(txn.to_owned(), committed);
+    }
+}
+
+/// What a pointer whose condition failed holds.
+pub(crate) enum PointerState {
+    LockedBy(String),
+    Version(Option<u64>),
+}
+
+fn put_if_absent(table: &str, item: Item) -> Result<TransactWriteItem, StoreError> {
+    let put = Put::builder()
+        .table_name(table)
+        .set_item(Some(item))
+        .condition_expression("attribute_not_exists(pk)")
+        .build()
+        .map_err(build_error)?;
+    Ok(TransactWriteItem::builder().put(put).build())
+}
+
+/// Releasing `txn`'s lock on a pointer: delete it if the lock created it, else remove the lock.
+fn release_item(table: &str, entry: &ManifestEntry, txn: &str) -> Result<TransactWriteItem, StoreError> {
+    let key = key(entry.pk.clone(), CURRENT_SK.into());
+    Ok(if entry.created {
+        let delete = Delete::builder()
+            .table_name(table)
+            .set_key(Some(key))
+            .condition_expression("lk = :txn AND attribute_not_exists(ver)")
+            .expression_attribute_values(":txn", s(txn))
+            .build()
+            .map_err(build_error)?;
+        TransactWriteItem::builder().delete(delete).build()
+    } else {
+        let update = Update::builder()
+            .table_name(table)
+            .set_key(Some(key))
+            .update_expression("REMOVE lk")
+            .condition_expression("lk = :txn")
+            .expression_attribute_values(":txn", s(txn))
+            .build()
+            .map_err(build_error)?;
+        TransactWriteItem::builder().update(update).build()
+    })
+}
+
+/// The lock on one pointer: the expected version must hold and no other transaction may hold it
+/// (or it is ours already: a repeated request is harmless).
+fn lock_update(table: &str, pk: &str, expected: Expected, txn: &str) -> Result<TransactWriteItem, StoreError> {
+    let mut values: HashMap<String, AttributeValue> = HashMap::from([(":txn".to_owned(), s(txn))]);
+    let condition = match expected {
+        Expected::Absent => "attribute_not_exists(pk) OR lk = :txn",
+        Expected::Version(v) => {
+            values.insert(":expected".to_owned(), n(v));
+            "(ver = :expected AND attribute_not_exists(lk)) OR lk = :txn"
+        }
+    };
+    let update = Update::builder()
+        .table_name(table)
+        .set_key(Some(key(pk.to_owned(), CURRENT_SK.into())))
+        .update_expression("SET lk = :txn")
+        .condition_expression(condition)
+        .set_expression_attribute_values(Some(values))
+        .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+        .build()
+        .map_err(build_error)?;
+    Ok(TransactWriteItem::builder().update(update).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_entries_round_trip_and_reject_garbage() {
+        let entry =
+            ManifestEntry { pk: "R#t#Patient#a|b".into(), version: 3, sequence: 99, deleted: true, created: false };
+        assert_eq!(ManifestEntry::decode(&entry.encode()), Ok(entry));
+        for bad in ["", "1|2|0|0", "x|2|0|0|R#a", "1|2|2|0|R#a", "1|2|0|0|X#a", "1|-2|0|0|R#a", "1|2|0|R#a"] {
+            assert!(ManifestEntry::decode(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    use bytes::Bytes;
+    use fhirmesh_core::model::Operation;
+    use fhirmesh_core::ports::{ChangeLog, ResourceStore};
+    use fhirmesh_fhir::{LogicalId, ResourceType};
+
+    use crate::{DynamoConfig, provision};
+
+    async fn moto_store(txn_timeout: Duration) -> DynamoStore {
+        let sdk = fhirmesh_testinfra::aws_config().await;
+        let client = aws_sdk_dynamodb::Client::new(&sdk);
+        let table = fhirmesh_testinfra::unique_name("txn");
+        provision(&client, &table).await.expect("provision");
+        let config =
+            DynamoConfig { table, txn_timeout, hole_timeout: Duration::from_millis(300), ..DynamoConfig::default() };
+        DynamoStore::new(client, config)
+    }
+
+    fn tenant() -> TenantId {
+        TenantId::parse("t1").expect("tenant")
+    }
+
+    fn write(id: &str, expected: Expected, version_id: u64, tag: &str) -> VersionWrite {
+        VersionWrite {
+            resource_type: ResourceType::parse("Basic").expect("type"),
+            id: LogicalId::parse(id).expect("id"),
+            expected,
+            version_id,
+            last_updated: time::OffsetDateTime::UNIX_EPOCH,
+            operation: if version_id == 1 { Operation::Create } else { Operation::Update },
+            body: Some(Bytes::from(format!("{{\"resourceType\":\"Basic\",\"id\":\"{id}\",\"tag\":\"{tag}\"}}"))),
+        }
+    }
+
+    fn tag_of(version: &fhirmesh_core::ResourceVersion) -> String {
+        let body: serde_json::Value = serde_json::from_slice(version.body.as_deref().expect("body")).expect("json");
+        body["tag"].as_str().expect("tag").to_owned()
+    }
+
+    fn key_of(id: &str) -> (ResourceType, LogicalId) {
+        (ResourceType::parse("Basic").expect("type"), LogicalId::parse(id).expect("id"))
+    }
+
+    /// Seeds a@1 and b@1, then stages (a@2, b@2, c@1) as a writer that dies before or after its
+    /// commit point would leave them. Returns the transaction id.
+    async fn abandoned(store: &DynamoStore, committed: bool) -> String {
+        let t = tenant();
+        let seed = vec![write("a", Expected::Absent, 1, "seed"), write("b", Expected::Absent, 1, "seed")];
+        store.commit(&t, seed).await.expect("seed");
+        let writes = vec![
+            write("a", Expected::Version(1), 2, "staged"),
+            write("b", Expected::Version(1), 2, "staged"),
+            write("c", Expected::Absent, 1, "staged"),
+        ];
+        let last = store.reserve(3).await.expect("reserve");
+        let txn = new_txn_id();
+        let staged = store.stage(&t, &writes, &[None, None, None], last - 2, last, &txn).await;
+        assert!(staged.is_ok(), "staging failed");
+        if committed {
+            assert!(store.mark_committed(&txn).await.is_ok(), "commit point");
+        }
+        txn
+    }
+
+    #[tokio::test]
+    async fn a_transaction_abandoned_before_its_commit_point_is_invisible_then_aborted() {
+        let store = moto_store(Duration::from_millis(500)).await;
+        let t = tenant();
+        let txn = abandoned(&store, false).await;
+
+        // Nothing of it is visible: reads, versions, history, the change log.
+        let a = store.read(&t, key_of("a").0, &key_of("a").1).await.expect("read").expect("a");
+        assert_eq!((a.version_id, tag_of(&a).as_str()), (1, "seed"));
+        assert_eq!(store.vread(&t, key_of("b").0, &key_of("b").1, 2).await, Ok(None));
+        let many = store.read_many(&t, &[key_of("a"), key_of("b"), key_of("c")]).await.expect("read many");
+        let versions: Vec<Option<u64>> = many.iter().map(|v| v.as_ref().map(|v| v.version_id)).collect();
+        assert_eq!(versions, vec![Some(1), Some(1), None]);
+        let history = store
+            .history(
+                &t,
+                fhirmesh_core::ports::HistoryQuery {
+                    scope: fhirmesh_core::ports::HistoryScope::System,
+                    since: None,
+                    at: None,
+                    before_sequence: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("history");
+        assert_eq!(history.len(), 2, "only the seed");
+        assert_eq!(store.changes_after(2, 100).await, Ok(vec![]), "the log waits at the pending transaction");
+        assert_eq!(store.latest_sequence().await, Ok(2));
+        assert!(matches!(store.txn_state(&txn).await, Ok(TxnState::Pending { .. })));
+
+        // A writer of a locked resource waits for the deadline, aborts the transaction, and wins.
+        let receipt = store.commit(&t, vec![write("a", Expected::Version(1), 2, "after")]).await.expect("write");
+        assert_eq!(store.txn_state(&txn).await, Ok(TxnState::Aborted));
+        let a = store.read(&t, key_of("a").0, &key_of("a").1).await.expect("read").expect("a");
+        assert_eq!((a.version_id, tag_of(&a).as_str()), (2, "after"));
+        // The aborted transaction's sequences are voids; the new write follows them.
+        let changes = store.changes_after(2, 100).await.expect("changes");
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].version.sequence, receipt.first_sequence);
+        assert_eq!(store.latest_sequence().await, Ok(receipt.first_sequence));
+        // Its locks and staged versions are gone: c can be created, b updated to version 2.
+        assert_eq!(store.read(&t, key_of("c").0, &key_of("c").1).await, Ok(None));
+        store.commit(&t, vec![write("c", Expected::Absent, 1, "new")]).await.expect("create c");
+        store.commit(&t, vec![write("b", Expected::Version(1), 2, "new")]).await.expect("update b");
+    }
+
+    #[tokio::test]
+    async fn a_transaction_abandoned_after_its_commit_point_is_visible_and_rolled_forward() {
+        let store = moto_store(Duration::from_secs(30)).await;
+        let t = tenant();
+        let txn = abandoned(&store, true).await;
+        assert_eq!(store.txn_state(&txn).await, Ok(TxnState::Committed));
+
+        let a = store.read(&t, key_of("a").0, &key_of("a").1).await.expect("read").expect("a");
+        assert_eq!((a.version_id, tag_of(&a).as_str()), (2, "staged"));
+        let many = store.read_many(&t, &[key_of("a"), key_of("b"), key_of("c")]).await.expect("read many");
+        let versions: Vec<Option<u64>> = many.iter().map(|v| v.as_ref().map(|v| v.version_id)).collect();
+        assert_eq!(versions, vec![Some(2), Some(2), Some(1)], "pointers behind, versions tell");
+        let changes = store.changes_after(2, 100).await.expect("changes");
+        assert_eq!(changes.iter().map(|c| c.version.sequence).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert!(changes.iter().all(|c| c.commit_end == 5));
+
+        // The next writer meets a lock of a committed transaction: it rolls it forward, then its
+        // expectations are checked against the moved pointers.
+        store.commit(&t, vec![write("a", Expected::Version(2), 3, "next")]).await.expect("update a");
+        let stale = store.commit(&t, vec![write("c", Expected::Absent, 1, "again")]).await;
+        assert!(matches!(stale, Err(StoreError::Conflict { actual: Some(1), .. })), "{stale:?}");
+        let stale = store.commit(&t, vec![write("b", Expected::Version(1), 2, "stale")]).await;
+        assert!(matches!(stale, Err(StoreError::Conflict { actual: Some(2), .. })), "{stale:?}");
+    }
+
+    #[test]
+    fn lock_conditions_accept_our_own_lock_again() {
+        let update = lock_update("t", "R#a", Expected::Version(2), "tx1").expect("builds");
+        let condition = update.update().and_then(|u| u.condition_expression()).expect("condition");
+        assert!(condition.contains("attribute_not_exists(lk)") && condition.contains("lk = :txn"));
+        let update = lock_update("t", "R#a", Expected::Absent, "tx1").expect("builds");
+        let condition = update.update().and_then(|u| u.condition_expression()).expect("condition");
+        assert!(condition.starts_with("attribute_not_exists(pk)"));
+    }
+}
