@@ -922,6 +922,97 @@ mod tests {
         assert!(matches!(stale, Err(StoreError::Conflict { actual: Some(2), .. })), "{stale:?}");
     }
 
+    /// Records what a relay publishes.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<fhirmesh_core::events::ResourceChanged>>);
+
+    #[async_trait::async_trait]
+    impl fhirmesh_core::ports::EventPublisher for Recorder {
+        async fn publish(
+            &self,
+            events: &[fhirmesh_core::events::ResourceChanged],
+        ) -> Result<(), fhirmesh_core::ports::BusError> {
+            self.0.lock().expect("recorder").extend_from_slice(events);
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        /// (id, version, body tag) of each event, in publication order.
+        fn published(&self) -> Vec<(String, u64, String)> {
+            let events = self.0.lock().expect("recorder");
+            events
+                .iter()
+                .map(|e| {
+                    let body: serde_json::Value =
+                        serde_json::from_slice(e.resource.as_deref().expect("body")).expect("json");
+                    (e.id.to_string(), e.version_id, body["tag"].as_str().expect("tag").to_owned())
+                })
+                .collect()
+        }
+    }
+
+    async fn relay_of(store: &DynamoStore) -> crate::StreamRelay {
+        let sdk = fhirmesh_testinfra::aws_config().await;
+        let arn = crate::stream_arn(store.client(), store.table()).await.expect("stream");
+        let leases = fhirmesh_testinfra::unique_name("leases");
+        crate::provision_leases(store.client(), &leases).await.expect("lease table");
+        let config = crate::StreamRelayConfig::new(arn, leases, "w1");
+        crate::StreamRelay::new(store.clone(), aws_sdk_dynamodbstreams::Client::new(&sdk), config)
+    }
+
+    /// Relay rounds until `count` events are out (bounded: 10 s).
+    async fn relay_until(relay: &crate::StreamRelay, recorder: &Recorder, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while recorder.published().len() < count {
+            assert!(std::time::Instant::now() < deadline, "only {:?} published", recorder.published());
+            relay.run_once(recorder).await.expect("relay round");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn owned(list: &[(&str, u64, &str)]) -> Vec<(String, u64, String)> {
+        list.iter().map(|(id, v, tag)| ((*id).to_owned(), *v, (*tag).to_owned())).collect()
+    }
+
+    #[tokio::test]
+    async fn the_stream_relay_waits_at_a_pending_transaction_and_never_publishes_it_once_aborted() {
+        let store = moto_store(Duration::from_millis(800)).await;
+        let relay = relay_of(&store).await;
+        let txn = abandoned(&store, false).await;
+        let recorder = Recorder::default();
+        relay_until(&relay, &recorder, 2).await;
+        // Pending: the relay stops before the staged versions, round after round.
+        for _ in 0..3 {
+            relay.run_once(&recorder).await.expect("relay round");
+        }
+        assert_eq!(recorder.published(), owned(&[("a", 1, "seed"), ("b", 1, "seed")]));
+        assert!(matches!(store.txn_state(&txn).await, Ok(TxnState::Pending { .. })));
+
+        // Past the deadline the relay aborts it itself, skips it, and later writes flow.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        relay.run_once(&recorder).await.expect("relay round");
+        assert_eq!(store.txn_state(&txn).await, Ok(TxnState::Aborted));
+        store.commit(&tenant(), vec![write("a", Expected::Version(1), 2, "after")]).await.expect("write");
+        relay_until(&relay, &recorder, 3).await;
+        relay.run_once(&recorder).await.expect("relay round");
+        assert_eq!(recorder.published(), owned(&[("a", 1, "seed"), ("b", 1, "seed"), ("a", 2, "after")]));
+    }
+
+    #[tokio::test]
+    async fn the_stream_relay_publishes_a_transaction_committed_by_a_writer_that_died() {
+        let store = moto_store(Duration::from_secs(30)).await;
+        let relay = relay_of(&store).await;
+        abandoned(&store, true).await;
+        let recorder = Recorder::default();
+        relay_until(&relay, &recorder, 5).await;
+        relay.run_once(&recorder).await.expect("relay round");
+        assert_eq!(
+            recorder.published(),
+            owned(&[("a", 1, "seed"), ("b", 1, "seed"), ("a", 2, "staged"), ("b", 2, "staged"), ("c", 1, "staged")])
+        );
+    }
+
     #[test]
     fn lock_conditions_accept_our_own_lock_again() {
         let update = lock_update("t", "R#a", Expected::Version(2), "tx1").expect("builds");
