@@ -178,18 +178,8 @@ impl DynamoStore {
 
     /// The last sequence handed out (0 before the first commit).
     pub(crate) async fn reserved(&self) -> Result<u64, StoreError> {
-        let out = self
-            .inner
-            .client
-            .get_item()
-            .table_name(&self.inner.config.table)
-            .set_key(Some(key("S".into(), "S".into())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| sdk_error("read the sequence counter", e))?;
-        match out.item() {
-            Some(item) => get_u64(item, "last"),
+        match self.get("S", "S", "read the sequence counter").await? {
+            Some(item) => get_u64(&item, "last"),
             None => Ok(0),
         }
     }
@@ -232,18 +222,8 @@ impl DynamoStore {
     }
 
     pub(crate) async fn read_checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
-        let out = self
-            .inner
-            .client
-            .get_item()
-            .table_name(&self.inner.config.table)
-            .set_key(Some(key(crate::items::checkpoint_pk(consumer), "K".into())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| sdk_error("read a checkpoint", e))?;
-        match out.item() {
-            Some(item) => get_u64(item, "seq"),
+        match self.get(&crate::items::checkpoint_pk(consumer), "K", "read a checkpoint").await? {
+            Some(item) => get_u64(&item, "seq"),
             None => Ok(0),
         }
     }

@@ -246,17 +246,7 @@ impl DynamoStore {
     }
 
     pub(crate) async fn change_item(&self, sequence: u64) -> Result<Option<Item>, StoreError> {
-        let out = self
-            .inner
-            .client
-            .get_item()
-            .table_name(&self.inner.config.table)
-            .set_key(Some(key(change_pk(sequence), change_sk(sequence))))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| sdk_error("read a change", e))?;
-        Ok(out.item().cloned())
+        self.get(&change_pk(sequence), &change_sk(sequence), "read a change").await
     }
 }
 

@@ -37,6 +37,15 @@ pub use crate::commit::{MAX_BODY_BYTES, MAX_TRANSACTION_BYTES, MAX_WRITES_PER_TR
 pub use crate::provision::{Provisioned, provision, stream_arn};
 pub use crate::streams::{StreamRelay, StreamRelayConfig, provision_leases};
 
+/// Wall-clock epoch milliseconds: lease expiries and transaction deadlines, compared across
+/// processes (their clock skew must stay well below those durations).
+pub(crate) fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Tunables of [`DynamoStore`].
 #[derive(Debug, Clone)]
 pub struct DynamoConfig {

@@ -1,7 +1,6 @@
 //! Reads: current version, several at once, one version, history pages, batched item fetches.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::types::KeysAndAttributes;
@@ -69,20 +68,26 @@ impl DynamoStore {
         id: &LogicalId,
         version_id: u64,
     ) -> Result<Option<ResourceVersion>, StoreError> {
+        let pk = resource_pk(tenant, resource_type, id);
+        match self.get(&pk, &version_sk(version_id), "vread").await? {
+            Some(item) if self.visible(&item).await? => self.decode(&item).await.map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// One item by key, strongly consistent (`what` names the read in errors).
+    pub(crate) async fn get(&self, pk: &str, sk: &str, what: &str) -> Result<Option<Item>, StoreError> {
         let out = self
             .inner
             .client
             .get_item()
             .table_name(&self.inner.config.table)
-            .set_key(Some(key(resource_pk(tenant, resource_type, id), version_sk(version_id))))
+            .set_key(Some(key(pk.to_owned(), sk.to_owned())))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| sdk_error("vread", e))?;
-        match out.item() {
-            Some(item) if self.visible(item).await? => self.decode(item).await.map(Some),
-            _ => Ok(None),
-        }
+            .map_err(|e| sdk_error(what, e))?;
+        Ok(out.item().cloned())
     }
 
     pub(crate) async fn read_current_many(
@@ -182,8 +187,7 @@ impl DynamoStore {
                                 "DynamoDB kept keys of a batch read unprocessed".into(),
                             ));
                         }
-                        let base = 10u64 << round.min(6);
-                        tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..base))).await;
+                        crate::commit::backoff(round).await;
                     }
                 }
             }

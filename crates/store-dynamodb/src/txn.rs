@@ -5,7 +5,7 @@
 //! rolling a committed one forward.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -17,10 +17,10 @@ use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::{CommitReceipt, Expected, StoreError, VersionWrite};
 use futures::stream::{self, TryStreamExt};
 
-use crate::DynamoStore;
 use crate::commit::{change_item, conflict, version_item};
 use crate::error::sdk_error;
 use crate::items::{CURRENT_SK, Item, corrupt, get_s, get_u64, key, n, resource_pk, s, version_sk};
+use crate::{DynamoStore, now_millis};
 
 /// Partition-key prefix of a transaction's items: its record (`sk = X`) and manifest (`W#…`).
 const TXN_PREFIX: &str = "X#";
@@ -107,10 +107,6 @@ impl From<StoreError> for Staging {
     fn from(err: StoreError) -> Self {
         Staging::Failed(err)
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn txn_pk(txn: &str) -> String {
@@ -227,7 +223,7 @@ impl DynamoStore {
             .collect();
 
         // 1. The record and manifest: from here on anyone can finish or abort the transaction.
-        let deadline_ms = now_ms() + self.txn_timeout(writes.len()).as_millis() as u64;
+        let deadline_ms = now_millis() + self.txn_timeout(writes.len()).as_millis() as u64;
         self.write_record(txn, deadline_ms, first, last, &manifest).await?;
 
         // 2. The change items, marked with the transaction: the change log shows them once it
@@ -259,8 +255,7 @@ impl DynamoStore {
         }
 
         // 3. Lock every pointer, checking the expected versions.
-        let positions: Vec<usize> = order.clone();
-        for chunk in positions.chunks(TRANSACT_MAX_ITEMS) {
+        for chunk in order.chunks(TRANSACT_MAX_ITEMS) {
             self.lock_chunk(txn, writes, &pks, chunk).await?;
         }
 
@@ -397,7 +392,7 @@ impl DynamoStore {
     pub(crate) async fn pointer_after_failure(&self, pk: &str, old: Option<&Item>) -> Result<PointerState, StoreError> {
         let pointer = match old {
             Some(old) => Some(old.clone()),
-            None => self.get(pk, CURRENT_SK).await?,
+            None => self.get(pk, CURRENT_SK, "read a pointer").await?,
         };
         Ok(match pointer {
             None => PointerState::Version(None),
@@ -406,20 +401,6 @@ impl DynamoStore {
                 None => PointerState::Version(get_u64(&pointer, "ver").ok()),
             },
         })
-    }
-
-    pub(crate) async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StoreError> {
-        let out = self
-            .inner
-            .client
-            .get_item()
-            .table_name(&self.inner.config.table)
-            .set_key(Some(key(pk.to_owned(), sk.to_owned())))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| sdk_error("read an item", e))?;
-        Ok(out.item().cloned())
     }
 
     /// Puts `items` with `BatchWriteItem`, retrying what comes back unprocessed.
@@ -467,7 +448,7 @@ impl DynamoStore {
             return Ok(state);
         }
         let record = self
-            .get(&txn_pk(txn), RECORD_SK)
+            .get(&txn_pk(txn), RECORD_SK, "read a transaction record")
             .await?
             .ok_or_else(|| corrupt(format!("transaction {txn} has no record")))?;
         let state = match get_s(&record, "state")? {
@@ -492,7 +473,7 @@ impl DynamoStore {
     /// must not wait forever (the change log, the stream relay) call.
     pub(crate) async fn settle(&self, txn: &str) -> Result<TxnState, StoreError> {
         match self.txn_state(txn).await? {
-            TxnState::Pending { deadline_ms } if now_ms() > deadline_ms => {
+            TxnState::Pending { deadline_ms } if now_millis() > deadline_ms => {
                 tracing::warn!(%txn, "aborting a staged transaction that passed its deadline (its writer stopped)");
                 self.abort_txn(txn).await
             }
@@ -618,7 +599,10 @@ impl DynamoStore {
             manifest.iter().map(|entry| release_item(table, entry, txn)).collect::<Result<Vec<_>, StoreError>>()?;
         self.apply_where_held(releases, "release pointers").await?;
 
-        let record = self.get(&txn_pk(txn), RECORD_SK).await?.ok_or_else(|| corrupt("a transaction without record"))?;
+        let record = self
+            .get(&txn_pk(txn), RECORD_SK, "read a transaction record")
+            .await?
+            .ok_or_else(|| corrupt("a transaction without record"))?;
         let (first, last) = (get_u64(&record, "first")?, get_u64(&record, "last")?);
         let present = self.sequences_present(first, last).await?;
         let missing: Vec<u64> = (first..=last).filter(|seq| !present.contains(seq)).collect();

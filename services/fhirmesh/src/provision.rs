@@ -66,10 +66,7 @@ pub async fn provision(config: &Config) -> anyhow::Result<Vec<String>> {
     }
 
     if config.blob.backend == BlobBackend::S3 {
-        let sdk = aws.sdk().await;
-        let options = fhirmesh_blob::S3Options { key_prefix: config.blob.key_prefix.clone(), ..Default::default() };
-        let store = fhirmesh_blob::S3BlobStore::new(aws_sdk_s3::Client::new(sdk), &config.blob.bucket, options)
-            .map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))?;
+        let store = crate::stores::s3_blobs(config, &aws).await?;
         store.provision().await.map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))?;
         done.push(format!("S3 bucket {}: ready", config.blob.bucket));
     } else {

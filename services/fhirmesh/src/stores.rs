@@ -75,14 +75,15 @@ pub async fn open_blobs(config: &Config, aws: &Aws) -> anyhow::Result<DynBlobSto
                 .map_err(|err| anyhow::anyhow!("cannot open the blob directory {}: {err}", root.display()))?;
             Ok(Arc::new(store))
         }
-        BlobBackend::S3 => {
-            let options = fhirmesh_blob::S3Options { key_prefix: config.blob.key_prefix.clone(), ..Default::default() };
-            let store =
-                fhirmesh_blob::S3BlobStore::new(aws_sdk_s3::Client::new(aws.sdk().await), &config.blob.bucket, options)
-                    .map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))?;
-            Ok(Arc::new(store))
-        }
+        BlobBackend::S3 => Ok(Arc::new(s3_blobs(config, aws).await?)),
     }
+}
+
+/// The S3 blob store of `[blob]` (bucket, key prefix).
+pub async fn s3_blobs(config: &Config, aws: &Aws) -> anyhow::Result<fhirmesh_blob::S3BlobStore> {
+    let options = fhirmesh_blob::S3Options { key_prefix: config.blob.key_prefix.clone(), ..Default::default() };
+    fhirmesh_blob::S3BlobStore::new(aws_sdk_s3::Client::new(aws.sdk().await), &config.blob.bucket, options)
+        .map_err(|err| anyhow::anyhow!("S3 bucket {}: {err}", config.blob.bucket))
 }
 
 /// The lease table of the Streams relay.

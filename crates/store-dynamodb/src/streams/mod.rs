@@ -11,7 +11,7 @@ mod shards;
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodbstreams::operation::get_records::GetRecordsOutput;
 use aws_sdk_dynamodbstreams::operation::get_shard_iterator::GetShardIteratorError;
@@ -20,13 +20,13 @@ use fhirmesh_core::events::ResourceChanged;
 use fhirmesh_core::ports::{BusError, DynEventPublisher, EventPublisher, StoreError};
 use tokio::sync::Mutex;
 
-use crate::DynamoStore;
 use crate::error::sdk_error;
 use crate::streams::convert::{VersionEvent, event_from_record, sequence_number};
 use crate::streams::leases::Leases;
 pub use crate::streams::leases::provision_leases;
 pub use crate::streams::shards::{ShardInfo, ready_shards};
 use crate::txn::TxnState;
+use crate::{DynamoStore, now_millis};
 
 /// GetRecords returns at most 1,000 records a call.
 const MAX_RECORDS_PER_CALL: i32 = 1000;
@@ -160,13 +160,6 @@ impl RoundErrors {
             }
         }
     }
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The pause after `failures` failed rounds in a row: doubling from the poll interval (at least
@@ -426,20 +419,21 @@ impl StreamRelay {
         let mut blocked = false;
         for record in &records {
             match event_from_record(record) {
-                Ok(Some(written)) => match self.publishable(&written).await {
-                    Ok(Some(true)) => events.push(written.event),
-                    Ok(Some(false)) => {}
-                    Ok(None) => {
+                Ok(Some(written)) => match self.outcome(&written).await {
+                    Ok(TxnState::Committed) => events.push(written.event),
+                    Ok(TxnState::Aborted) => {}
+                    Ok(TxnState::Pending { .. }) => {
+                        blocked = true;
+                        break;
+                    }
+                    // Publish what came before; this record is read again next round.
+                    Err(error) if last_sequence.is_some() => {
+                        tracing::warn!(%shard, %error, "streams relay stops at a transaction it cannot look up");
                         blocked = true;
                         break;
                     }
                     Err(error) => {
                         owned.iterator = None;
-                        if !events.is_empty() || last_sequence.is_some() {
-                            tracing::debug!(%shard, %error, "streams relay stops at an unresolved transaction");
-                            blocked = true;
-                            break;
-                        }
                         return Err(error);
                     }
                 },
@@ -507,16 +501,14 @@ impl StreamRelay {
         Ok(events.len())
     }
 
-    /// Whether a version write is published: `Some(true)` yes, `Some(false)` never (its staged
-    /// transaction aborted), `None` not yet (still pending; aborted by whoever meets it after
+    /// Where the transaction that wrote a version stands (a plain commit is committed): published
+    /// once committed, never if aborted, not yet while pending (aborted by whoever meets it after
     /// its deadline, this relay included).
-    async fn publishable(&self, written: &VersionEvent) -> Result<Option<bool>, StoreError> {
-        let Some(txn) = &written.txn else { return Ok(Some(true)) };
-        Ok(match self.store.settle(txn).await? {
-            TxnState::Committed => Some(true),
-            TxnState::Aborted => Some(false),
-            TxnState::Pending { .. } => None,
-        })
+    async fn outcome(&self, written: &VersionEvent) -> Result<TxnState, StoreError> {
+        match &written.txn {
+            None => Ok(TxnState::Committed),
+            Some(txn) => self.store.settle(txn).await,
+        }
     }
 
     /// One GetRecords on `shard`, opening (or renewing) the iterator as needed. `Ok(None)`: the
