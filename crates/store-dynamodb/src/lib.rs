@@ -13,6 +13,7 @@ mod blobs;
 mod changes;
 mod commit;
 mod error;
+mod export;
 mod items;
 mod provision;
 mod queries;
@@ -34,6 +35,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use tokio::sync::Notify;
 
 pub use crate::commit::{MAX_BODY_BYTES, MAX_TRANSACTION_BYTES, MAX_WRITES_PER_TRANSACTION};
+pub use crate::export::{ExportCursor, ExportPage, ExportScan, MAX_EXPORT_TYPES, MAX_SEGMENTS};
 pub use crate::provision::{Provisioned, provision, stream_arn};
 pub use crate::streams::{StreamRelay, StreamRelayConfig, provision_leases};
 

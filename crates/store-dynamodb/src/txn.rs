@@ -896,6 +896,13 @@ mod tests {
         let changes = store.changes_after(2, 100).await.expect("changes");
         assert_eq!(changes.iter().map(|c| c.version.sequence).collect::<Vec<_>>(), vec![3, 4, 5]);
         assert!(changes.iter().all(|c| c.commit_end == 5));
+        // An export reads through the locks too (c's pointer exists only as a lock).
+        let scan = crate::ExportScan { tenant: &t, types: &[], since: None, segment: 0, segments: 1 };
+        let page = store.export_page(&scan, None, 100).await.expect("export");
+        let mut exported: Vec<(String, u64)> =
+            page.resources.iter().map(|v| (v.id.to_string(), v.version_id)).collect();
+        exported.sort();
+        assert_eq!(exported, vec![("a".to_owned(), 2), ("b".to_owned(), 2), ("c".to_owned(), 1)]);
 
         // The next writer meets a lock of a committed transaction: it rolls it forward, then its
         // expectations are checked against the moved pointers.
