@@ -345,6 +345,34 @@ async fn more_than_ten_events_are_batched_and_all_arrive() {
 }
 
 #[tokio::test]
+async fn acks_sent_together_are_batched_and_each_gets_its_own_answer() {
+    let s = setup(config(30, 5)).await;
+    let events: Vec<ResourceChanged> = (1..=25).map(|v| event("acked", v, None)).collect();
+    s.bus.publish(&events).await.expect("publish 25");
+    let deliveries = fetch_until(&s.consumer, 25, Duration::from_secs(10)).await;
+    assert_eq!(deliveries.len(), 25);
+    // All at once, as the indexer acknowledges a whole fetch: DeleteMessageBatch calls of 10.
+    let acked = futures::future::join_all(deliveries.iter().map(|d| d.ack.ack())).await;
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    assert_eq!(queue_attribute(&s.sqs, &s.queue_url, QueueAttributeName::ApproximateNumberOfMessages).await, "0");
+    assert_eq!(
+        queue_attribute(&s.sqs, &s.queue_url, QueueAttributeName::ApproximateNumberOfMessagesNotVisible).await,
+        "0",
+        "every message deleted"
+    );
+
+    // A batch that fails fails every ack it carried, each saying which message.
+    s.bus.publish(&[event("late", 1, None), event("late", 2, None)]).await.expect("publish");
+    let late = fetch_until(&s.consumer, 2, Duration::from_secs(10)).await;
+    s.sqs.delete_queue().queue_url(&s.queue_url).send().await.expect("delete the queue");
+    let acked = futures::future::join_all(late.iter().map(|d| d.ack.ack())).await;
+    for result in &acked {
+        let err = result.as_ref().expect_err("the queue is gone");
+        assert!(err.to_string().contains("acknowledging (deleting) message"), "{err}");
+    }
+}
+
+#[tokio::test]
 async fn in_progress_keeps_a_slow_delivery_from_coming_back() {
     let s = setup(config(2, 5)).await;
     s.bus.publish(&[event("slow", 1, None)]).await.expect("publish");
