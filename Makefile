@@ -7,7 +7,7 @@ CARGO ?= cargo
 WITH_INFRA = tools/testinfra/with-infra.sh
 # The HTTP suites that run a second time on the DynamoDB store.
 DYNAMODB_SUITES = --test interactions --test transactions --test bad_input --test concurrency --test auth \
-	--test search_suite --test spec_examples --test event_path
+	--test search_suite --test spec_examples --test event_path --test synthea
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'

@@ -15,6 +15,10 @@ stream shard, so a stream reader keeps the orphaned shard with the cancelled wri
 Instead, the items a transaction touches are saved before it runs, and a cancelled transaction
 puts them back and drops the stream records it added — what DynamoDB shows: nothing happened.
 
+And a Query on a table (not an index) sorts every item of the table to pick the partition's items
+(`Table.all_items`): a read costs time proportional to the table. `partition_queries` hands such a
+query only its partition's items, as DynamoDB does.
+
 usage: python3 moto_serial.py -H 127.0.0.1 -p PORT
 """
 
@@ -81,6 +85,30 @@ def _restore(saved, stream_lengths):
         del table.stream_shard.items[length:]
 
 
+def partition_queries():
+    original = Table.query
+
+    def query(self, hash_key, *args, **kwargs):
+        index_name = args[6] if len(args) > 6 else kwargs.get("index_name")
+        if index_name is not None or hash_key is None:
+            return original(self, hash_key, *args, **kwargs)
+        partition = self.items.get(hash_key)
+        if partition is None:
+            items = []
+        elif self.range_key_attr:
+            items = list(partition.values())
+        else:
+            items = [partition]
+        # Requests are serialized (see `main`): shadowing the method for this call is safe.
+        self.all_items = lambda: items
+        try:
+            return original(self, hash_key, *args, **kwargs)
+        finally:
+            del self.all_items
+
+    Table.query = query
+
+
 def journal_rollback():
     dynamodb_models.copy = _TablesNotCopied()
     original = dynamodb_models.DynamoDBBackend.transact_write_items
@@ -104,6 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     journal_rollback()
+    partition_queries()
     moto_app = DomainDispatcherApplication(create_backend_app)
     dynamodb = threading.Lock()
 
