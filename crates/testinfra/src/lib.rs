@@ -26,6 +26,11 @@ pub fn nats_url() -> String {
     required("FHIRMESH_TEST_NATS_URL", "nats-server with JetStream")
 }
 
+/// The single-node OpenSearch (tests/support/opensearch-node), e.g. `http://127.0.0.1:41234`.
+pub fn opensearch_url() -> String {
+    required("FHIRMESH_TEST_OPENSEARCH_URL", "OpenSearch (tests/support/opensearch-node)")
+}
+
 /// AWS SDK configuration for moto: its endpoint, region us-east-1, dummy static credentials.
 pub async fn aws_config() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())

@@ -1,0 +1,149 @@
+//! The OpenSearch index's write side against a real OpenSearch (the single node
+//! `tools/testinfra/with-infra.sh` starts). Each test has its own index prefix.
+
+use fhirmesh_core::model::TenantId;
+use fhirmesh_core::ports::IndexUpdate;
+use fhirmesh_fhir::search::{IndexEntry, IndexValue};
+use fhirmesh_fhir::{LogicalId, ResourceType};
+use fhirmesh_search_opensearch::{OpenSearchConfig, OpenSearchIndex};
+use time::OffsetDateTime;
+
+async fn index() -> OpenSearchIndex {
+    let config =
+        OpenSearchConfig { url: fhirmesh_testinfra::opensearch_url(), prefix: fhirmesh_testinfra::unique_name("t") };
+    OpenSearchIndex::connect(config).await.expect("connect")
+}
+
+fn tenant() -> TenantId {
+    TenantId::parse("t1").expect("tenant")
+}
+
+fn patient(id: &str, version: u64, sequence: u64, family: Option<&str>) -> IndexUpdate {
+    IndexUpdate {
+        tenant: tenant(),
+        resource_type: ResourceType::parse("Patient").expect("type"),
+        id: LogicalId::parse(id).expect("id"),
+        version_id: version,
+        sequence,
+        last_updated: OffsetDateTime::from_unix_timestamp(1_700_000_000 + sequence as i64).expect("time"),
+        entries: family.map(|family| {
+            vec![IndexEntry {
+                param: "family".into(),
+                value: IndexValue::String { normalized: family.to_lowercase(), exact: family.into() },
+            }]
+        }),
+    }
+}
+
+async fn stored(index: &OpenSearchIndex, id: &str) -> Option<(u64, serde_json::Value)> {
+    let resource_type = ResourceType::parse("Patient").expect("type");
+    index.document(&tenant(), resource_type, &LogicalId::parse(id).expect("id")).await.expect("read")
+}
+
+#[tokio::test]
+async fn newer_versions_win_whatever_the_order_and_deletes_are_tombstones() {
+    let index = index().await;
+    assert_eq!(index.watermark().await, Ok(0));
+    index.apply(vec![patient("a", 1, 1, Some("Ng")), patient("b", 1, 2, Some("Lee"))]).await.expect("apply");
+    assert_eq!(index.watermark().await, Ok(2));
+
+    // Version 3 arrives before version 2 (reordered), and version 2 twice (redelivered).
+    index.apply(vec![patient("a", 3, 4, Some("Third"))]).await.expect("apply v3");
+    index.apply(vec![patient("a", 2, 3, Some("Second")), patient("a", 2, 3, Some("Second"))]).await.expect("stale");
+    let (version, document) = stored(&index, "a").await.expect("a is indexed");
+    assert_eq!(version, 3);
+    assert_eq!(document["s"][0]["e"], "Third", "{document}");
+    // The watermark never moves back, even when a batch's highest sequence is lower.
+    assert_eq!(index.watermark().await, Ok(4));
+
+    // A delete keeps the version: an older live version cannot resurrect the resource.
+    index.apply(vec![patient("b", 2, 5, None)]).await.expect("delete");
+    index.apply(vec![patient("b", 1, 2, Some("Lee"))]).await.expect("stale live version");
+    let (version, document) = stored(&index, "b").await.expect("tombstone");
+    assert_eq!(version, 2);
+    assert_eq!(document["deleted"], true);
+    assert!(document.get("s").is_none(), "{document}");
+    assert_eq!(index.watermark().await, Ok(5));
+    assert_eq!(stored(&index, "never").await, None);
+}
+
+#[tokio::test]
+async fn clear_empties_the_index_and_any_version_can_be_written_again() {
+    let index = index().await;
+    index.apply(vec![patient("a", 5, 9, Some("Five"))]).await.expect("apply");
+    index.clear().await.expect("clear");
+    assert_eq!(index.watermark().await, Ok(0));
+    assert_eq!(stored(&index, "a").await, None);
+    // A reindex from scratch writes version 1 again: no tombstone of the old index refuses it.
+    index.apply(vec![patient("a", 1, 1, Some("One"))]).await.expect("reindex");
+    let (version, document) = stored(&index, "a").await.expect("reindexed");
+    assert_eq!((version, document["s"][0]["e"].as_str()), (1, Some("One")));
+    assert_eq!(index.watermark().await, Ok(1));
+}
+
+#[tokio::test]
+async fn every_kind_of_value_is_accepted_by_the_mapping() {
+    let index = index().await;
+    let t = OffsetDateTime::from_unix_timestamp(1_600_000_000).expect("time");
+    let entries = vec![
+        IndexEntry {
+            param: "name".into(),
+            value: IndexValue::String { normalized: "ann".into(), exact: "Ann".into() },
+        },
+        IndexEntry {
+            param: "identifier".into(),
+            value: IndexValue::Token { system: Some("urn:s".into()), code: Some("1".into()), text: Some("MRN".into()) },
+        },
+        IndexEntry {
+            param: "general-practitioner".into(),
+            value: IndexValue::Reference {
+                target_type: ResourceType::parse("Practitioner"),
+                id: Some("p1".into()),
+                url: "Practitioner/p1".into(),
+                version: None,
+                identifier: Some((Some("urn:npi".into()), "9".into())),
+            },
+        },
+        IndexEntry {
+            param: "birthdate".into(),
+            value: IndexValue::Date {
+                start: fhirmesh_fhir::search::values::DATE_MIN,
+                end: fhirmesh_fhir::search::values::DATE_MAX,
+            },
+        },
+        IndexEntry { param: "n".into(), value: IndexValue::Number { value: 1.5, low: f64::MIN, high: f64::MAX } },
+        IndexEntry {
+            param: "q".into(),
+            value: IndexValue::Quantity {
+                value: 5.0,
+                low: 4.95,
+                high: 5.05,
+                system: Some("http://unitsofmeasure.org".into()),
+                code: Some("mg".into()),
+                unit: Some("mg".into()),
+                canonical: Some((0.005, "g".into())),
+            },
+        },
+        IndexEntry { param: "url".into(), value: IndexValue::Uri("http://example.org/x".into()) },
+        IndexEntry {
+            param: "combo".into(),
+            value: IndexValue::Composite(vec![
+                IndexValue::Token { system: None, code: Some("c".into()), text: None },
+                IndexValue::Date { start: t, end: t },
+            ]),
+        },
+    ];
+    let update = IndexUpdate { entries: Some(entries), ..patient("all", 1, 1, None) };
+    index.apply(vec![update]).await.expect("every kind indexes (strict mapping)");
+    let (_, document) = stored(&index, "all").await.expect("indexed");
+    for kind in ["s", "t", "r", "d", "n", "q", "u", "k"] {
+        assert!(document.get(kind).is_some(), "{kind} missing: {document}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_opensearch_is_unavailable() {
+    let config = OpenSearchConfig { url: "http://127.0.0.1:9".into(), prefix: "x".into() };
+    let failed = OpenSearchIndex::connect(config).await.err().expect("no server");
+    assert!(matches!(failed, fhirmesh_core::ports::IndexError::Unavailable(_)), "{failed:?}");
+}
