@@ -5,9 +5,12 @@ CARGO ?= cargo
 
 # The real servers integration tests talk to (moto, nats-server) run around the test command.
 WITH_INFRA = tools/testinfra/with-infra.sh
-# The HTTP suites that run a second time on the DynamoDB store.
+# The HTTP suites that run a second time on the DynamoDB store. `--test index` (the OpenSearch
+# adapter's tests, seconds) is there so this build unifies the same dependency features as the full
+# `cargo test --workspace` (opensearch turns on hyper-rustls' aws-lc-rs): without it the two passes
+# rebuild the AWS SDK for each other.
 DYNAMODB_SUITES = --test interactions --test transactions --test bad_input --test concurrency --test auth \
-	--test search_suite --test spec_examples --test event_path --test synthea
+	--test search_suite --test spec_examples --test event_path --test synthea --test index
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
