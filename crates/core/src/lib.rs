@@ -23,3 +23,5 @@ pub mod interactions;
 pub use interactions::{FhirResources, ResourceConfig};
 pub mod indexer;
 pub mod relay;
+#[cfg(feature = "testing")]
+pub mod search_oracle;

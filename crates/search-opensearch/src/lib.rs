@@ -1,27 +1,33 @@
-//! The scale-out search index on OpenSearch — first increment: the write side. Index updates
-//! become documents (one per resource, keyed by tenant and id, externally versioned so that a
-//! redelivered or reordered older version never wins), deletes become versioned tombstones, and
-//! the watermark (the highest change-log sequence applied) lives in a meta index and only moves
-//! forward. See `design.md` beside this crate.
-//!
-//! NOT YET: searching (compiling the search AST to the query DSL), the `SearchIndex` port
-//! implementation built on it, aliases for zero-downtime reindex, and the service wiring.
+//! The scale-out [`SearchIndex`] on OpenSearch. Index updates become documents (one per
+//! resource, keyed by tenant and id, externally versioned so that a redelivered or reordered older
+//! version never wins), deletes become versioned tombstones, and the watermark (the highest
+//! change-log sequence applied) lives in a meta index and only moves forward. Searches compile
+//! the backend-neutral query to the query DSL (`query.rs`) and page by `search_after` inside a
+//! point in time (`search.rs`). See `design.md` beside this crate.
 
 mod document;
+mod query;
+mod search;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opensearch::http::StatusCode;
 use opensearch::http::response::Response;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
-use opensearch::indices::{IndicesDeleteParts, IndicesPutIndexTemplateParts};
+use opensearch::indices::{IndicesCreateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts};
 use opensearch::params::{Refresh, VersionType};
 use opensearch::{BulkOperation, BulkParts, GetParts, IndexParts, OpenSearch, UpdateParts};
 use serde_json::{Value, json};
 
 use fhirmesh_core::model::TenantId;
-use fhirmesh_core::ports::{IndexError, IndexUpdate};
+use fhirmesh_core::ports::{IndexError, IndexPage, IndexUpdate, SearchIndex};
+use fhirmesh_fhir::search::SearchQuery;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
 pub use crate::document::{document_id, to_document};
+pub use crate::query::MAX_STAGED;
+pub use crate::search::ESTIMATE_EXACT_UP_TO;
 
 /// Where the index lives and how its indices are named.
 #[derive(Debug, Clone)]
@@ -38,11 +44,13 @@ impl Default for OpenSearchConfig {
     }
 }
 
-/// The OpenSearch search index (write side). Cheap to clone.
+/// The OpenSearch search index. Cheap to clone.
 #[derive(Clone)]
 pub struct OpenSearchIndex {
     client: OpenSearch,
     prefix: String,
+    /// Set once the index template is in place (before the first write).
+    template_installed: Arc<AtomicBool>,
 }
 
 const WATERMARK_ID: &str = "watermark";
@@ -59,7 +67,15 @@ async fn check(what: &str, response: Response) -> Result<Value, IndexError> {
         return Ok(body);
     }
     let reason = body.pointer("/error/reason").and_then(Value::as_str).unwrap_or("no reason given");
-    let detail = format!("OpenSearch {what}: {status} {reason}");
+    // "all shards failed" says little: name the first shard's own failure too.
+    let cause = body
+        .pointer("/error/failed_shards/0/reason/reason")
+        .or_else(|| body.pointer("/error/root_cause/0/reason"))
+        .and_then(Value::as_str)
+        .filter(|cause| *cause != reason)
+        .map(|cause| format!(" ({cause})"))
+        .unwrap_or_default();
+    let detail = format!("OpenSearch {what}: {status} {reason}{cause}");
     Err(if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         IndexError::Unavailable(detail)
     } else {
@@ -69,17 +85,48 @@ async fn check(what: &str, response: Response) -> Result<Value, IndexError> {
 
 impl OpenSearchIndex {
     /// Connects and installs the index template (idempotent): resource indices are created on
-    /// first write with the fixed mapping of `document.rs`.
+    /// first write with the fixed mapping of `document.rs`. An OpenSearch that does not answer is
+    /// not an error here: searches report it as unavailable and the first write installs the
+    /// template once it is back. A refusal (a bad url, a forbidden request) is.
     pub async fn connect(config: OpenSearchConfig) -> Result<OpenSearchIndex, IndexError> {
+        let index = OpenSearchIndex::new(config)?;
+        match index.ensure_template().await {
+            Err(IndexError::Unavailable(reason)) => {
+                tracing::warn!(%reason, "OpenSearch not reachable yet: search answers 503 until it is");
+                Ok(index)
+            }
+            other => other.map(|()| index),
+        }
+    }
+
+    /// Connects and installs the template now, failing when OpenSearch does not answer.
+    pub async fn connect_now(config: OpenSearchConfig) -> Result<OpenSearchIndex, IndexError> {
+        let index = OpenSearchIndex::new(config)?;
+        index.ensure_template().await?;
+        Ok(index)
+    }
+
+    fn new(config: OpenSearchConfig) -> Result<OpenSearchIndex, IndexError> {
         let url = opensearch::http::Url::parse(&config.url)
             .map_err(|e| IndexError::Internal(format!("OpenSearch url {:?}: {e}", config.url)))?;
         let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .disable_proxy()
             .build()
             .map_err(|e| IndexError::Internal(format!("OpenSearch client: {e}")))?;
-        let index = OpenSearchIndex { client: OpenSearch::new(transport), prefix: config.prefix };
-        index.install_template().await?;
-        Ok(index)
+        Ok(OpenSearchIndex {
+            client: OpenSearch::new(transport),
+            prefix: config.prefix,
+            template_installed: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn ensure_template(&self) -> Result<(), IndexError> {
+        if !self.template_installed.load(Ordering::Acquire) {
+            self.install_template().await?;
+            self.create_meta_index().await?;
+            self.template_installed.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// The index of `resource_type`'s documents.
@@ -110,12 +157,34 @@ impl OpenSearchIndex {
         check("install the index template", response).await.map(|_| ())
     }
 
+    /// Creates the meta index unless it exists; returns once its shard is active (so a watermark
+    /// read never races its creation).
+    async fn create_meta_index(&self) -> Result<(), IndexError> {
+        let response = self
+            .client
+            .indices()
+            .create(IndicesCreateParts::Index(&self.meta_index()))
+            .body(json!({"settings": {"number_of_shards": 1, "number_of_replicas": 0}}))
+            .send()
+            .await
+            .map_err(|e| unavailable("create the meta index", e))?;
+        if response.status_code() == StatusCode::BAD_REQUEST {
+            let body: Value = response.json().await.map_err(|e| unavailable("create the meta index", e))?;
+            if body.pointer("/error/type").and_then(Value::as_str) == Some("resource_already_exists_exception") {
+                return Ok(());
+            }
+            return Err(IndexError::Internal(format!("OpenSearch create the meta index: {body}")));
+        }
+        check("create the meta index", response).await.map(|_| ())
+    }
+
     /// Applies updates idempotently: a document keeps the highest `version_id` it was given (an
     /// older one is refused by OpenSearch's external versioning and changes nothing); a delete is a
     /// versioned tombstone. Then the watermark moves to the highest `sequence` (never back). Both
     /// are visible to searches when this returns.
     pub async fn apply(&self, updates: Vec<IndexUpdate>) -> Result<(), IndexError> {
         let Some(highest) = updates.iter().map(|u| u.sequence).max() else { return Ok(()) };
+        self.ensure_template().await?;
         let operations: Vec<BulkOperation<Value>> = updates
             .iter()
             .map(|update| {
@@ -131,7 +200,9 @@ impl OpenSearchIndex {
             .client
             .bulk(BulkParts::None)
             .body(operations)
-            .refresh(Refresh::WaitFor)
+            // One refresh per batch (batches grow with load): writes are searchable when this
+            // returns, without waiting up to `refresh_interval` as `wait_for` does.
+            .refresh(Refresh::True)
             .send()
             .await
             .map_err(|e| unavailable("bulk index", e))?;
@@ -225,6 +296,30 @@ impl OpenSearchIndex {
         }
         let version = body.get("_version").and_then(Value::as_u64).unwrap_or(0);
         Ok(Some((version, body.get("_source").cloned().unwrap_or(Value::Null))))
+    }
+}
+
+#[async_trait::async_trait]
+impl SearchIndex for OpenSearchIndex {
+    async fn apply(&self, updates: Vec<IndexUpdate>) -> Result<(), IndexError> {
+        OpenSearchIndex::apply(self, updates).await
+    }
+
+    async fn search(
+        &self,
+        tenant: &TenantId,
+        query: &SearchQuery,
+        cursor: Option<&str>,
+    ) -> Result<IndexPage, IndexError> {
+        self.search_at(tenant, query, cursor, time::OffsetDateTime::now_utc()).await
+    }
+
+    async fn watermark(&self) -> Result<u64, IndexError> {
+        OpenSearchIndex::watermark(self).await
+    }
+
+    async fn clear(&self) -> Result<(), IndexError> {
+        OpenSearchIndex::clear(self).await
     }
 }
 

@@ -144,6 +144,32 @@ async fn every_kind_of_value_is_accepted_by_the_mapping() {
 #[tokio::test]
 async fn an_unreachable_opensearch_is_unavailable() {
     let config = OpenSearchConfig { url: "http://127.0.0.1:9".into(), prefix: "x".into() };
-    let failed = OpenSearchIndex::connect(config).await.err().expect("no server");
+    let failed = OpenSearchIndex::connect_now(config.clone()).await.err().expect("no server");
     assert!(matches!(failed, fhirmesh_core::ports::IndexError::Unavailable(_)), "{failed:?}");
+    // A server may start before OpenSearch: it connects, and every call says unavailable.
+    let index = OpenSearchIndex::connect(config).await.expect("connects lazily");
+    assert!(matches!(index.watermark().await, Err(fhirmesh_core::ports::IndexError::Unavailable(_))));
+    let query =
+        fhirmesh_fhir::search::SearchQuery::new(vec![ResourceType::parse("Patient").expect("type")], vec![], 10);
+    let searched = index.search_at(&tenant(), &query, None, OffsetDateTime::now_utc()).await;
+    assert!(matches!(searched, Err(fhirmesh_core::ports::IndexError::Unavailable(_))), "{searched:?}");
+    let applied = index.apply(vec![patient("a", 1, 1, Some("Ng"))]).await;
+    assert!(matches!(applied, Err(fhirmesh_core::ports::IndexError::Unavailable(_))), "{applied:?}");
+}
+
+/// The shared search property test (`fhirmesh_core::search_oracle`) on OpenSearch: every answer,
+/// its order, paging both ways and totals equal the reference evaluator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_agrees_with_the_reference_evaluator() {
+    use fhirmesh_core::search_oracle::{Scale, agrees_with_the_reference_evaluator};
+    use futures::FutureExt;
+
+    let index = std::sync::Arc::new(index().await);
+    let searcher = index.clone();
+    let search = move |tenant, query, cursor: Option<String>, now| {
+        let index = searcher.clone();
+        async move { index.search_at(&tenant, &query, cursor.as_deref(), now).await }.boxed()
+    };
+    let scale = Scale { cases: 30, docs: 50, queries_per_corpus: 20 };
+    agrees_with_the_reference_evaluator(index.as_ref(), &search, scale).await;
 }

@@ -7,11 +7,13 @@
 //! `FHIRMESH_TEST_STORE=dynamodb` runs every [`TestServer`] on the DynamoDB store instead, in a
 //! fresh table of the DynamoDB API at `FHIRMESH_TEST_AWS_ENDPOINT` (moto, started by
 //! `tools/testinfra/with-infra.sh`): the same HTTP suite, another backend.
+//! `FHIRMESH_TEST_INDEX=opensearch` likewise puts the search index in OpenSearch
+//! (`FHIRMESH_TEST_OPENSEARCH_URL`), under a fresh index prefix dropped again on [`TestServer::stop`].
 
 use std::path::Path;
 
 use fhirmesh::{Config, Running, Target};
-pub use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name};
+pub use fhirmesh_testinfra::{aws_endpoint, nats_url, opensearch_url, unique_name};
 use serde_json::Value;
 
 /// A running in-process fhirmesh, stopped on [`TestServer::stop`].
@@ -21,6 +23,8 @@ pub struct TestServer {
     pub client: reqwest::Client,
     running: Option<Running>,
     data_dir: tempfile::TempDir,
+    /// The OpenSearch url and index prefix this server used, to drop its indices at the end.
+    opensearch: Option<(String, String)>,
 }
 
 impl TestServer {
@@ -41,11 +45,14 @@ impl TestServer {
         config.validate().expect("test configuration is valid");
         let running = fhirmesh::serve::start(&config, Target::All).await.expect("fhirmesh starts");
         let addr = running.http_addr.expect("embedded mode serves HTTP");
+        let opensearch = (config.search.backend == fhirmesh::config::SearchBackend::Opensearch)
+            .then(|| (config.opensearch.url.clone(), config.opensearch.prefix.clone()));
         TestServer {
             base: format!("http://{addr}{}", config.server.base_path),
             client: reqwest::Client::new(),
             running: Some(running),
             data_dir,
+            opensearch,
         }
     }
 
@@ -65,6 +72,12 @@ impl TestServer {
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await.expect("clean shutdown");
+        }
+        if let Some((url, prefix)) = self.opensearch.take() {
+            // Many servers share one test node: drop this one's indices (its shards count).
+            let indices = format!("{url}/{prefix}-r-*,{prefix}-meta?ignore_unavailable=true");
+            let response = self.client.delete(indices).send().await.expect("OpenSearch answers");
+            assert!(response.status().is_success(), "dropping the test indices: {}", response.status());
         }
     }
 
@@ -89,13 +102,28 @@ impl TestServer {
     }
 }
 
-/// Points `config` at the store this test run is for (see the crate docs).
+/// Points `config` at the store and search index this test run is for (see the crate docs).
 pub fn use_test_store(config: &mut Config) {
     match std::env::var("FHIRMESH_TEST_STORE").as_deref() {
         Err(_) | Ok("" | "sqlite") => {}
         Ok("dynamodb") => use_dynamodb(config),
         Ok(other) => panic!("FHIRMESH_TEST_STORE={other:?}: expected sqlite or dynamodb"),
     }
+    match std::env::var("FHIRMESH_TEST_INDEX").as_deref() {
+        Err(_) | Ok("" | "sqlite") => {}
+        Ok("opensearch") => use_opensearch(config),
+        Ok(other) => panic!("FHIRMESH_TEST_INDEX={other:?}: expected sqlite or opensearch"),
+    }
+}
+
+/// The search index in fresh indices of the test OpenSearch.
+pub fn use_opensearch(config: &mut Config) {
+    config.search.backend = fhirmesh::config::SearchBackend::Opensearch;
+    config.opensearch.url = opensearch_url();
+    config.opensearch.prefix = unique_name("e2e").to_ascii_lowercase();
+    // A loaded 2-core machine running many tests at once: give the index the time it needs
+    // before a search gives up waiting for its own writes.
+    config.resource.consistency_wait_ms = config.resource.consistency_wait_ms.max(60_000);
 }
 
 /// Resources in a fresh table of the test DynamoDB API (created at start-up).

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    pub search: SearchSection,
+    pub opensearch: OpenSearchSection,
     pub aws: AwsConfig,
     pub dynamodb: DynamoDbConfig,
     pub bus: BusConfig,
@@ -155,6 +157,39 @@ pub enum StorageBackend {
     #[default]
     Sqlite,
     Dynamodb,
+}
+
+/// Where the search index lives.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchSection {
+    /// `sqlite`: embedded, `search.db` under `storage.data_dir` (one indexer process);
+    /// `opensearch`: an OpenSearch 2.x cluster (see `[opensearch]`), shared by every process.
+    pub backend: SearchBackend,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchBackend {
+    #[default]
+    Sqlite,
+    Opensearch,
+}
+
+/// The OpenSearch search index (`search.backend = "opensearch"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenSearchSection {
+    /// e.g. `http://127.0.0.1:9200` or `https://search-….es.amazonaws.com`.
+    pub url: String,
+    /// Every index name starts with it: `{prefix}-r-{type}`, `{prefix}-meta`.
+    pub prefix: String,
+}
+
+impl Default for OpenSearchSection {
+    fn default() -> Self {
+        OpenSearchSection { url: "http://127.0.0.1:9200".into(), prefix: "fhirmesh".into() }
+    }
 }
 
 /// Where the AWS services are: region and credentials come from the standard AWS chain
@@ -463,6 +498,19 @@ impl Config {
                 bail!(
                     "dynamodb.hole_timeout_ms must be at least 1000 (longer than any commit), got {}",
                     self.dynamodb.hole_timeout_ms
+                );
+            }
+        }
+        if self.search.backend == SearchBackend::Opensearch {
+            let url = &self.opensearch.url;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("opensearch.url must be an http(s) URL, got {url:?}");
+            }
+            let prefix = &self.opensearch.prefix;
+            let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_';
+            if prefix.is_empty() || !prefix.chars().all(valid) || prefix.starts_with(['-', '_']) {
+                bail!(
+                    "opensearch.prefix must be lower-case letters, digits, '-' and '_' (an index name), got {prefix:?}"
                 );
             }
         }

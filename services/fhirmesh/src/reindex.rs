@@ -4,7 +4,6 @@
 
 use anyhow::Context;
 use fhirmesh_core::indexer::{Indexer, IndexerConfig};
-use fhirmesh_core::ports::SearchIndex;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
@@ -16,7 +15,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async {
         let changes = crate::stores::open(config, &crate::stores::Aws::new(&config.aws)).await?.changes;
-        let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
+        let index = crate::stores::open_index(config).await?;
         let total = changes.latest_sequence().await.context("cannot read the change log")?;
         index.clear().await.context("cannot clear the search index")?;
         let indexer =
@@ -31,7 +30,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("indexing failed: {e}"))?;
         progress.finish_and_clear();
-        println!("fhirmesh: reindexed {position} changes into {}", config.storage.data_dir.display());
+        println!("fhirmesh: reindexed {position} changes into the {:?} search index", config.search.backend);
         Ok(())
     })
 }

@@ -241,7 +241,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             if target == Target::Relay {
                 None
             } else {
-                let index = fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?;
+                let index = crate::stores::open_index(config).await?;
                 if matches!(target, Target::All | Target::Indexer) {
                     let indexer =
                         fhirmesh_indexer::spawn(index.clone(), stores.changes.clone(), events, Running::stopped(&rx));

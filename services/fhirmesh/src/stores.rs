@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fhirmesh_core::blob::DynBlobStore;
-use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, ResourceStore};
+use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, DynSearchIndex, ResourceStore};
+use fhirmesh_search_opensearch::{OpenSearchConfig, OpenSearchIndex};
 use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, StreamRelay, StreamRelayConfig};
 
-use crate::config::{AwsConfig, BlobBackend, Config, StorageBackend};
+use crate::config::{AwsConfig, BlobBackend, Config, SearchBackend, StorageBackend};
 
 /// One store, seen through both of its ports.
 #[derive(Clone)]
@@ -39,6 +40,23 @@ impl Aws {
     pub async fn sdk(&self) -> &aws_config::SdkConfig {
         self.loaded.get_or_init(|| aws_sdk_config(&self.settings)).await
     }
+}
+
+/// Opens the configured search index. OpenSearch being down at start-up is not fatal: searches
+/// answer 503 and the indexer retries until it is back.
+pub async fn open_index(config: &Config) -> anyhow::Result<DynSearchIndex> {
+    Ok(match config.search.backend {
+        SearchBackend::Sqlite => fhirmesh_resource::open_sqlite_search_index(&config.storage.data_dir)?,
+        SearchBackend::Opensearch => {
+            let settings =
+                OpenSearchConfig { url: config.opensearch.url.clone(), prefix: config.opensearch.prefix.clone() };
+            Arc::new(
+                OpenSearchIndex::connect(settings)
+                    .await
+                    .with_context(|| format!("cannot use OpenSearch at {}", config.opensearch.url))?,
+            )
+        }
+    })
 }
 
 /// Opens the configured store.

@@ -217,19 +217,28 @@ pub fn date_matches(
         Prefix::Sa => stored_start >= search_end,
         Prefix::Eb => stored_end <= search_start,
         Prefix::Ap => {
-            let gap = if now < search_start {
-                search_start - now
-            } else if now >= search_end {
-                now - search_end
-            } else {
-                Duration::ZERO
-            };
-            let widen = (gap / 10_i32).max(Duration::DAY);
-            let start = search_start.checked_sub(widen).unwrap_or(DATE_MIN);
-            let end = search_end.checked_add(widen).unwrap_or(DATE_MAX);
+            let (start, end) = approximate_window(search_start, search_end, now);
             stored_start < end && start < stored_end
         }
     }
+}
+
+/// The `ap` window around the search range `[start, end)`: widened on each side by 10 % of the
+/// distance between it and `now` (zero when `now` is inside it), and at least one day.
+pub fn approximate_window(
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    now: OffsetDateTime,
+) -> (OffsetDateTime, OffsetDateTime) {
+    let gap = if now < start {
+        start - now
+    } else if now >= end {
+        now - end
+    } else {
+        Duration::ZERO
+    };
+    let widen = (gap / 10_i32).max(Duration::DAY);
+    (start.checked_sub(widen).unwrap_or(DATE_MIN), end.checked_add(widen).unwrap_or(DATE_MAX))
 }
 
 /// Whether a stored number covering `[t_low, t_high]` (a point for a decimal, the bounds of a

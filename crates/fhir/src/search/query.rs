@@ -56,6 +56,17 @@ impl SearchQuery {
     }
 }
 
+impl SearchQuery {
+    /// A hash of what decides a result's membership and order — the tenant, types, criteria and
+    /// sort, not the page size or total mode — so a paging cursor can carry it and be refused on
+    /// another search (FNV-1a; stable across processes of one build).
+    pub fn fingerprint(&self, tenant: &str) -> u64 {
+        let text = format!("{tenant}\u{1f}{:?}\u{1f}{:?}\u{1f}{:?}", self.types, self.criteria, self.sort);
+        text.bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+    }
+}
+
 /// One criterion; a resource matches the query when it matches every criterion.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Criterion {
@@ -194,6 +205,23 @@ pub enum SearchValue {
     Uri(String),
     /// composite: one value per component, all matching the SAME stored composite entry.
     Composite(Vec<SearchValue>),
+}
+
+impl SearchValue {
+    /// The parameter type a value of a composite's component is stored and matched as; `None`
+    /// for a composite (composites do not nest).
+    pub fn component_kind(&self) -> Option<ParamType> {
+        Some(match self {
+            SearchValue::String(_) => ParamType::String,
+            SearchValue::Token { .. } | SearchValue::OfType { .. } => ParamType::Token,
+            SearchValue::Reference { .. } => ParamType::Reference,
+            SearchValue::Date { .. } => ParamType::Date,
+            SearchValue::Number { .. } => ParamType::Number,
+            SearchValue::Quantity { .. } => ParamType::Quantity,
+            SearchValue::Uri(_) => ParamType::Uri,
+            SearchValue::Composite(_) => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

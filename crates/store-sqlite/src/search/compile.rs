@@ -10,14 +10,15 @@
 use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::IndexError;
 use fhirmesh_fhir::ResourceType;
+use fhirmesh_fhir::search::evaluate::approximate_window;
 use fhirmesh_fhir::search::parse::ucum_canonical;
 use fhirmesh_fhir::search::query::{
     ChainLink, Criterion, Has, Match, Modifier, Prefix, SearchValue, SortKey, TokenSystem, TotalMode,
 };
-use fhirmesh_fhir::search::values::{DATE_MAX, DATE_MIN, normalize_string};
+use fhirmesh_fhir::search::values::normalize_string;
 use fhirmesh_fhir::search::{ParamType, SearchQuery};
 use rusqlite::types::Value;
-use time::{Duration, OffsetDateTime};
+use time::OffsetDateTime;
 
 use crate::rows::to_micros;
 use crate::search::cursor::{Cursor, Direction};
@@ -107,16 +108,7 @@ fn table(kind: ParamType) -> Result<&'static str, IndexError> {
 
 /// The kind a composite component value is stored and matched as.
 fn component_kind(value: &SearchValue) -> Result<ParamType, IndexError> {
-    Ok(match value {
-        SearchValue::String(_) => ParamType::String,
-        SearchValue::Token { .. } | SearchValue::OfType { .. } => ParamType::Token,
-        SearchValue::Reference { .. } => ParamType::Reference,
-        SearchValue::Date { .. } => ParamType::Date,
-        SearchValue::Number { .. } => ParamType::Number,
-        SearchValue::Quantity { .. } => ParamType::Quantity,
-        SearchValue::Uri(_) => ParamType::Uri,
-        SearchValue::Composite(_) => return Err(unsupported("a composite inside a composite")),
-    })
+    value.component_kind().ok_or_else(|| unsupported("a composite inside a composite"))
 }
 
 /// Prefix of the text of the extra Token entries extraction stores for `:of-type`.
@@ -151,24 +143,6 @@ fn prefix_successor(prefix: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// The `ap` window around `[start, end)`: widened on each side by 10 % of the distance between
-/// the search value and now, and at least one day.
-pub(crate) fn approximate_window(
-    start: OffsetDateTime,
-    end: OffsetDateTime,
-    now: OffsetDateTime,
-) -> (OffsetDateTime, OffsetDateTime) {
-    let gap = if now < start {
-        start - now
-    } else if now >= end {
-        now - end
-    } else {
-        Duration::ZERO
-    };
-    let widen = std::cmp::max(gap / 10_i32, Duration::DAY);
-    (start.checked_sub(widen).unwrap_or(DATE_MIN), end.checked_add(widen).unwrap_or(DATE_MAX))
 }
 
 /// Compiles the page (and count) statements of `query` for `tenant`, continuing from `cursor`.

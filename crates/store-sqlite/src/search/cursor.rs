@@ -7,9 +7,7 @@
 //! `z` (NULL), `i<decimal>` (integer), `r<16 hex digits>` (the bits of an f64), `s<hex of UTF-8>`
 //! (text). The last two keys are the boundary row's type and id.
 
-use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::IndexError;
-use fhirmesh_fhir::search::SearchQuery;
 use rusqlite::types::Value;
 
 const VERSION: &str = "k1";
@@ -28,13 +26,6 @@ pub(crate) struct Cursor {
     pub fingerprint: u64,
     /// The sort-key values, then type and id.
     pub keys: Vec<Value>,
-}
-
-/// FNV-1a over the parts of the query that decide the result order and membership. `count` and
-/// `total` are left out: a client may change the page size between pages.
-pub(crate) fn fingerprint(tenant: &TenantId, query: &SearchQuery) -> u64 {
-    let text = format!("{}\u{1f}{:?}\u{1f}{:?}\u{1f}{:?}", tenant.as_str(), query.types, query.criteria, query.sort);
-    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 pub(crate) fn encode(cursor: &Cursor) -> String {

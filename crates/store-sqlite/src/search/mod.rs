@@ -120,7 +120,7 @@ impl SqliteSearchIndex {
         now: OffsetDateTime,
     ) -> Result<IndexPage, IndexError> {
         let cursor = cursor.map(|text| check_cursor(tenant, query, text)).transpose()?;
-        let fingerprint = cursor::fingerprint(tenant, query);
+        let fingerprint = query.fingerprint(tenant.as_str());
         let mut compiled = compile::compile(tenant, query, cursor.as_ref(), now)?;
         let count = query.count;
         if count == 0 && compiled.count.is_none() {
@@ -179,7 +179,7 @@ fn key_fits(key: &SortKey, value: &Value) -> bool {
 /// Decodes and checks a cursor against the query it is used with.
 fn check_cursor(tenant: &TenantId, query: &SearchQuery, text: &str) -> Result<Cursor, IndexError> {
     let cursor = cursor::decode(text)?;
-    if cursor.fingerprint != cursor::fingerprint(tenant, query) {
+    if cursor.fingerprint != query.fingerprint(tenant.as_str()) {
         return Err(IndexError::InvalidCursor("the cursor belongs to another search".to_owned()));
     }
     if cursor.keys.len() != query.sort.len() + 2 {

@@ -4,12 +4,12 @@ use std::time::{Duration as StdDuration, Instant};
 
 use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::{IndexError, IndexHit, IndexUpdate, SearchIndex};
+use fhirmesh_fhir::LogicalId;
 use fhirmesh_fhir::search::query::{
     ChainLink, Criterion, Has, Match, Modifier, Prefix, SearchValue, SortKey, TokenSystem, TotalMode,
 };
 use fhirmesh_fhir::search::values::normalize_string;
 use fhirmesh_fhir::search::{IndexEntry, IndexValue, ParamType, SearchQuery};
-use fhirmesh_fhir::{LogicalId, ResourceType};
 use tempfile::TempDir;
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -19,39 +19,10 @@ use super::{SqliteSearchConfig, SqliteSearchIndex};
 // ---------------------------------------------------------------------------------------------
 // helpers (also used by the property test)
 
+pub(super) use fhirmesh_core::search_oracle::{now, query, rt, tenant, update};
+
 pub(super) fn open(dir: &TempDir) -> SqliteSearchIndex {
     SqliteSearchIndex::open(SqliteSearchConfig::new(dir.path().join("search.db"))).expect("index opens")
-}
-
-pub(super) fn tenant(name: &str) -> TenantId {
-    TenantId::parse(name).expect("valid tenant")
-}
-
-pub(super) fn rt(name: &str) -> ResourceType {
-    ResourceType::parse(name).expect("known type")
-}
-
-pub(super) fn now() -> OffsetDateTime {
-    datetime!(2024-06-01 12:00 UTC)
-}
-
-pub(super) fn update(
-    tenant_name: &str,
-    resource_type: &str,
-    id: &str,
-    version_id: u64,
-    sequence: u64,
-    entries: Option<Vec<IndexEntry>>,
-) -> IndexUpdate {
-    IndexUpdate {
-        tenant: tenant(tenant_name),
-        resource_type: rt(resource_type),
-        id: LogicalId::parse(id).expect("valid id"),
-        version_id,
-        sequence,
-        last_updated: now(),
-        entries,
-    }
 }
 
 pub(super) fn entry(param: &str, value: IndexValue) -> IndexEntry {
@@ -90,12 +61,6 @@ pub(super) fn date_value(start: OffsetDateTime, end: OffsetDateTime) -> IndexVal
 
 pub(super) fn number_value(value: f64) -> IndexValue {
     IndexValue::Number { value, low: value, high: value }
-}
-
-pub(super) fn query(types: &[&str], criteria: Vec<Criterion>) -> SearchQuery {
-    let mut query = SearchQuery::new(types.iter().map(|t| rt(t)).collect(), criteria, 100);
-    query.total = TotalMode::Accurate;
-    query
 }
 
 pub(super) fn matching(
