@@ -5,7 +5,10 @@
 # it started (by PID). Bounded: about 4 minutes plus the index catching up between scenarios on 2 cores with the defaults below.
 #
 # Environment (optional): PATIENTS (synthetic patients loaded, default 200), BENCH_PATIENTS (set-up
-# Patients of the scenarios, default 1000), CONNECTIONS (32), DURATION (10s), OUT (bench-results).
+# Patients of the scenarios, default 1000), CONNECTIONS (32), DURATION (10s), OUT (bench-results),
+# SCENARIOS (a comma-separated subset; default every scenario), LABEL (added to the result file
+# names). The server reads FHIRMESH_* variables as usual: `make bench-opensearch` runs the search
+# scenarios with the index on OpenSearch this way.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -15,6 +18,8 @@ BENCH_PATIENTS="${BENCH_PATIENTS:-1000}"
 CONNECTIONS="${CONNECTIONS:-32}"
 DURATION="${DURATION:-10s}"
 OUT="${OUT:-bench-results}"
+SCENARIOS="${SCENARIOS:-}"
+LABEL="${LABEL:-}"
 CARGO="${CARGO:-cargo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
@@ -45,12 +50,14 @@ done
 [[ -n "$URL" ]] || { cat "$LOG"; echo "the server did not start" >&2; exit 1; }
 echo "server $SERVER_PID at $URL (data in $DATA)"
 
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)${LABEL:+-$LABEL}"
+SELECT=()
+[[ -n "$SCENARIOS" ]] && SELECT=(--scenario "$SCENARIOS")
 mkdir -p "$OUT"
 "$BIN" load --url "$URL" --synthetic "$PATIENTS" --seed 1 --concurrency 2 --no-progress \
   --json "$OUT/load-$STAMP.json"
 "$BIN" bench --url "$URL" --connections "$CONNECTIONS" --duration "$DURATION" \
-  --patients "$BENCH_PATIENTS" --json "$OUT/bench-$STAMP.json" | tee "$OUT/bench-$STAMP.txt"
+  --patients "$BENCH_PATIENTS" "${SELECT[@]}" --json "$OUT/bench-$STAMP.json" | tee "$OUT/bench-$STAMP.txt"
 # Latency without queueing: one client, for the scenarios whose targets are latencies
 # (transaction-100 p50, write → visible p99).
 "$BIN" bench --url "$URL" --connections 1 --duration "$DURATION" --scenario transaction-100,index-lag \

@@ -189,6 +189,61 @@ impl Indexer {
     }
 }
 
+/// What [`rebuild`] reports as it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildEvent {
+    /// The rebuilt index reflects the change log up to this sequence.
+    Applied(u64),
+    /// Searches now read the new generation (zero-downtime rebuilds only).
+    Promoted { generation: u32 },
+    /// The previous generation will be dropped after this pause (zero-downtime rebuilds only).
+    Retiring(Duration),
+}
+
+/// How [`rebuild`] runs.
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// Changes applied per index transaction.
+    pub batch_size: usize,
+    /// How long the previous generation outlives the switch, so that searches and points in time
+    /// already on it finish.
+    pub retire_after: Duration,
+}
+
+/// Rebuilds `index` from the whole change log; returns the position reached.
+///
+/// An index with generations ([`crate::ports::IndexGenerations`]) is rebuilt with no downtime: a
+/// new generation is started (live writes go to both from then on), filled from the change log,
+/// the served generation is caught up to at least the same position (so the switch never moves
+/// the watermark searches see backwards), searches switch to the new one, and the old one is
+/// dropped after `retire_after`. Otherwise the index is cleared and refilled in place: searches
+/// see a partial index until it is done.
+pub async fn rebuild(
+    index: DynSearchIndex,
+    changes: DynChangeLog,
+    options: RebuildOptions,
+    mut report: impl FnMut(RebuildEvent),
+) -> Result<u64, String> {
+    let config = IndexerConfig { batch_size: options.batch_size, ..IndexerConfig::default() };
+    let Some(generations) = index.generations() else {
+        index.clear().await.map_err(|e| e.to_string())?;
+        return Indexer::new(index.clone(), changes, config)
+            .catch_up_reporting(|position| report(RebuildEvent::Applied(position)))
+            .await;
+    };
+    let new = generations.begin().await.map_err(|e| e.to_string())?;
+    let position = Indexer::new(new.building, changes.clone(), config.clone())
+        .catch_up_reporting(|position| report(RebuildEvent::Applied(position)))
+        .await?;
+    Indexer::new(new.served, changes, config).catch_up().await?;
+    generations.promote(new.generation).await.map_err(|e| e.to_string())?;
+    report(RebuildEvent::Promoted { generation: new.generation });
+    report(RebuildEvent::Retiring(options.retire_after));
+    tokio::time::sleep(options.retire_after).await;
+    generations.retire().await.map_err(|e| e.to_string())?;
+    Ok(position)
+}
+
 /// The longest prefix of `batch` that ends at the end of a commit: the part that can be applied
 /// without exposing part of a transaction (the rest is read again from the change log).
 fn complete_commits(mut batch: Vec<ResourceChanged>) -> Vec<ResourceChanged> {

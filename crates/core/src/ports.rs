@@ -278,9 +278,43 @@ pub trait SearchIndex: Send + Sync + 'static {
 
     /// Removes everything (before a full reindex).
     async fn clear(&self) -> Result<(), IndexError>;
+
+    /// The index's generations, when it can build a new one beside the one it serves (a
+    /// zero-downtime reindex, see [`crate::indexer::rebuild`]); `None` when a rebuild clears and
+    /// applies in place.
+    fn generations(&self) -> Option<&dyn IndexGenerations> {
+        None
+    }
 }
 
 pub type DynSearchIndex = Arc<dyn SearchIndex>;
+
+/// A search index kept in generations: a new generation is built from the change log while the
+/// served one keeps answering searches, then searches switch to it at once.
+#[async_trait]
+pub trait IndexGenerations: Send + Sync {
+    /// Starts a new, empty generation, abandoning one a failed rebuild left unfinished. From now on
+    /// live writes go to it as well as to the served generation (its watermark stays the
+    /// rebuild's own until it is promoted).
+    async fn begin(&self) -> Result<NewGeneration, IndexError>;
+
+    /// Makes `generation` the one searches read and the only one live writes go to. Fails if
+    /// another rebuild began since (the generation is no longer the one being built).
+    async fn promote(&self, generation: u32) -> Result<(), IndexError>;
+
+    /// Drops every generation but the served one (and one being built).
+    async fn retire(&self) -> Result<(), IndexError>;
+}
+
+/// What [`IndexGenerations::begin`] started.
+pub struct NewGeneration {
+    /// The new generation's number.
+    pub generation: u32,
+    /// The new generation alone: applies to it and reports its own watermark.
+    pub building: DynSearchIndex,
+    /// The served generation alone, likewise.
+    pub served: DynSearchIndex,
+}
 
 /// What a subscriber receives from the bus.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,27 +1,32 @@
 //! The scale-out [`SearchIndex`] on OpenSearch. Index updates become documents (one per
 //! resource, keyed by tenant and id, externally versioned so that a redelivered or reordered older
 //! version never wins), deletes become versioned tombstones, and the watermark (the highest
-//! change-log sequence applied) lives in a meta index and only moves forward. Searches compile
+//! change-log sequence applied) lives in a meta index and only moves forward. Documents live in
+//! index generations read through aliases, so a reindex fills a new generation and then switches
+//! searches at once (`generations.rs`). Searches compile
 //! the backend-neutral query to the query DSL (`query.rs`) and page by `search_after` inside a
 //! point in time (`search.rs`). See `design.md` beside this crate.
 
 mod document;
+mod generations;
 mod query;
 mod search;
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use opensearch::http::StatusCode;
 use opensearch::http::response::Response;
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
-use opensearch::indices::{IndicesCreateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts};
-use opensearch::params::{Refresh, VersionType};
-use opensearch::{BulkOperation, BulkParts, GetParts, IndexParts, OpenSearch, UpdateParts};
+use opensearch::indices::{IndicesCreateParts, IndicesPutIndexTemplateParts};
+use opensearch::params::Refresh;
+use opensearch::{BulkParts, GetParts, OpenSearch};
 use serde_json::{Value, json};
 
 use fhirmesh_core::model::TenantId;
-use fhirmesh_core::ports::{IndexError, IndexPage, IndexUpdate, SearchIndex};
+use fhirmesh_core::ports::{IndexError, IndexGenerations, IndexPage, IndexUpdate, SearchIndex};
 use fhirmesh_fhir::search::SearchQuery;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
@@ -34,7 +39,8 @@ pub use crate::search::ESTIMATE_EXACT_UP_TO;
 pub struct OpenSearchConfig {
     /// e.g. `http://127.0.0.1:9200`.
     pub url: String,
-    /// Every index name starts with it: `{prefix}-r-{type}` for resources, `{prefix}-meta`.
+    /// Every index name starts with it: `{prefix}-g{generation}-{type}` for resources (read
+    /// through the aliases `{prefix}-r-{type}`), `{prefix}-meta`.
     pub prefix: String,
 }
 
@@ -51,9 +57,30 @@ pub struct OpenSearchIndex {
     prefix: String,
     /// Set once the index template is in place (before the first write).
     template_installed: Arc<AtomicBool>,
+    target: Target,
+    /// The (generation, type) pairs whose search alias this process has pointed.
+    aliased: Arc<Mutex<HashSet<(u32, ResourceType)>>>,
 }
 
-const WATERMARK_ID: &str = "watermark";
+/// Which generations a handle applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Wherever live writes go (the state document says): the index the server uses.
+    Live,
+    /// One generation only, with its own watermark: a rebuild's handles.
+    Generation(u32),
+}
+
+/// A bulk request carries at most this much (AWS OpenSearch Service refuses bodies over 10 MiB
+/// on small instance types); a larger document goes alone.
+const MAX_BULK_BYTES: usize = 5 << 20;
+
+/// Attempts of a bulk request whose items OpenSearch refused as too busy (429), with doubling
+/// pauses from 100 ms (~3 s in all) before the batch is reported unavailable.
+const BULK_ATTEMPTS: u32 = 6;
+
+/// Rounds of "write where live writes go, then check nothing changed" before giving up.
+const APPLY_ROUNDS: usize = 4;
 
 fn unavailable(what: &str, err: impl std::fmt::Display) -> IndexError {
     IndexError::Unavailable(format!("OpenSearch {what}: {err}"))
@@ -117,6 +144,8 @@ impl OpenSearchIndex {
             client: OpenSearch::new(transport),
             prefix: config.prefix,
             template_installed: Arc::new(AtomicBool::new(false)),
+            target: Target::Live,
+            aliased: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
@@ -124,12 +153,13 @@ impl OpenSearchIndex {
         if !self.template_installed.load(Ordering::Acquire) {
             self.install_template().await?;
             self.create_meta_index().await?;
+            self.create_state().await?;
             self.template_installed.store(true, Ordering::Release);
         }
         Ok(())
     }
 
-    /// The index of `resource_type`'s documents.
+    /// The search alias of `resource_type`'s documents (pointing at the served generation).
     pub fn index_of(&self, resource_type: ResourceType) -> String {
         format!("{}-r-{}", self.prefix, resource_type.as_str().to_ascii_lowercase())
     }
@@ -140,7 +170,7 @@ impl OpenSearchIndex {
 
     async fn install_template(&self) -> Result<(), IndexError> {
         let template = json!({
-            "index_patterns": [format!("{}-r-*", self.prefix)],
+            "index_patterns": [format!("{}-g*", self.prefix)],
             "template": {
                 "settings": {"number_of_shards": 1, "number_of_replicas": 0},
                 "mappings": document::mapping(),
@@ -164,7 +194,10 @@ impl OpenSearchIndex {
             .client
             .indices()
             .create(IndicesCreateParts::Index(&self.meta_index()))
-            .body(json!({"settings": {"number_of_shards": 1, "number_of_replicas": 0}}))
+            .body(json!({
+                "settings": {"number_of_shards": 1, "number_of_replicas": 0},
+                "mappings": {"enabled": false},
+            }))
             .send()
             .await
             .map_err(|e| unavailable("create the meta index", e))?;
@@ -182,95 +215,127 @@ impl OpenSearchIndex {
     /// older one is refused by OpenSearch's external versioning and changes nothing); a delete is a
     /// versioned tombstone. Then the watermark moves to the highest `sequence` (never back). Both
     /// are visible to searches when this returns.
+    ///
+    /// The live handle writes to every generation live writes go to (two during a rebuild) and
+    /// raises the served one's watermark only if that set and the served generation did not change
+    /// meanwhile — checked atomically with the raise; otherwise it writes again where it did not
+    /// yet. A rebuild's handle writes its one generation.
     pub async fn apply(&self, updates: Vec<IndexUpdate>) -> Result<(), IndexError> {
         let Some(highest) = updates.iter().map(|u| u.sequence).max() else { return Ok(()) };
         self.ensure_template().await?;
-        let operations: Vec<BulkOperation<Value>> = updates
-            .iter()
-            .map(|update| {
-                BulkOperation::index(to_document(update))
-                    .index(self.index_of(update.resource_type))
-                    .id(document_id(&update.tenant, &update.id))
-                    .version(update.version_id as i64)
-                    .version_type(VersionType::External)
-                    .into()
-            })
-            .collect();
-        let response = self
-            .client
-            .bulk(BulkParts::None)
-            .body(operations)
-            // One refresh per batch (batches grow with load): writes are searchable when this
-            // returns, without waiting up to `refresh_interval` as `wait_for` does.
-            .refresh(Refresh::True)
-            .send()
-            .await
-            .map_err(|e| unavailable("bulk index", e))?;
-        let body = check("bulk index", response).await?;
-        bulk_failures(&body)?;
-        self.raise_watermark(highest).await
-    }
-
-    /// Moves the watermark to `sequence` unless it is already further.
-    async fn raise_watermark(&self, sequence: u64) -> Result<(), IndexError> {
-        let response = self
-            .client
-            .update(UpdateParts::IndexId(&self.meta_index(), WATERMARK_ID))
-            .body(json!({
-                "script": {
-                    "lang": "painless",
-                    "source": "if (params.seq > ctx._source.seq) { ctx._source.seq = params.seq } else { ctx.op = 'none' }",
-                    "params": {"seq": sequence},
-                },
-                "upsert": {"seq": sequence},
-            }))
-            .refresh(Refresh::True)
-            .retry_on_conflict(5)
-            .send()
-            .await
-            .map_err(|e| unavailable("raise the watermark", e))?;
-        check("raise the watermark", response).await.map(|_| ())
-    }
-
-    /// The highest change-log sequence applied (0 when empty).
-    pub async fn watermark(&self) -> Result<u64, IndexError> {
-        let response = self
-            .client
-            .get(GetParts::IndexId(&self.meta_index(), WATERMARK_ID))
-            .send()
-            .await
-            .map_err(|e| unavailable("read the watermark", e))?;
-        if response.status_code() == StatusCode::NOT_FOUND {
-            return Ok(0);
+        let mut types: Vec<ResourceType> = updates.iter().map(|u| u.resource_type).collect();
+        types.sort_unstable();
+        types.dedup();
+        let mut state = self.state().await?;
+        let mut written: Vec<u32> = Vec::new();
+        for _ in 0..APPLY_ROUNDS {
+            let targets = match self.target {
+                Target::Live => state.write.clone(),
+                Target::Generation(generation) => vec![generation],
+            };
+            for generation in targets {
+                if !written.contains(&generation) {
+                    self.bulk(&updates, generation).await?;
+                    written.push(generation);
+                }
+            }
+            // Before the watermark says so, searches must find these types.
+            if written.contains(&state.read) {
+                self.ensure_aliases(state.read, &types).await?;
+            }
+            let after = match self.target {
+                Target::Live => self.raise_served(state.read, &written, highest).await?,
+                Target::Generation(generation) => return self.raise_generation(generation, highest).await.map(|_| ()),
+            };
+            if after.read == state.read && after.write.iter().all(|g| written.contains(g)) {
+                return Ok(());
+            }
+            state = after;
         }
-        let body = check("read the watermark", response).await?;
-        body.pointer("/_source/seq")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| IndexError::Internal(format!("OpenSearch watermark document without seq: {body}")))
+        Err(IndexError::Unavailable("the index generations kept changing while a batch was applied".into()))
     }
 
-    /// Removes every resource document and resets the watermark. The resource indices are
-    /// dropped, not emptied: a fresh index has no version tombstones, so a reindex can write any
-    /// version again.
+    /// Writes `updates` into `generation`'s indices with the bulk API, in requests of at most
+    /// [`MAX_BULK_BYTES`]; items refused as too busy are sent again after a pause.
+    async fn bulk(&self, updates: &[IndexUpdate], generation: u32) -> Result<(), IndexError> {
+        let mut items = Vec::with_capacity(updates.len());
+        for update in updates {
+            let action = json!({"index": {
+                "_index": self.generation_index(generation, update.resource_type),
+                "_id": document_id(&update.tenant, &update.id),
+                "version": update.version_id,
+                "version_type": "external",
+            }});
+            let source = serde_json::to_vec(&to_document(update))
+                .map_err(|e| IndexError::Internal(format!("serialize a document: {e}")))?;
+            items.push((action.to_string().into_bytes(), source));
+        }
+        let sizes: Vec<usize> = items.iter().map(|(action, source)| action.len() + source.len() + 2).collect();
+        for request in requests_of(&sizes, MAX_BULK_BYTES) {
+            self.bulk_with_retries(&items[request]).await?;
+        }
+        Ok(())
+    }
+
+    /// One bulk request of `items` (action and source lines), then again for the items OpenSearch
+    /// refused as too busy (429), with doubling pauses.
+    async fn bulk_with_retries(&self, items: &[(Vec<u8>, Vec<u8>)]) -> Result<(), IndexError> {
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        let mut pause = Duration::from_millis(100);
+        for attempt in 1..=BULK_ATTEMPTS {
+            let body: Vec<&[u8]> =
+                pending.iter().flat_map(|&i| [items[i].0.as_slice(), items[i].1.as_slice()]).collect();
+            let response = self
+                .client
+                .bulk(BulkParts::None)
+                .body(body)
+                // One refresh per request (requests grow with load): writes are searchable when
+                // this returns, without waiting up to `refresh_interval` as `wait_for` does.
+                .refresh(Refresh::True)
+                .send()
+                .await
+                .map_err(|e| unavailable("bulk index", e))?;
+            let answer = if response.status_code() == StatusCode::TOO_MANY_REQUESTS && attempt < BULK_ATTEMPTS {
+                None
+            } else {
+                Some(check("bulk index", response).await?)
+            };
+            let busy = match &answer {
+                None => (0..pending.len()).collect(),
+                Some(body) => bulk_failures(body)?,
+            };
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if attempt == BULK_ATTEMPTS {
+                return Err(IndexError::Unavailable(format!(
+                    "OpenSearch bulk index: {} documents refused as too busy (429) {BULK_ATTEMPTS} times",
+                    busy.len()
+                )));
+            }
+            tracing::debug!(busy = busy.len(), ?pause, "OpenSearch is busy; sending the refused documents again");
+            pending = busy.into_iter().map(|position| pending[position]).collect();
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        Ok(())
+    }
+
+    /// The highest change-log sequence applied (0 when empty): the served generation's, or a
+    /// rebuild handle's own generation's.
+    pub async fn watermark(&self) -> Result<u64, IndexError> {
+        let state = self.state().await?;
+        Ok(match self.target {
+            Target::Live => state.watermark(state.read),
+            Target::Generation(generation) => state.watermark(generation),
+        })
+    }
+
+    /// Removes every resource document and resets the watermark: searches move to a fresh, empty
+    /// generation (a fresh index has no version tombstones, so a reindex can write any version
+    /// again) and every other one is dropped.
     pub async fn clear(&self) -> Result<(), IndexError> {
-        let pattern = format!("{}-r-*", self.prefix);
-        let response = self
-            .client
-            .indices()
-            .delete(IndicesDeleteParts::Index(&[pattern.as_str()]))
-            .send()
-            .await
-            .map_err(|e| unavailable("drop the resource indices", e))?;
-        check("drop the resource indices", response).await?;
-        let response = self
-            .client
-            .index(IndexParts::IndexId(&self.meta_index(), WATERMARK_ID))
-            .body(json!({"seq": 0}))
-            .refresh(Refresh::True)
-            .send()
-            .await
-            .map_err(|e| unavailable("reset the watermark", e))?;
-        check("reset the watermark", response).await.map(|_| ())
+        self.restart().await
     }
 
     /// The stored document of a resource (version, tombstone flag, values), `None` if never
@@ -321,28 +386,57 @@ impl SearchIndex for OpenSearchIndex {
     async fn clear(&self) -> Result<(), IndexError> {
         OpenSearchIndex::clear(self).await
     }
+
+    fn generations(&self) -> Option<&dyn IndexGenerations> {
+        Some(self)
+    }
 }
 
-/// The bulk items that failed for another reason than "an equal or newer version is there".
-fn bulk_failures(body: &Value) -> Result<(), IndexError> {
+/// Splits items of `sizes` bytes into consecutive requests of at most `max` bytes each (an item
+/// larger than `max` alone).
+fn requests_of(sizes: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut requests = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (position, item) in sizes.iter().enumerate() {
+        if position > start && size + item > max {
+            requests.push(start..position);
+            (start, size) = (position, 0);
+        }
+        size += item;
+    }
+    if start < sizes.len() {
+        requests.push(start..sizes.len());
+    }
+    requests
+}
+
+/// The positions of the bulk items OpenSearch refused as too busy (429), to send again. Items
+/// refused because an equal or newer version is there are done; any other failure is an error
+/// naming the first document.
+fn bulk_failures(body: &Value) -> Result<Vec<usize>, IndexError> {
     if body.get("errors") != Some(&Value::Bool(true)) {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let items = body.get("items").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let mut busy = Vec::new();
     let mut transient = false;
     let mut failures = Vec::new();
-    for item in items {
+    for (position, item) in items.iter().enumerate() {
         let Some(result) = item.as_object().and_then(|o| o.values().next()) else { continue };
         let status = result.get("status").and_then(Value::as_u64).unwrap_or(0);
         if status < 300 || status == 409 {
             continue; // applied, or a stale version: nothing to do
         }
-        transient |= status == 429 || status >= 500;
+        if status == 429 {
+            busy.push(position);
+            continue;
+        }
+        transient |= status >= 500;
         let reason = result.pointer("/error/reason").and_then(Value::as_str).unwrap_or("?");
         failures.push(format!("{} {status}: {reason}", result.get("_id").and_then(Value::as_str).unwrap_or("?")));
     }
     if failures.is_empty() {
-        return Ok(());
+        return Ok(busy);
     }
     let detail = format!("OpenSearch bulk index: {} failed, first: {}", failures.len(), failures[0]);
     Err(if transient { IndexError::Unavailable(detail) } else { IndexError::Internal(detail) })
@@ -353,17 +447,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bulk_requests_stay_under_the_size_bound() {
+        assert_eq!(requests_of(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(requests_of(&[4, 4, 4], 10), vec![0..2, 2..3]);
+        assert_eq!(requests_of(&[4, 6, 4], 10), vec![0..2, 2..3]);
+        // An item over the bound goes alone, never dropped.
+        assert_eq!(requests_of(&[3, 25, 3, 3], 10), vec![0..1, 1..2, 2..4]);
+        assert_eq!(requests_of(&[25], 10), vec![0..1]);
+    }
+
+    #[test]
     fn stale_versions_in_a_bulk_answer_are_not_failures() {
         let ok = json!({"errors": false, "items": []});
-        assert!(bulk_failures(&ok).is_ok());
+        assert_eq!(bulk_failures(&ok), Ok(vec![]));
         let stale = json!({"errors": true, "items": [
             {"index": {"_id": "t/a", "status": 201}},
             {"index": {"_id": "t/b", "status": 409, "error": {"reason": "version conflict"}}},
         ]});
-        assert!(bulk_failures(&stale).is_ok());
-        let busy =
-            json!({"errors": true, "items": [{"index": {"_id": "t/c", "status": 429, "error": {"reason": "busy"}}}]});
-        assert!(matches!(bulk_failures(&busy), Err(IndexError::Unavailable(m)) if m.contains("t/c")));
+        assert_eq!(bulk_failures(&stale), Ok(vec![]));
+        let busy = json!({"errors": true, "items": [
+            {"index": {"_id": "t/a", "status": 200}},
+            {"index": {"_id": "t/c", "status": 429, "error": {"reason": "busy"}}},
+        ]});
+        assert_eq!(bulk_failures(&busy), Ok(vec![1]));
+        let down =
+            json!({"errors": true, "items": [{"index": {"_id": "t/e", "status": 503, "error": {"reason": "down"}}}]});
+        assert!(matches!(bulk_failures(&down), Err(IndexError::Unavailable(m)) if m.contains("t/e")));
         let bad =
             json!({"errors": true, "items": [{"index": {"_id": "t/d", "status": 400, "error": {"reason": "mapper"}}}]});
         assert!(matches!(bulk_failures(&bad), Err(IndexError::Internal(m)) if m.contains("mapper")));

@@ -173,3 +173,153 @@ async fn search_agrees_with_the_reference_evaluator() {
     let scale = Scale { cases: 30, docs: 50, queries_per_corpus: 20 };
     agrees_with_the_reference_evaluator(index.as_ref(), &search, scale).await;
 }
+
+/// A change log in memory: the rebuild tests' source of truth.
+#[derive(Default)]
+struct MemoryLog {
+    records: std::sync::Mutex<Vec<fhirmesh_core::ports::ChangeRecord>>,
+}
+
+impl MemoryLog {
+    /// Appends a create of Patient `id`; returns its sequence.
+    fn create(&self, id: &str) -> u64 {
+        let mut records = self.records.lock().expect("log");
+        let sequence = records.len() as u64 + 1;
+        let body = serde_json::json!({"resourceType": "Patient", "id": id, "name": [{"family": "Generation"}]});
+        records.push(fhirmesh_core::ports::ChangeRecord {
+            tenant: tenant(),
+            version: fhirmesh_core::model::ResourceVersion {
+                resource_type: ResourceType::parse("Patient").expect("type"),
+                id: LogicalId::parse(id).expect("id"),
+                version_id: 1,
+                last_updated: OffsetDateTime::from_unix_timestamp(1_700_000_000 + sequence as i64).expect("time"),
+                operation: fhirmesh_core::model::Operation::Create,
+                body: Some(serde_json::to_vec(&body).expect("json").into()),
+                sequence,
+            },
+            commit_end: sequence,
+        });
+        sequence
+    }
+}
+
+#[async_trait::async_trait]
+impl fhirmesh_core::ports::ChangeLog for MemoryLog {
+    async fn changes_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<fhirmesh_core::ports::ChangeRecord>, fhirmesh_core::ports::StoreError> {
+        let records = self.records.lock().expect("log");
+        Ok(records.iter().filter(|r| r.version.sequence > after).take(limit).cloned().collect())
+    }
+    async fn latest_sequence(&self) -> Result<u64, fhirmesh_core::ports::StoreError> {
+        Ok(self.records.lock().expect("log").len() as u64)
+    }
+    async fn checkpoint(&self, _consumer: &str) -> Result<u64, fhirmesh_core::ports::StoreError> {
+        Ok(0)
+    }
+    async fn save_checkpoint(&self, _consumer: &str, _sequence: u64) -> Result<(), fhirmesh_core::ports::StoreError> {
+        Ok(())
+    }
+    async fn wait_for_changes(&self) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Every Patient, with an exact total and the watermark of the answer.
+async fn all_patients(index: &OpenSearchIndex) -> (u64, u64) {
+    let query = fhirmesh_core::search_oracle::query(&["Patient"], vec![]);
+    let page = fhirmesh_core::ports::SearchIndex::search(index, &tenant(), &query, None).await.expect("search");
+    (page.total.expect("an accurate total"), page.watermark)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_switches_generation_while_searches_and_writes_go_on() {
+    use fhirmesh_core::indexer::{Indexer, IndexerConfig, RebuildEvent, RebuildOptions, rebuild};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let index = index().await;
+    let log = Arc::new(MemoryLog::default());
+    for n in 0..300 {
+        log.create(&format!("before-{n}"));
+    }
+    let live = Arc::new(Indexer::new(Arc::new(index.clone()), log.clone(), IndexerConfig::default()));
+    assert_eq!(live.catch_up().await, Ok(300));
+    assert_eq!(index.served_generation().await, Ok(1));
+    assert_eq!(all_patients(&index).await, (300, 300));
+
+    let done = Arc::new(AtomicBool::new(false));
+    // The server meanwhile: new patients, each indexed by the live indexer at once.
+    let writer = tokio::spawn({
+        let (log, live, done) = (log.clone(), live.clone(), done.clone());
+        async move {
+            let mut n = 0;
+            while !done.load(Ordering::Acquire) && n < 400 {
+                log.create(&format!("during-{n}"));
+                live.catch_up().await.expect("live indexing");
+                n += 1;
+            }
+        }
+    });
+    // Searches meanwhile: never fewer results than their watermark promises (each sequence is one
+    // new patient), whatever generation answers.
+    let searcher = tokio::spawn({
+        let (index, done) = (index.clone(), done.clone());
+        async move {
+            let mut searches = 0;
+            while !done.load(Ordering::Acquire) {
+                let (total, watermark) = all_patients(&index).await;
+                assert!(total >= watermark, "a search saw {total} patients at watermark {watermark}");
+                assert!(watermark >= 300, "the watermark went back to {watermark}");
+                searches += 1;
+            }
+            searches
+        }
+    });
+
+    let mut events = Vec::new();
+    let options = RebuildOptions { batch_size: 64, retire_after: std::time::Duration::from_millis(300) };
+    let reached =
+        rebuild(Arc::new(index.clone()), log.clone(), options, |event| events.push(event)).await.expect("rebuild");
+    done.store(true, Ordering::Release);
+    writer.await.expect("writer");
+    let searches = searcher.await.expect("searcher");
+    assert!(searches > 0);
+
+    assert!(reached >= 300);
+    assert!(events.contains(&RebuildEvent::Promoted { generation: 2 }), "{events:?}");
+    assert_eq!(index.served_generation().await, Ok(2));
+    assert_eq!(index.stored_generations().await, Ok(vec![2]), "the old generation is dropped");
+    // Every write, before and during the rebuild, is in the new generation.
+    let latest = log.records.lock().expect("log").len() as u64;
+    live.catch_up().await.expect("live indexing");
+    assert_eq!(all_patients(&index).await, (latest, latest));
+    // And later writes go there too.
+    log.create("after");
+    live.catch_up().await.expect("live indexing");
+    assert_eq!(all_patients(&index).await, (latest + 1, latest + 1));
+}
+
+#[tokio::test]
+async fn a_new_rebuild_abandons_an_unfinished_one() {
+    let index = index().await;
+    index.apply(vec![patient("a", 1, 1, Some("Ng"))]).await.expect("apply");
+    let generations = fhirmesh_core::ports::SearchIndex::generations(&index).expect("generations");
+    let first = generations.begin().await.expect("begin");
+    first.building.apply(vec![patient("a", 1, 1, Some("Ng"))]).await.expect("apply to the first rebuild");
+    assert_eq!(index.stored_generations().await, Ok(vec![1, first.generation]));
+
+    let second = generations.begin().await.expect("begin again");
+    assert_eq!(second.generation, first.generation + 1);
+    assert_eq!(index.stored_generations().await, Ok(vec![1]), "the abandoned generation is dropped");
+    let refused = generations.promote(first.generation).await.expect_err("the first rebuild cannot finish");
+    assert!(refused.to_string().contains("no longer being built"), "{refused}");
+    assert_eq!(index.served_generation().await, Ok(1));
+    // Live writes go to both the served generation and the second rebuild's.
+    index.apply(vec![patient("b", 1, 2, Some("Lee"))]).await.expect("apply");
+    assert_eq!(second.building.watermark().await, Ok(0), "a rebuild's watermark is its own");
+    assert_eq!(index.watermark().await, Ok(2));
+    assert_eq!(index.stored_generations().await, Ok(vec![1, second.generation]));
+}

@@ -21,6 +21,8 @@ pub struct TestServer {
     /// FHIR base URL, e.g. `http://127.0.0.1:41234`.
     pub base: String,
     pub client: reqwest::Client,
+    /// The configuration the server runs with.
+    pub config: Config,
     running: Option<Running>,
     data_dir: tempfile::TempDir,
     /// The OpenSearch url and index prefix this server used, to drop its indices at the end.
@@ -50,6 +52,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}{}", config.server.base_path),
             client: reqwest::Client::new(),
+            config,
             running: Some(running),
             data_dir,
             opensearch,

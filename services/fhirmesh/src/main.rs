@@ -34,7 +34,7 @@ enum Command {
     Config(ServeArgs),
     /// Rebuild the search index from the store's change log (e.g. after a search-parameter change
     /// or a lost index); a running server keeps serving meanwhile.
-    Reindex(ServeArgs),
+    Reindex(ReindexArgs),
     /// Create what the configured backends need, idempotently: the DynamoDB table (with its
     /// stream and indexes), NATS streams or the SNS topic with SQS queues and dead-letter queues,
     /// the S3 bucket. Safe to run on every deploy.
@@ -44,6 +44,16 @@ enum Command {
     Bench(fhirmesh::tools::BenchArgs),
     /// Load data into a FHIR server: seeded synthetic patients, transaction Bundles, NDJSON.
     Load(fhirmesh::tools::LoadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReindexArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// On OpenSearch, how long the previous index generation outlives the switch (searches and
+    /// points in time already on it finish first), in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    retire_after: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,7 +115,7 @@ impl ServeArgs {
 enum Action {
     Serve,
     PrintConfig,
-    Reindex,
+    Reindex { retire_after: std::time::Duration },
     Provision,
 }
 
@@ -114,7 +124,9 @@ fn main() -> std::process::ExitCode {
     let (args, action) = match &cli.command {
         Command::Serve(args) => (args, Action::Serve),
         Command::Config(args) => (args, Action::PrintConfig),
-        Command::Reindex(args) => (args, Action::Reindex),
+        Command::Reindex(args) => {
+            (&args.serve, Action::Reindex { retire_after: std::time::Duration::from_secs(args.retire_after) })
+        }
         Command::Provision(args) => (args, Action::Provision),
         Command::Bench(args) => return exit(fhirmesh::tools::run_bench(args)),
         Command::Load(args) => return exit(fhirmesh::tools::run_load(args)),
@@ -131,7 +143,7 @@ fn main() -> std::process::ExitCode {
             println!("{}", serde_json::to_string_pretty(&config).unwrap_or_default());
             return std::process::ExitCode::SUCCESS;
         }
-        Action::Reindex => fhirmesh::reindex::run(&config),
+        Action::Reindex { retire_after } => fhirmesh::reindex::run(&config, retire_after),
         Action::Provision => fhirmesh::provision::run(&config),
         Action::Serve => serve::run(config, args.target),
     };
