@@ -171,3 +171,17 @@ impl Issue {
         })
     }
 }
+
+/// At most `max_chars` characters of client input (then `…`), for echoing it in diagnostics
+/// without letting a huge value through.
+pub fn clip_to(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// [`clip_to`] 80 characters: the usual echo of a client value in a message.
+pub fn clip(text: &str) -> String {
+    clip_to(text, 80)
+}

@@ -63,13 +63,7 @@ impl WireError {
     }
 }
 
-/// At most [`MAX_ECHO_CHARS`] characters of a wire value, for error messages.
-pub(crate) fn clip(value: &str, max_chars: usize) -> String {
-    match value.char_indices().nth(max_chars) {
-        Some((end, _)) => format!("{}…", &value[..end]),
-        None => value.to_owned(),
-    }
-}
+pub(crate) use fhirmesh_fhir::outcome::clip_to as clip;
 
 pub(crate) fn required<T>(value: Option<T>, field: &'static str) -> Result<T, WireError> {
     value.ok_or(WireError::Missing(field))

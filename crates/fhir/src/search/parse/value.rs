@@ -369,14 +369,4 @@ pub(crate) fn parse_composite(def: &SearchParamDef, piece: &str) -> Result<Parse
     Ok((SearchValue::Composite(values), canonical.join("$")))
 }
 
-/// At most 80 characters of client input, for diagnostics.
-pub(crate) fn clip(text: &str) -> String {
-    const MAX: usize = 80;
-    if text.chars().count() <= MAX {
-        text.to_owned()
-    } else {
-        let mut out: String = text.chars().take(MAX).collect();
-        out.push('…');
-        out
-    }
-}
+pub(crate) use crate::outcome::clip;
