@@ -373,3 +373,64 @@ pub trait Acknowledge: Send + Sync {
 }
 
 pub type DynEventConsumer = Arc<dyn EventConsumer>;
+
+/// Rules particular to some resource types that every write of them must satisfy, beyond the R4
+/// schema every write is validated against — e.g. that a Subscription's criteria are a search this
+/// server can match and its endpoint one the server may call, and that a tenant has at most so
+/// many active Subscriptions. The resource service (configured with
+/// [`ResourceConfig::write_rules`](crate::ResourceConfig::write_rules)) applies them on every
+/// path that writes a resource version: create, update, conditional create and update, patch (to
+/// the patched result) and each write entry of a transaction or batch Bundle. Deletes are never
+/// checked. An adapter implements them for the types it knows (`fhirmesh-notify`: Subscription);
+/// every other type passes untouched.
+///
+/// Pure and synchronous: [`check`](WriteRules::check) runs on the blocking pool beside schema
+/// validation; the counting a [`TenantLimit`] needs is done by the resource service with its
+/// search index.
+pub trait WriteRules: Send + Sync + std::fmt::Debug {
+    /// Checks a schema-valid `resource` of `resource_type` before it is written. An error refuses
+    /// the write and is the answer (usually category `invalid`: a 400 with one issue per problem,
+    /// each with its FHIRPath expression). Types without rules: `Ok(())`.
+    fn check(&self, resource_type: ResourceType, resource: &serde_json::Value) -> Result<(), FhirError>;
+
+    /// The per-tenant limit `resource` counts against when it is the current version at `now`, or
+    /// `None` if it counts against none (types without a limit; a Subscription that is `off`).
+    /// Asked about the version being written and about the version it replaces.
+    fn tenant_limit(
+        &self,
+        resource_type: ResourceType,
+        resource: &serde_json::Value,
+        now: OffsetDateTime,
+    ) -> Option<TenantLimit> {
+        let _ = (resource_type, resource, now);
+        None
+    }
+
+    /// Judges a write that adds one to the count of `limit`, when `others` of the tenant's
+    /// resources (not counting the one written) already count against it. The default refuses
+    /// with `unprocessable` (422) once `others` reaches `limit.max`.
+    fn check_limit(&self, resource_type: ResourceType, others: usize, limit: &TenantLimit) -> Result<(), FhirError> {
+        if others < limit.max {
+            return Ok(());
+        }
+        Err(FhirError::new(
+            ErrorCategory::Unprocessable,
+            format!(
+                "this tenant already has {others} {resource_type} resources of this kind, the most allowed is {}",
+                limit.max
+            ),
+        ))
+    }
+}
+
+/// A cap on how many resources of one type a tenant may have that match a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantLimit {
+    /// Search parameters on the written type (`status=requested,active,error`), parsed strictly,
+    /// that select the resources counted against the limit.
+    pub counted: Vec<(String, String)>,
+    /// How many may count at most.
+    pub max: usize,
+}
+
+pub type DynWriteRules = Arc<dyn WriteRules>;

@@ -9,6 +9,8 @@
 //! - [`matcher`]: the [`Matcher`] holding subscriptions per tenant and resource type, answering
 //!   which ones a [`fhirmesh_core::ResourceChanged`] notifies — with the search evaluator, so
 //!   matching and search agree.
+//! - [`write_rules`]: [`SubscriptionWriteRules`], the resource service's write rules for
+//!   Subscriptions (validation on every write, the per-tenant limit).
 //! - [`delivery`]: the HTTP request of a notification ([`delivery::plan`]), its signature, the
 //!   [`RetryPolicy`] and the [`HealthTracker`] that moves a subscription to `error` and back.
 //!
@@ -20,7 +22,9 @@
 pub mod delivery;
 pub mod endpoint;
 pub mod matcher;
+pub mod runner;
 pub mod subscription;
+pub mod write_rules;
 
 pub use delivery::{AttemptOutcome, HealthTracker, Method, Notification, RetryPolicy};
 pub use endpoint::{Endpoint, EndpointPolicy, EndpointRefused};
@@ -28,5 +32,6 @@ pub use matcher::{MatchError, Matcher, Upserted};
 pub use subscription::{
     ActiveSubscription, Criteria, SubscriptionId, SubscriptionSpec, SubscriptionStatus, Transition, check_tenant_limit,
 };
+pub use write_rules::SubscriptionWriteRules;
 
 pub(crate) use fhirmesh_fhir::outcome::clip;

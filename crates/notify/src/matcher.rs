@@ -133,6 +133,12 @@ impl Matcher {
     }
 
     /// The held subscription `id` of `tenant`.
+    /// Whether `tenant` holds any subscription on `resource_type` (a change of another type needs
+    /// no body read and no matching).
+    pub fn has_subscriptions_for(&self, tenant: &TenantId, resource_type: ResourceType) -> bool {
+        self.tenants.get(tenant).is_some_and(|t| t.by_type.get(&resource_type).is_some_and(|b| !b.is_empty()))
+    }
+
     pub fn get(&self, tenant: &TenantId, id: &SubscriptionId) -> Option<Arc<ActiveSubscription>> {
         let subscriptions = self.tenants.get(tenant)?;
         let resource_type = subscriptions.types.get(id)?;

@@ -59,6 +59,19 @@ impl TestServer {
         }
     }
 
+    /// Stops every service and starts them again on the same data directory and configuration
+    /// (a new port): what a process restart does.
+    pub async fn restart(mut self) -> TestServer {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("fhirmesh stops cleanly");
+        }
+        let running = fhirmesh::serve::start(&self.config, Target::All).await.expect("fhirmesh starts again");
+        let addr = running.http_addr.expect("embedded mode serves HTTP");
+        self.base = format!("http://{addr}{}", self.config.server.base_path);
+        self.running = Some(running);
+        self
+    }
+
     /// Whether this run tests the DynamoDB store (`FHIRMESH_TEST_STORE=dynamodb`).
     pub fn on_dynamodb() -> bool {
         std::env::var("FHIRMESH_TEST_STORE").is_ok_and(|store| store == "dynamodb")

@@ -25,6 +25,7 @@ pub struct Config {
     pub relay: RelaySection,
     pub resource: ResourceSection,
     pub gateway: GatewaySection,
+    pub notifier: NotifierSection,
     pub auth: AuthConfig,
     pub tenancy: TenancyConfig,
     pub audit: AuditConfig,
@@ -371,6 +372,46 @@ pub struct GatewaySection {
     pub resource_endpoint: String,
 }
 
+/// Rest-hook Subscriptions: which endpoints may be called, limits, retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifierSection {
+    /// Run the notifier (in `fhirmesh serve`); off, Subscriptions are stored but never delivered.
+    pub enabled: bool,
+    /// Endpoints allowed despite the policy (https only, public addresses only): host names
+    /// (exact), IP addresses or CIDRs, e.g. `["127.0.0.1", "hooks.internal.example"]`.
+    pub allow_endpoints: Vec<String>,
+    /// Allow `http://` endpoints (still public addresses only, unless allow-listed).
+    pub allow_insecure_http: bool,
+    /// Most Subscriptions per tenant that are not `off` (a create or update past it: 422).
+    pub max_active_per_tenant: usize,
+    /// Attempts of one notification before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubling (with full jitter) up to `retry_max_delay_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_delay_ms: u64,
+    /// Consecutive failed attempts before a Subscription's status becomes `error`.
+    pub error_after_failures: u32,
+    /// Timeout of one delivery request (connect + response).
+    pub timeout_ms: u64,
+}
+
+impl Default for NotifierSection {
+    fn default() -> Self {
+        NotifierSection {
+            enabled: true,
+            allow_endpoints: Vec::new(),
+            allow_insecure_http: false,
+            max_active_per_tenant: 100,
+            max_attempts: 10,
+            retry_base_ms: 1_000,
+            retry_max_delay_ms: 300_000,
+            error_after_failures: 3,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -559,6 +600,8 @@ impl Config {
             bail!("resource.consistency_wait_ms must be at most 60000, got {}", self.resource.consistency_wait_ms);
         }
         self.validate_auth()?;
+        fhirmesh_notify::EndpointPolicy::new(&self.notifier.allow_endpoints, self.notifier.allow_insecure_http)
+            .map_err(|err| anyhow::anyhow!("notifier.allow_endpoints: {err}"))?;
         let endpoint = &self.gateway.resource_endpoint;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             bail!("gateway.resource_endpoint must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
@@ -624,6 +667,18 @@ mod tests {
         overrides.server.insert("base_path".into(), "fhir/".into());
         let err = Config::load(None, no_env(), &overrides).expect_err("bad base path");
         assert!(err.to_string().contains("server.base_path"), "{err}");
+    }
+
+    #[test]
+    fn notifier_allow_endpoints_must_parse() {
+        let mut config = Config::default();
+        config.notifier.allow_endpoints =
+            vec!["127.0.0.1".into(), "10.0.0.0/8".into(), "hooks.internal.example".into()];
+        config.validate().expect("hosts, addresses and CIDRs are valid entries");
+        config.notifier.allow_endpoints.push("https://hooks.example.com/x".into());
+        let err = config.validate().expect_err("a URL is not an allow-list entry");
+        assert!(err.to_string().contains("notifier.allow_endpoints"), "{err}");
+        assert!(err.to_string().contains("https://hooks.example.com/x"), "{err}");
     }
 
     #[test]

@@ -22,8 +22,8 @@ use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config, RelaySourc
 /// Which part of the mesh this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
-    /// Every service in one process: gateway, resource, relay and indexer (embedded SQLite and the
-    /// in-process bus by default; any configured store and bus).
+    /// Every service in one process: gateway, resource, relay, indexer and notifier (embedded
+    /// SQLite and the in-process bus by default; any configured store and bus).
     All,
     /// The HTTP FHIR API, calling the resource service over gRPC (gateway.resource_endpoint).
     Gateway,
@@ -85,6 +85,13 @@ impl Running {
 }
 
 fn resource_config(config: &Config) -> ResourceConfig {
+    // Subscriptions are validated on every write, also where this process delivers none (the
+    // notifier disabled or elsewhere): what is stored is what a notifier may call. The allow-list
+    // was checked by `Config::validate`; were it invalid anyway, the strict policy refuses more.
+    let notifier = &config.notifier;
+    let policy = fhirmesh_notify::EndpointPolicy::new(&notifier.allow_endpoints, notifier.allow_insecure_http)
+        .unwrap_or_else(|_| fhirmesh_notify::EndpointPolicy::strict());
+    let subscriptions = fhirmesh_notify::SubscriptionWriteRules::new(policy, notifier.max_active_per_tenant);
     ResourceConfig {
         update_create: config.resource.update_create,
         default_page_size: config.resource.default_page_size,
@@ -93,6 +100,7 @@ fn resource_config(config: &Config) -> ResourceConfig {
         consistency_wait: std::time::Duration::from_millis(config.resource.consistency_wait_ms),
         conditional_delete_multiple: config.resource.conditional_delete_multiple,
         max_bundle_entries: config.resource.max_bundle_entries,
+        write_rules: Some(Arc::new(subscriptions)),
         ..ResourceConfig::default()
     }
 }
@@ -247,10 +255,29 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                         fhirmesh_indexer::spawn(index.clone(), stores.changes.clone(), events, Running::stopped(&rx));
                     tasks.push(tokio::spawn(async move { indexer.await.context("indexer task failed") }));
                 }
-                (target != Target::Indexer).then(|| {
-                    fhirmesh_resource::resource_service(stores.store, stores.changes, index, resource_config(config))
-                        as DynResourceService
-                })
+                let service = (target != Target::Indexer).then(|| {
+                    fhirmesh_resource::resource_service(
+                        stores.store,
+                        stores.changes.clone(),
+                        index,
+                        resource_config(config),
+                    ) as DynResourceService
+                });
+                if let (Target::All, Some(service)) = (target, &service)
+                    && config.notifier.enabled
+                {
+                    let notifier = fhirmesh_notifier::spawn(
+                        service.clone(),
+                        stores.changes.clone(),
+                        notifier_settings(config)?,
+                        Duration::from_millis(config.notifier.timeout_ms),
+                        config.storage.data_dir.join("dead-letters.ndjson"),
+                        Running::stopped(&rx),
+                    )
+                    .map_err(anyhow::Error::msg)?;
+                    tasks.push(tokio::spawn(async move { notifier.await.context("notifier task failed") }));
+                }
+                service
             }
         }
         Target::Gateway => {
@@ -295,6 +322,24 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         tracing::info!("indexer following the change log");
     }
     Ok(Running { http_addr, grpc_addr, shutdown, tasks })
+}
+
+/// The notifier's settings from `[notifier]`.
+fn notifier_settings(config: &Config) -> anyhow::Result<fhirmesh_notify::runner::NotifierSettings> {
+    let section = &config.notifier;
+    let policy = fhirmesh_notify::EndpointPolicy::new(&section.allow_endpoints, section.allow_insecure_http)
+        .map_err(|e| anyhow::anyhow!("notifier.allow_endpoints: {e}"))?;
+    let retry = fhirmesh_notify::RetryPolicy::new(
+        Duration::from_millis(section.retry_base_ms),
+        Duration::from_millis(section.retry_max_delay_ms),
+        section.max_attempts,
+    );
+    Ok(fhirmesh_notify::runner::NotifierSettings {
+        policy,
+        retry,
+        error_after_failures: section.error_after_failures,
+        ..fhirmesh_notify::runner::NotifierSettings::default()
+    })
 }
 
 /// Runs `target` until SIGINT/SIGTERM, printing the bound addresses on stdout.

@@ -3,7 +3,8 @@
 use fhirmesh_fhir::LogicalId;
 
 use super::FhirResources;
-use super::body::{self, IdRule};
+use super::body::{self, IdRule, Stamp};
+use super::limits::LimitedWrites;
 use crate::auth::Interaction;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::Operation;
@@ -47,16 +48,13 @@ pub(super) async fn create(
     for _ in 0..3 {
         let id = LogicalId::generate();
         let last_updated = body::now();
-        let bytes = body::prepare(
-            resource.clone(),
-            request.body.len(),
-            request.resource_type,
-            &id,
-            IdRule::Replace,
-            1,
-            last_updated,
-        )
-        .await?;
+        let rules = &svc.config.write_rules;
+        let mut limited = LimitedWrites::default();
+        limited.record(rules.as_deref(), 0, (request.resource_type, &id), Some(&resource), None, last_updated);
+        let stamp = Stamp { id: id.clone(), id_rule: IdRule::Replace, version_id: 1, last_updated };
+        let bytes =
+            body::prepare(resource.clone(), request.body.len(), request.resource_type, &stamp, rules.as_ref()).await?;
+        limited.check(svc, &ctx.tenant).await.map_err(|(_, err)| err)?;
         let write = VersionWrite {
             resource_type: request.resource_type,
             id: id.clone(),

@@ -7,6 +7,7 @@ mod conditional;
 mod create;
 mod delete;
 mod history;
+mod limits;
 mod patch;
 mod read;
 mod search;
@@ -22,7 +23,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use crate::auth::{Interaction, Permit};
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::ResourceVersion;
-use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex};
+use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex, DynWriteRules};
 use crate::service::{
     BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest,
     CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchRequest, RequestContext,
@@ -30,7 +31,7 @@ use crate::service::{
 };
 
 /// Behaviour switches of the resource service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ResourceConfig {
     /// PUT to an id that does not exist creates it (FHIR "update as create").
     pub update_create: bool,
@@ -49,6 +50,9 @@ pub struct ResourceConfig {
     pub conditional_delete_multiple: bool,
     /// Most entries a transaction or batch Bundle may have (more: 413, nothing written).
     pub max_bundle_entries: usize,
+    /// Type-specific rules every write must pass after schema validation, with their per-tenant
+    /// limits (e.g. Subscriptions, from `fhirmesh-notify`); `None`: schema validation only.
+    pub write_rules: Option<DynWriteRules>,
 }
 
 impl Default for ResourceConfig {
@@ -62,6 +66,7 @@ impl Default for ResourceConfig {
             consistency_wait: std::time::Duration::from_secs(1),
             conditional_delete_multiple: false,
             max_bundle_entries: 10_000,
+            write_rules: None,
         }
     }
 }

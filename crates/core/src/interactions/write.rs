@@ -6,7 +6,8 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use serde_json::Value;
 
 use super::FhirResources;
-use super::body::{self, IdRule};
+use super::body::{self, IdRule, Stamp};
+use super::limits::LimitedWrites;
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::{Operation, ResourceVersion};
 use crate::ports::{Expected, StoreError, VersionWrite};
@@ -48,12 +49,18 @@ pub(super) async fn with_retries(
         reach.check_write(resource_type, id, current.as_ref(), body.as_ref().map(|(resource, _)| resource))?;
         let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
         let last_updated = body::now();
+        let rules = &svc.config.write_rules;
+        let mut limited = LimitedWrites::default();
+        let new = body.as_ref().map(|(resource, _)| resource);
+        limited.record(rules.as_deref(), 0, (resource_type, id), new, current.as_ref(), last_updated);
         let body = match body {
-            Some((resource, size)) => Some(
-                body::prepare(resource, size, resource_type, id, IdRule::MustMatch, version_id, last_updated).await?,
-            ),
+            Some((resource, size)) => {
+                let stamp = Stamp { id: id.clone(), id_rule: IdRule::MustMatch, version_id, last_updated };
+                Some(body::prepare(resource, size, resource_type, &stamp, rules.as_ref()).await?)
+            }
             None => None,
         };
+        limited.check(svc, &ctx.tenant).await.map_err(|(_, err)| err)?;
         let created = operation == Operation::Update && current.as_ref().is_none_or(ResourceVersion::is_deleted);
         let write = VersionWrite {
             resource_type,

@@ -3,11 +3,13 @@
 //! Decide, then write once: entries are planned in the spec's processing order (DELETE, POST,
 //! PUT/PATCH, GET/HEAD) against the current versions — new ids allocated, conditional creates,
 //! updates and deletes resolved by search, `ifMatch` checked — then every `fullUrl` and
-//! conditional reference is rewritten to the `Type/id` it resolved to, every resource validated,
-//! and all versions go to the store in ONE atomic commit whose expectations pin the versions the
-//! plan read. A concurrent writer that changed one of them makes the commit fail as a whole; the
-//! transaction is then planned again from the new state (bounded), so there is no lost update and
-//! no lock to deadlock on. GET/HEAD entries are answered after the commit and see its writes.
+//! conditional reference is rewritten to the `Type/id` it resolved to, every resource validated
+//! (schema and write rules), the per-tenant limits checked on the transaction as a whole (three
+//! new active Subscriptions count three), and all versions go to the store in ONE atomic commit
+//! whose expectations pin the versions the plan read. A concurrent writer that changed one of
+//! them makes the commit fail as a whole; the transaction is then planned again from the new
+//! state (bounded), so there is no lost update and no lock to deadlock on. GET/HEAD entries are
+//! answered after the commit and see its writes.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,10 +21,11 @@ use super::entry::{Entry, Method, Target};
 use super::references::{self, RewriteError};
 use super::{in_entry, read_entry};
 use crate::error::{ErrorCategory, FhirError, FhirResult};
-use crate::interactions::body::{self, IdRule};
+use crate::interactions::body::{self, IdRule, Stamp};
+use crate::interactions::limits::LimitedWrites;
 use crate::interactions::{FhirResources, Reach};
 use crate::model::{Operation, ResourceVersion};
-use crate::ports::{Expected, StoreError, VersionWrite};
+use crate::ports::{DynWriteRules, Expected, StoreError, VersionWrite, WriteRules};
 use crate::service::{BundleKind, BundleResult, EntryResult, PatchDocument, RequestContext};
 
 pub(super) async fn transaction(
@@ -129,7 +132,25 @@ async fn attempt(
     check_reach(entries, reaches, &plan.writes)?;
 
     let last_updated = body::now();
-    let writes = prepare(std::mem::take(&mut plan.writes), entries, last_updated).await?;
+    let rules = svc.config.write_rules.clone();
+    let writes = prepare(std::mem::take(&mut plan.writes), entries, last_updated, rules).await?;
+    let mut limited = LimitedWrites::default();
+    for (pending, _) in &writes {
+        let new = match &pending.change {
+            Change::Put { resource, .. } => Some(resource),
+            Change::Delete => None,
+        };
+        let target = (pending.resource_type, &pending.id);
+        limited.record(
+            svc.config.write_rules.as_deref(),
+            pending.entry,
+            target,
+            new,
+            pending.current.as_ref(),
+            last_updated,
+        );
+    }
+    limited.check(svc, &ctx.tenant).await.map_err(|(index, err)| in_entry(err, &entries[index]))?;
     let last_sequence = if writes.is_empty() {
         None
     } else {
@@ -537,12 +558,14 @@ fn rewrite_error(entry: &Entry, err: RewriteError) -> FhirError {
     FhirError::invalid(err.message).at(format!("{}.resource.{}", entry.path(), err.path))
 }
 
-/// Validates and stamps every new version — on the blocking pool, in as many chunks as there
-/// are cores — and turns the plan into store writes, in entry order.
+/// Validates (the R4 schema and the write `rules`) and stamps every new version — on the blocking
+/// pool, in as many chunks as there are cores — and turns the plan into store writes, in entry
+/// order.
 async fn prepare(
     mut pending: Vec<Pending>,
     entries: &[Entry],
     last_updated: time::OffsetDateTime,
+    rules: Option<DynWriteRules>,
 ) -> FhirResult<Vec<(Pending, VersionWrite)>> {
     pending.sort_by_key(|p| p.entry);
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -552,8 +575,9 @@ async fn prepare(
     while !rest.is_empty() {
         let tail = rest.split_off(chunk.min(rest.len()));
         let part = std::mem::replace(&mut rest, tail);
+        let rules = rules.clone();
         tasks.push(tokio::task::spawn_blocking(move || {
-            part.into_iter().map(|pending| to_write(pending, last_updated)).collect::<Vec<_>>()
+            part.into_iter().map(|pending| to_write(pending, last_updated, rules.as_deref())).collect::<Vec<_>>()
         }));
     }
     let mut writes = Vec::new();
@@ -572,21 +596,16 @@ async fn prepare(
 fn to_write(
     pending: Pending,
     last_updated: time::OffsetDateTime,
+    rules: Option<&dyn WriteRules>,
 ) -> Result<(Pending, VersionWrite), (usize, FhirError)> {
     let version_id = pending.current.as_ref().map_or(1, |current| current.version_id + 1);
     let expected = pending.current.as_ref().map_or(Expected::Absent, |current| Expected::Version(current.version_id));
     let (operation, body) = match &pending.change {
         Change::Delete => (Operation::Delete, None),
         Change::Put { resource, id_rule, operation } => {
-            let body = body::prepare_blocking(
-                resource.clone(),
-                pending.resource_type,
-                &pending.id,
-                *id_rule,
-                version_id,
-                last_updated,
-            )
-            .map_err(|err| (pending.entry, err))?;
+            let stamp = Stamp { id: pending.id.clone(), id_rule: *id_rule, version_id, last_updated };
+            let body = body::prepare_blocking(resource.clone(), pending.resource_type, &stamp, rules)
+                .map_err(|err| (pending.entry, err))?;
             (*operation, Some(body))
         }
     };
