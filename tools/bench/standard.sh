@@ -38,7 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" >"$LOG" 2>&1 &
+# The rest-hook scenario's receiver listens on 127.0.0.1 over http.
+FHIRMESH_NOTIFIER__ALLOW_ENDPOINTS='["127.0.0.1"]' FHIRMESH_NOTIFIER__ALLOW_INSECURE_HTTP=true \
+  "$BIN" serve --listen 127.0.0.1:0 --data-dir "$DATA/data" >"$LOG" 2>&1 &
 SERVER_PID=$!
 URL=""
 for _ in $(seq 1 100); do

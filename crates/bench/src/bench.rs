@@ -60,10 +60,17 @@ pub enum Scenario {
     /// Create a Patient, then search for it by identifier until it is found: the latency is
     /// write → visible to search.
     IndexLag,
+    /// Create an Observation matching one of `REST_HOOK_SUBSCRIPTIONS` rest-hook Subscriptions
+    /// (set up to call a receiver in this process): the latency is write → callback received.
+    /// The server must allow `http://127.0.0.1` endpoints (fhirmesh: `notifier.allow_endpoints`).
+    RestHook,
 }
 
+/// Active rest-hook Subscriptions during the `rest-hook` scenario (each write matches one).
+pub const REST_HOOK_SUBSCRIPTIONS: usize = 100;
+
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Read,
         Scenario::Create,
         Scenario::Update,
@@ -75,6 +82,7 @@ impl Scenario {
         Scenario::History,
         Scenario::Mixed,
         Scenario::IndexLag,
+        Scenario::RestHook,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +98,7 @@ impl Scenario {
             Scenario::History => "history",
             Scenario::Mixed => "mixed",
             Scenario::IndexLag => "index-lag",
+            Scenario::RestHook => "rest-hook",
         }
     }
 
@@ -206,6 +215,8 @@ impl Report {
 /// The ids the scenarios pick from.
 struct Fixture {
     patients: Vec<String>,
+    /// The receiver of the `rest-hook` scenario, when it runs.
+    hooks: Option<HookReceiver>,
 }
 
 /// Runs the set-up phase, the baseline (if asked) and every scenario, in order.
@@ -304,7 +315,11 @@ async fn set_up(config: &BenchConfig) -> Result<Fixture> {
     if patients.len() != config.patients {
         bail!("set-up created {} Patients, expected {}", patients.len(), config.patients);
     }
-    Ok(Fixture { patients })
+    let hooks = match config.scenarios.contains(&Scenario::RestHook) {
+        true => Some(HookReceiver::start(&mut conn).await?),
+        false => None,
+    };
+    Ok(Fixture { patients, hooks })
 }
 
 fn check(response: &Response, what: &str) -> Result<()> {
@@ -523,6 +538,10 @@ async fn one_request(
             return Box::pin(one_request(conn, sub, fixture, rng)).await;
         }
         Scenario::IndexLag => return index_lag(conn).await.map(Some),
+        Scenario::RestHook => {
+            let hooks = fixture.hooks.as_ref().context("the rest-hook receiver was not set up")?;
+            return hooks.write_and_wait(conn, rng).await.map(Some);
+        }
     };
     let prefer = if body.is_some() { Some("return=minimal") } else { None };
     let response = conn.send(method, &path, body, prefer).await?;
@@ -561,6 +580,102 @@ async fn index_lag(conn: &mut Connection) -> Result<Duration> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     bail!("index-lag: the Patient did not become searchable within 2,000 searches")
+}
+
+/// The `rest-hook` scenario's receiver: a hyper server on 127.0.0.1:0 in this process that
+/// records when each notification arrives (by the notified resource, from the event id header).
+struct HookReceiver {
+    arrivals: Arc<Arrivals>,
+}
+
+#[derive(Default)]
+struct Arrivals {
+    at: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    changed: tokio::sync::Notify,
+}
+
+impl HookReceiver {
+    /// Starts the receiver and subscribes it `REST_HOOK_SUBSCRIPTIONS` times (criteria
+    /// `Observation?code=urn:fhirmesh:bench|hook-K`, no payload); returns once every Subscription
+    /// is active.
+    async fn start(conn: &mut Connection) -> Result<HookReceiver> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.context("binding the rest-hook receiver")?;
+        let address = listener.local_addr()?;
+        let arrivals = Arc::new(Arrivals::default());
+        let recorder = arrivals.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { break };
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let arrived = Instant::now();
+                        let event = request.headers().get("x-fhirmesh-event-id").and_then(|v| v.to_str().ok());
+                        // `{tenant}/Observation/{id}/_history/{version}` → `Observation/{id}`.
+                        if let Some(key) = event.and_then(|e| e.split_once('/')).map(|(_, rest)| rest)
+                            && let Some((resource, _)) = key.split_once("/_history/")
+                        {
+                            recorder.at.lock().unwrap_or_else(|p| p.into_inner()).insert(resource.to_owned(), arrived);
+                            recorder.changed.notify_waiters();
+                        }
+                        async { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new()))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let endpoint = format!("http://{address}/hook");
+        for k in 0..REST_HOOK_SUBSCRIPTIONS {
+            let subscription = json!({"resourceType": "Subscription", "status": "requested", "reason": "bench",
+                "criteria": format!("Observation?code={BENCH_IDENTIFIER_SYSTEM}|hook-{k}"),
+                "channel": {"type": "rest-hook", "endpoint": endpoint}});
+            let response =
+                conn.send(Method::POST, "Subscription", Some(bytes(&subscription)), Some("return=minimal")).await?;
+            check(&response, "set-up Subscription (does the server allow http://127.0.0.1 endpoints?)")?;
+        }
+        let started = Instant::now();
+        loop {
+            let response = conn.send(Method::GET, "Subscription?status=active&_summary=count", None, None).await?;
+            check(&response, "Subscription count")?;
+            let bundle: Value = serde_json::from_slice(&response.body).context("a search answer is not JSON")?;
+            if bundle["total"].as_u64().is_some_and(|n| n as usize >= REST_HOOK_SUBSCRIPTIONS) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the rest-hook Subscriptions did not become active within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(HookReceiver { arrivals })
+    }
+
+    /// Creates an Observation one Subscription matches and waits for its callback: the time from
+    /// sending the write to the callback's arrival.
+    async fn write_and_wait(&self, conn: &mut Connection, rng: &mut fastrand::Rng) -> Result<Duration> {
+        let code = format!("hook-{}", rng.usize(..REST_HOOK_SUBSCRIPTIONS));
+        let body = json!({"resourceType": "Observation", "status": "final",
+                          "code": {"coding": [{"system": BENCH_IDENTIFIER_SYSTEM, "code": code}]}});
+        let sent = Instant::now();
+        let created = conn.send(Method::POST, "Observation", Some(bytes(&body)), Some("return=minimal")).await?;
+        if created.status != StatusCode::CREATED {
+            bail!("rest-hook create: {} {}", created.status, excerpt(&created.body));
+        }
+        let location = created.location.as_deref().context("rest-hook create: no Location")?;
+        let key = location.split("/_history/").next().unwrap_or(location);
+        let key = key.rsplit_once("Observation/").map(|(_, id)| format!("Observation/{id}")).context("a Location")?;
+        let deadline = sent + Duration::from_secs(30);
+        loop {
+            let changed = self.arrivals.changed.notified();
+            if let Some(arrived) = self.arrivals.at.lock().unwrap_or_else(|p| p.into_inner()).remove(&key) {
+                return Ok(arrived.saturating_duration_since(sent));
+            }
+            if tokio::time::timeout_at(deadline.into(), changed).await.is_err() {
+                bail!("rest-hook: no callback for {key} within 30 s");
+            }
+        }
+    }
 }
 
 /// The bare-hyper baseline: a server on 127.0.0.1:0 in this process answering every request with

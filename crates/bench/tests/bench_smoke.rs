@@ -9,7 +9,12 @@ use fhirmesh_testkit::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_without_errors() {
-    let server = TestServer::start().await;
+    // The `rest-hook` scenario's receiver listens on 127.0.0.1 over http.
+    let server = TestServer::start_with(|config| {
+        config.notifier.allow_endpoints = vec!["127.0.0.1".into()];
+        config.notifier.allow_insecure_http = true;
+    })
+    .await;
     let config = BenchConfig {
         base: BaseUrl::parse(&server.base).expect("base url"),
         scenarios: Scenario::ALL.to_vec(),
