@@ -18,7 +18,7 @@
 //!   `error_after_failures` failed attempts in a row and back to `active` on the next success;
 //!   `off` when `end` has passed. Written with `If-Match`: a client's concurrent update wins.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -202,7 +202,7 @@ impl Notifier {
         };
         lock(&self.shared.progress).read = position;
         let mut saved = position;
-        let mut tenants_loaded: HashMap<TenantId, ()> = HashMap::new();
+        let mut tenants_loaded: HashSet<TenantId> = HashSet::new();
         let mut queues: HashMap<(TenantId, SubscriptionId), mpsc::UnboundedSender<Job>> = HashMap::new();
         loop {
             let batch = match self.changes.changes_after(position, self.shared.settings.batch_size).await {
@@ -283,14 +283,14 @@ impl Notifier {
     async fn handle(
         &self,
         change: &Arc<ResourceChanged>,
-        tenants_loaded: &mut HashMap<TenantId, ()>,
+        tenants_loaded: &mut HashSet<TenantId>,
     ) -> Result<Vec<Job>, String> {
-        if !tenants_loaded.contains_key(&change.tenant) {
+        if !tenants_loaded.contains(&change.tenant) {
             self.load_tenant(&change.tenant, change.sequence).await?;
-            tenants_loaded.insert(change.tenant.clone(), ());
+            tenants_loaded.insert(change.tenant.clone());
         }
         if change.resource_type == subscription_type() {
-            self.subscription_changed(change).await;
+            self.subscription_changed(change).await?;
             return Ok(Vec::new());
         }
         let now = OffsetDateTime::now_utc();
@@ -352,15 +352,22 @@ impl Notifier {
         }
     }
 
-    async fn subscription_changed(&self, change: &ResourceChanged) {
-        match &change.resource {
-            Some(body) => self.upsert(&change.tenant, body).await,
-            None => {
-                let mut matcher = write(&self.shared.matcher);
-                matcher.remove(&change.tenant, &change.id, change.version_id);
-                lock(&self.shared.health).forget(&change.tenant, &change.id);
-            }
+    /// Follows a Subscription change: a delete drops it; a live version (read from the store when
+    /// the change came without its body) is upserted.
+    async fn subscription_changed(&self, change: &ResourceChanged) -> Result<(), String> {
+        if change.operation == Operation::Delete {
+            write(&self.shared.matcher).remove(&change.tenant, &change.id, change.version_id);
+            lock(&self.shared.health).forget(&change.tenant, &change.id);
+            return Ok(());
         }
+        let body = match &change.resource {
+            Some(body) => Some(body.clone()),
+            None => self.current_body(change).await?,
+        };
+        if let Some(body) = body {
+            self.upsert(&change.tenant, &body).await;
+        }
+        Ok(())
     }
 
     /// Holds a Subscription version (or drops it when `off`), and writes its activation.
