@@ -407,6 +407,12 @@ impl HealthTracker {
         }
     }
 
+    /// Whether a subscription is in `error` (its endpoint keeps failing): the notifier then keeps
+    /// one notification as the probe and dead-letters the others without attempting them.
+    pub fn is_failing(&self, tenant: &TenantId, id: &SubscriptionId) -> bool {
+        self.subscriptions.get(&(tenant.clone(), id.clone())).is_some_and(|h| h.status == SubscriptionStatus::Error)
+    }
+
     /// The current run of failed attempts of a subscription.
     pub fn consecutive_failures(&self, tenant: &TenantId, id: &SubscriptionId) -> u32 {
         self.subscriptions.get(&(tenant.clone(), id.clone())).map_or(0, |h| h.consecutive_failures)

@@ -22,6 +22,7 @@
 pub mod delivery;
 pub mod endpoint;
 pub mod matcher;
+pub mod metrics;
 pub mod runner;
 pub mod subscription;
 pub mod write_rules;
@@ -29,6 +30,7 @@ pub mod write_rules;
 pub use delivery::{AttemptOutcome, HealthTracker, Method, Notification, RetryPolicy};
 pub use endpoint::{Endpoint, EndpointPolicy, EndpointRefused};
 pub use matcher::{MatchError, Matcher, Upserted};
+pub use metrics::NotifierMetrics;
 pub use subscription::{
     ActiveSubscription, Criteria, SubscriptionId, SubscriptionSpec, SubscriptionStatus, Transition, check_tenant_limit,
 };

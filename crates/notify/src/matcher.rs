@@ -132,13 +132,30 @@ impl Matcher {
         subscriptions.take(id)
     }
 
-    /// The held subscription `id` of `tenant`.
+    /// Drops `tenant`'s held subscriptions not in `keep` (no longer found by a reload: deleted or
+    /// `off`); returns their ids. Their versions stay seen, so an older event cannot bring one back.
+    pub fn retain(
+        &mut self,
+        tenant: &TenantId,
+        keep: &std::collections::HashSet<SubscriptionId>,
+    ) -> Vec<SubscriptionId> {
+        let Some(subscriptions) = self.tenants.get_mut(tenant) else { return Vec::new() };
+        let mut dropped: Vec<SubscriptionId> =
+            subscriptions.types.keys().filter(|id| !keep.contains(*id)).cloned().collect();
+        dropped.sort();
+        for id in &dropped {
+            subscriptions.take(id);
+        }
+        dropped
+    }
+
     /// Whether `tenant` holds any subscription on `resource_type` (a change of another type needs
     /// no body read and no matching).
     pub fn has_subscriptions_for(&self, tenant: &TenantId, resource_type: ResourceType) -> bool {
         self.tenants.get(tenant).is_some_and(|t| t.by_type.get(&resource_type).is_some_and(|b| !b.is_empty()))
     }
 
+    /// The held subscription `id` of `tenant`.
     pub fn get(&self, tenant: &TenantId, id: &SubscriptionId) -> Option<Arc<ActiveSubscription>> {
         let subscriptions = self.tenants.get(tenant)?;
         let resource_type = subscriptions.types.get(id)?;

@@ -1,31 +1,51 @@
-//! The notifier loop around the pure parts of this crate: it follows the store's change log from
-//! its own checkpoint, keeps the [`Matcher`] equal to the tenants' Subscriptions, matches every
+//! The notifier loop around the pure parts of this crate: it reads changes from its
+//! [`ChangeSource`], keeps the [`Matcher`] equal to the tenants' Subscriptions, matches every
 //! change, and hands each notification to the queue of its subscription, where a worker sends it
 //! ([`Deliver`]), retries it with the [`RetryPolicy`], dead-letters it after the last attempt
 //! ([`DeadLetters`]) and writes the status transitions of [`HealthTracker`] back to the
 //! Subscription through the resource service.
 //!
+//! Two sources, one loop body:
+//! - [`ChangeSource::ChangeLog`] (`fhirmesh serve`): the store's change log from the notifier's
+//!   own checkpoint. The checkpoint moves only past changes whose notifications are all done.
+//! - [`ChangeSource::Bus`] (`--target notifier`, any number of replicas): the notifier's durable
+//!   consumer on the bus, shared by the replicas, so each change is handled by one of them. A
+//!   change is acknowledged once all its notifications are done; until then the replica holding
+//!   it tells the bus it is still in progress every `heartbeat`. A replica that dies holds no
+//!   acknowledgement: the bus delivers its changes again, to another replica, after its ack wait.
+//!
 //! - **Isolation**: one queue and one worker per subscription: a slow or dead endpoint delays only
-//!   its own notifications (in order), never another subscription's.
-//! - **Nothing lost**: the checkpoint moves only past changes whose notifications are all done
-//!   (delivered or dead-lettered). A notifier stopped mid-stream resumes there and sends again
-//!   what was in flight: at-least-once, receivers de-duplicate on the event id header.
-//! - **Registry**: a tenant's Subscriptions are loaded by a search (consistent with the change
-//!   being matched: the search waits until the index has applied it) the first time a change of
-//!   that tenant arrives, then kept current from the Subscription changes in the log, in order —
-//!   so a Subscription applies to every change committed after it.
+//!   its own notifications (in order), never another subscription's. A queue holds at most
+//!   `max_queued_per_subscription` notifications; past that a new one is dead-lettered at once
+//!   (`overflowed`). While a subscription is in `error` its queue holds one notification, the
+//!   probe, retried with back-off: older waiting ones and newer arrivals are dead-lettered
+//!   unattempted, and the first success makes it `active` with a full queue again. So a dead
+//!   endpoint's backlog stays bounded — in memory, and in the bus's unacknowledged changes (the
+//!   NATS consumer's `max_ack_pending`, shared by all subscriptions).
+//! - **Nothing lost**: a change counts as done only when each of its notifications was delivered
+//!   or dead-lettered. A notifier stopped mid-stream sends again what was in flight:
+//!   at-least-once, receivers de-duplicate on the event id header.
+//! - **Registry**: from the change log, a tenant's Subscriptions are loaded by a search
+//!   (consistent with the change being matched: the search waits until the index has applied it)
+//!   the first time a change of that tenant arrives, then kept current from the Subscription
+//!   changes in the log, in order — so a Subscription applies to every change committed after it.
+//!   From the bus, a replica sees only its share of the Subscription changes, so it reloads the
+//!   Subscriptions of every tenant in a batch by a search consistent with the newest change of
+//!   that tenant in the batch: a Subscription applies to the changes committed after it (and, at
+//!   worst, to those of the same batch committed just before it).
 //! - **Lifecycle**: `requested` → `active` as soon as it is loaded; `error` after
 //!   `error_after_failures` failed attempts in a row and back to `active` on the next success;
 //!   `off` when `end` has passed. Written with `If-Match`: a client's concurrent update wins.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fhirmesh_core::ports::DynChangeLog;
+use fhirmesh_core::ports::{Delivery, DynChangeLog, DynEventConsumer};
 use fhirmesh_core::service::{SearchRequest, UpdateRequest};
 use fhirmesh_core::{
     DynResourceService, ErrorCategory, FhirError, Operation, RequestContext, ResourceChanged, TenantId,
@@ -39,6 +59,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::delivery::{AttemptOutcome, HealthTracker, Notification, RetryPolicy, plan};
 use crate::endpoint::EndpointPolicy;
 use crate::matcher::Matcher;
+use crate::metrics::{Finished, NotifierMetrics};
 use crate::subscription::{ActiveSubscription, SubscriptionId, Transition};
 
 /// The notifier's checkpoint name in the change log.
@@ -76,10 +97,12 @@ pub struct NotifierSettings {
     pub retry: RetryPolicy,
     /// Failed attempts in a row before a subscription's status becomes `error`.
     pub error_after_failures: u32,
-    /// Changes read from the log at a time.
+    /// Changes read at a time.
     pub batch_size: usize,
     /// Poll interval of the change log when no commit wakes the notifier.
     pub poll_interval: Duration,
+    /// Notifications one subscription may have waiting; past it a new one is dead-lettered.
+    pub max_queued_per_subscription: usize,
 }
 
 impl Default for NotifierSettings {
@@ -90,14 +113,29 @@ impl Default for NotifierSettings {
             error_after_failures: 3,
             batch_size: 256,
             poll_interval: Duration::from_millis(200),
+            max_queued_per_subscription: 1_000,
         }
     }
 }
 
+/// Where the notifier reads changes from (see the module documentation).
+pub enum ChangeSource {
+    /// The store's change log, from the notifier's checkpoint (one notifier per store).
+    ChangeLog(DynChangeLog),
+    /// The notifier's durable consumer on the bus, shared by every replica. `heartbeat` is how
+    /// often a held change is reported in progress: well below the bus's ack wait.
+    Bus { consumer: DynEventConsumer, heartbeat: Duration },
+}
+
+/// How long one read from the bus waits for a first change.
+const BUS_FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How often subscriptions past their `end` are looked for.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The notifier: see the module documentation.
 pub struct Notifier {
     shared: Arc<Shared>,
-    changes: DynChangeLog,
+    source: ChangeSource,
 }
 
 /// What the loop and the workers share.
@@ -106,9 +144,10 @@ struct Shared {
     sender: Arc<dyn Deliver>,
     dead_letters: Arc<dyn DeadLetters>,
     settings: NotifierSettings,
+    metrics: NotifierMetrics,
     matcher: RwLock<Matcher>,
     health: Mutex<HealthTracker>,
-    progress: Mutex<Progress>,
+    tickets: Mutex<Tickets>,
     /// Wakes the loop when a notification is done (the checkpoint may move).
     done: Notify,
     /// Set when the notifier stops: workers drop what they hold (it is sent again after a restart).
@@ -117,34 +156,61 @@ struct Shared {
 
 /// A notification waiting in its subscription's queue.
 struct Job {
-    sequence: u64,
+    /// The change's ticket in [`Tickets`].
+    ticket: u64,
     subscription: Arc<ActiveSubscription>,
     change: Arc<ResourceChanged>,
     body: Option<Bytes>,
 }
 
-/// Which changes are fully handled: every change up to `read` was matched; `pending` counts the
-/// notifications not done yet per change sequence.
+/// The changes whose notifications are not all done. From the change log, a ticket is the
+/// change's sequence and every change up to `read` was matched; from the bus, a ticket numbers
+/// a held delivery, acknowledged when its last notification is done.
 #[derive(Debug, Default)]
-struct Progress {
+struct Tickets {
     read: u64,
-    pending: BTreeMap<u64, usize>,
+    next: u64,
+    pending: BTreeMap<u64, Ticket>,
 }
 
-impl Progress {
-    /// The position a restart may resume from without losing a notification.
+#[derive(Debug)]
+struct Ticket {
+    remaining: usize,
+    delivery: Option<Arc<Delivery>>,
+}
+
+impl Tickets {
+    /// The position a restart may resume from without losing a notification (change log).
     fn safe(&self) -> u64 {
         self.pending.keys().next().map_or(self.read, |first| first - 1)
     }
 
-    fn done(&mut self, sequence: u64) {
-        if let Some(count) = self.pending.get_mut(&sequence) {
-            *count -= 1;
-            if *count == 0 {
-                self.pending.remove(&sequence);
-            }
-        }
+    /// Opens a ticket for a held bus delivery with `remaining` notifications.
+    fn hold(&mut self, remaining: usize, delivery: Delivery) -> u64 {
+        self.next += 1;
+        self.pending.insert(self.next, Ticket { remaining, delivery: Some(Arc::new(delivery)) });
+        self.next
     }
+
+    /// One notification of `ticket` is done; the delivery to acknowledge when it was the last.
+    fn done(&mut self, ticket: u64) -> Option<Arc<Delivery>> {
+        let entry = self.pending.get_mut(&ticket)?;
+        entry.remaining = entry.remaining.saturating_sub(1);
+        if entry.remaining > 0 {
+            return None;
+        }
+        self.pending.remove(&ticket).and_then(|t| t.delivery)
+    }
+
+    fn held(&self) -> Vec<Arc<Delivery>> {
+        self.pending.values().filter_map(|t| t.delivery.clone()).collect()
+    }
+}
+
+/// One subscription's queue: its worker's inbox and how many notifications it holds.
+struct Queue {
+    sender: mpsc::UnboundedSender<Job>,
+    depth: Arc<AtomicUsize>,
 }
 
 fn context(tenant: &TenantId) -> RequestContext {
@@ -158,10 +224,11 @@ fn subscription_type() -> ResourceType {
 impl Notifier {
     pub fn new(
         service: DynResourceService,
-        changes: DynChangeLog,
+        source: ChangeSource,
         sender: Arc<dyn Deliver>,
         dead_letters: Arc<dyn DeadLetters>,
         settings: NotifierSettings,
+        metrics: NotifierMetrics,
     ) -> Notifier {
         let health = HealthTracker::new(settings.error_after_failures);
         Notifier {
@@ -170,28 +237,38 @@ impl Notifier {
                 sender,
                 dead_letters,
                 settings,
+                metrics,
                 matcher: RwLock::new(Matcher::new()),
                 health: Mutex::new(health),
-                progress: Mutex::new(Progress::default()),
+                tickets: Mutex::new(Tickets::default()),
                 done: Notify::new(),
                 stopping: watch::channel(false).0,
             }),
-            changes,
+            source,
         }
     }
 
-    /// Runs until `shutdown`. A first start begins at the end of the log (Subscriptions apply to
-    /// changes after they exist); a restart resumes at its checkpoint.
+    /// Runs until `shutdown`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        match &self.source {
+            ChangeSource::ChangeLog(changes) => self.run_change_log(changes, shutdown).await,
+            ChangeSource::Bus { consumer, heartbeat } => self.run_bus(consumer, *heartbeat, shutdown).await,
+        }
+    }
+
+    /// From the change log. A first start begins at the end of the log (Subscriptions apply to
+    /// changes after they exist); a restart resumes at its checkpoint.
+    async fn run_change_log(&self, changes: &DynChangeLog, shutdown: impl Future<Output = ()>) {
         let shutdown = async {
             shutdown.await;
             self.shared.stopping.send_replace(true);
         };
         tokio::pin!(shutdown);
         let mut position = loop {
-            match self.start_position().await {
+            match start_position(changes).await {
                 Ok(position) => break position,
                 Err(error) => {
+                    self.shared.metrics.set_ready(false);
                     tracing::warn!(%error, "notifier cannot read its checkpoint; retrying");
                     tokio::select! {
                         _ = &mut shutdown => return,
@@ -200,62 +277,70 @@ impl Notifier {
                 }
             }
         };
-        lock(&self.shared.progress).read = position;
+        lock(&self.shared.tickets).read = position;
         let mut saved = position;
         let mut tenants_loaded: HashSet<TenantId> = HashSet::new();
-        let mut queues: HashMap<(TenantId, SubscriptionId), mpsc::UnboundedSender<Job>> = HashMap::new();
+        let mut queues: HashMap<(TenantId, SubscriptionId), Queue> = HashMap::new();
+        let mut expired_at = tokio::time::Instant::now();
         loop {
-            let batch = match self.changes.changes_after(position, self.shared.settings.batch_size).await {
-                Ok(batch) => batch,
+            let batch = match changes.changes_after(position, self.shared.settings.batch_size).await {
+                Ok(batch) => {
+                    self.shared.metrics.set_ready(true);
+                    batch
+                }
                 Err(error) => {
+                    self.shared.metrics.set_ready(false);
                     tracing::warn!(%error, "notifier cannot read the change log; retrying");
                     Vec::new()
                 }
             };
             for record in &batch {
                 let change = Arc::new(ResourceChanged::from(record.clone()));
-                let jobs = loop {
-                    match self.handle(&change, &mut tenants_loaded).await {
-                        Ok(jobs) => break jobs,
+                let matched = loop {
+                    let handled = async {
+                        if !tenants_loaded.contains(&change.tenant) {
+                            self.load_tenant(&change.tenant, change.sequence).await?;
+                            tenants_loaded.insert(change.tenant.clone());
+                        }
+                        self.handle(&change).await
+                    };
+                    match handled.await {
+                        Ok(matched) => break matched,
                         Err(error) => {
                             tracing::warn!(%error, event = %change.idempotency_key, "notifier cannot handle a change; retrying");
                             tokio::select! {
-                                _ = &mut shutdown => return self.save(saved).await,
+                                _ = &mut shutdown => return save(changes, saved).await,
                                 _ = tokio::time::sleep(self.shared.settings.poll_interval) => {}
                             }
                         }
                     }
                 };
                 {
-                    let mut progress = lock(&self.shared.progress);
-                    if !jobs.is_empty() {
-                        progress.pending.insert(change.sequence, jobs.len());
+                    let mut tickets = lock(&self.shared.tickets);
+                    if !matched.is_empty() {
+                        tickets.pending.insert(change.sequence, Ticket { remaining: matched.len(), delivery: None });
                     }
-                    progress.read = change.sequence;
+                    tickets.read = change.sequence;
                 }
-                for job in jobs {
-                    let key = (job.subscription.tenant().clone(), job.subscription.id().clone());
-                    let queue = queues.entry(key).or_insert_with(|| spawn_worker(self.shared.clone()));
-                    if let Err(mpsc::error::SendError(job)) = queue.send(job) {
-                        // The worker is gone (it cannot be, short of a panic): the change counts as done.
-                        lock(&self.shared.progress).done(job.sequence);
-                    }
-                }
+                self.enqueue(&mut queues, change.sequence, &change, matched).await;
                 position = change.sequence;
             }
-            self.expire_ended().await;
-            let safe = lock(&self.shared.progress).safe();
+            if expired_at.elapsed() >= EXPIRY_INTERVAL {
+                self.expire_ended().await;
+                expired_at = tokio::time::Instant::now();
+            }
+            let safe = lock(&self.shared.tickets).safe();
             if safe != saved {
-                self.save(safe).await;
+                save(changes, safe).await;
                 saved = safe;
             }
             if batch.is_empty() {
                 tokio::select! {
                     _ = &mut shutdown => {
-                        let safe = lock(&self.shared.progress).safe();
-                        return self.save(safe).await;
+                        let safe = lock(&self.shared.tickets).safe();
+                        return save(changes, safe).await;
                     }
-                    _ = self.changes.wait_for_changes() => {}
+                    _ = changes.wait_for_changes() => {}
                     _ = self.shared.done.notified() => {}
                     _ = tokio::time::sleep(self.shared.settings.poll_interval) => {}
                 }
@@ -263,32 +348,125 @@ impl Notifier {
         }
     }
 
-    async fn start_position(&self) -> Result<u64, String> {
-        let checkpoint = self.changes.checkpoint(CONSUMER).await.map_err(|e| e.to_string())?;
-        if checkpoint > 0 {
-            return Ok(checkpoint);
+    /// From the bus (see the module documentation).
+    async fn run_bus(&self, consumer: &DynEventConsumer, heartbeat: Duration, shutdown: impl Future<Output = ()>) {
+        tokio::spawn(report_in_progress(self.shared.clone(), heartbeat));
+        tokio::pin!(shutdown);
+        let mut queues: HashMap<(TenantId, SubscriptionId), Queue> = HashMap::new();
+        let mut expired_at = tokio::time::Instant::now();
+        loop {
+            let fetched = tokio::select! {
+                _ = &mut shutdown => break,
+                fetched = consumer.fetch(self.shared.settings.batch_size, BUS_FETCH_WAIT) => fetched,
+            };
+            let deliveries = match fetched {
+                Ok(deliveries) => {
+                    self.shared.metrics.set_ready(true);
+                    deliveries
+                }
+                Err(error) => {
+                    self.shared.metrics.set_ready(false);
+                    tracing::warn!(%error, "notifier cannot read from the bus; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(self.shared.settings.poll_interval) => {}
+                    }
+                    continue;
+                }
+            };
+            // One consistent reload per tenant in the batch, before any of its changes is matched.
+            let mut newest: HashMap<TenantId, u64> = HashMap::new();
+            for delivery in &deliveries {
+                let sequence = newest.entry(delivery.event.tenant.clone()).or_default();
+                *sequence = (*sequence).max(delivery.event.sequence);
+            }
+            let mut unavailable: HashSet<TenantId> = HashSet::new();
+            for (tenant, sequence) in newest {
+                if let Err(error) = self.reload_tenant(&tenant, sequence).await {
+                    tracing::warn!(%tenant, %error, "notifier cannot load the tenant's Subscriptions; changes retried");
+                    unavailable.insert(tenant);
+                }
+            }
+            let mut acks = Vec::new();
+            for delivery in deliveries {
+                let change = Arc::clone(&delivery.event);
+                let handled = if unavailable.contains(&change.tenant) {
+                    Err("the tenant's Subscriptions could not be loaded".to_owned())
+                } else {
+                    self.handle(&change).await
+                };
+                match handled {
+                    Ok(matched) if matched.is_empty() => acks.push(delivery),
+                    Ok(matched) => {
+                        let ticket = lock(&self.shared.tickets).hold(matched.len(), delivery);
+                        self.enqueue(&mut queues, ticket, &change, matched).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, event = %change.idempotency_key, "notifier cannot handle a change; the bus delivers it again");
+                        let delay = self.shared.settings.retry.next_delay(delivery.attempt);
+                        if let Err(error) = delivery.ack.nak(delay).await {
+                            tracing::debug!(%error, "cannot give a change back to the bus; it comes back after the ack wait");
+                        }
+                    }
+                }
+            }
+            for result in futures::future::join_all(acks.iter().map(|d| d.ack.ack())).await {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "cannot acknowledge a change; the bus delivers it again");
+                }
+            }
+            if expired_at.elapsed() >= EXPIRY_INTERVAL {
+                self.expire_ended().await;
+                expired_at = tokio::time::Instant::now();
+            }
         }
-        let latest = self.changes.latest_sequence().await.map_err(|e| e.to_string())?;
-        self.changes.save_checkpoint(CONSUMER, latest).await.map_err(|e| e.to_string())?;
-        Ok(latest)
+        // What is held is not acknowledged: the bus delivers it again after its ack wait.
+        self.shared.stopping.send_replace(true);
     }
 
-    async fn save(&self, position: u64) {
-        if let Err(error) = self.changes.save_checkpoint(CONSUMER, position).await {
-            tracing::warn!(%error, "notifier cannot save its checkpoint");
+    /// Queues each matched notification of `change` under `ticket`; a full queue dead-letters it.
+    async fn enqueue(
+        &self,
+        queues: &mut HashMap<(TenantId, SubscriptionId), Queue>,
+        ticket: u64,
+        change: &Arc<ResourceChanged>,
+        matched: Vec<(Arc<ActiveSubscription>, Option<Bytes>)>,
+    ) {
+        for (subscription, body) in matched {
+            let key = (subscription.tenant().clone(), subscription.id().clone());
+            let queue = queues.entry(key).or_insert_with(|| spawn_worker(self.shared.clone()));
+            let depth = queue.depth.load(Ordering::Acquire);
+            let failing = lock(&self.shared.health).is_failing(subscription.tenant(), subscription.id());
+            // In error, the one notification held is the probe: no backlog for a failing endpoint.
+            let limit = if failing { 1 } else { self.shared.settings.max_queued_per_subscription.max(1) };
+            if depth >= limit {
+                let reason = if failing {
+                    "not attempted: the subscription is in error and already holds a notification".to_owned()
+                } else {
+                    format!("not attempted: {depth} notifications of this subscription were waiting")
+                };
+                let job = Job { ticket, subscription, change: change.clone(), body };
+                overflow(&self.shared, &job, reason).await;
+                continue;
+            }
+            queue.depth.fetch_add(1, Ordering::AcqRel);
+            self.shared.metrics.queued(1);
+            let job = Job { ticket, subscription, change: change.clone(), body };
+            if let Err(mpsc::error::SendError(job)) = queue.sender.send(job) {
+                // The worker is gone (it cannot be, short of a panic): the notification counts as done.
+                queue.depth.fetch_sub(1, Ordering::AcqRel);
+                self.shared.metrics.queued(-1);
+                finish(&self.shared, job.ticket).await;
+            }
         }
     }
 
-    /// Keeps the registry current with `change` and returns the notifications it causes.
+    /// Keeps the registry current with `change` and returns the subscriptions it notifies, with
+    /// the body each notification carries.
     async fn handle(
         &self,
         change: &Arc<ResourceChanged>,
-        tenants_loaded: &mut HashSet<TenantId>,
-    ) -> Result<Vec<Job>, String> {
-        if !tenants_loaded.contains(&change.tenant) {
-            self.load_tenant(&change.tenant, change.sequence).await?;
-            tenants_loaded.insert(change.tenant.clone());
-        }
+    ) -> Result<Vec<(Arc<ActiveSubscription>, Option<Bytes>)>, String> {
         if change.resource_type == subscription_type() {
             self.subscription_changed(change).await?;
             return Ok(Vec::new());
@@ -315,21 +493,18 @@ impl Notifier {
             .map_err(|e| format!("cannot match {}: {e:?}", change.idempotency_key))?;
         // A delete carries no body to its receivers; the last live version only decided the match.
         let payload = if change.operation == Operation::Delete { None } else { body };
-        Ok(matched
-            .into_iter()
-            .map(|subscription| Job {
-                sequence: change.sequence,
-                subscription,
-                change: change.clone(),
-                body: payload.clone(),
-            })
-            .collect())
+        Ok(matched.into_iter().map(|subscription| (subscription, payload.clone())).collect())
     }
 
-    /// Loads `tenant`'s Subscriptions that are not `off`, from an index that has applied at
-    /// least `sequence`.
-    async fn load_tenant(&self, tenant: &TenantId, sequence: u64) -> Result<(), String> {
+    /// `tenant`'s Subscriptions that are not `off`, as (id, version, body), from an index that has
+    /// applied at least `sequence`.
+    async fn search_subscriptions(
+        &self,
+        tenant: &TenantId,
+        sequence: u64,
+    ) -> Result<Vec<(SubscriptionId, u64, Bytes)>, String> {
         let ctx = context(tenant);
+        let mut found = Vec::new();
         let mut page_token = None;
         loop {
             let request = SearchRequest {
@@ -341,15 +516,44 @@ impl Notifier {
             };
             let page = self.shared.service.search(&ctx, request).await.map_err(|e| e.to_string())?;
             for version in page.entries {
-                if let Some(body) = &version.body {
-                    self.upsert(tenant, body).await;
+                if let Some(body) = version.body {
+                    found.push((version.id, version.version_id, body));
                 }
             }
             match page.next_page_token {
                 Some(token) => page_token = Some(token),
-                None => return Ok(()),
+                None => return Ok(found),
             }
         }
+    }
+
+    /// Loads `tenant`'s Subscriptions that are not `off` (see [`Notifier::search_subscriptions`]).
+    async fn load_tenant(&self, tenant: &TenantId, sequence: u64) -> Result<(), String> {
+        for (_, _, body) in self.search_subscriptions(tenant, sequence).await? {
+            self.upsert(tenant, &body).await;
+        }
+        self.shared.metrics.set_subscriptions(read(&self.shared.matcher).len());
+        Ok(())
+    }
+
+    /// Makes the registry of `tenant` what the index says as of `sequence`: new versions loaded,
+    /// subscriptions no longer found (deleted, `off`) dropped.
+    async fn reload_tenant(&self, tenant: &TenantId, sequence: u64) -> Result<(), String> {
+        let found = self.search_subscriptions(tenant, sequence).await?;
+        let mut keep = HashSet::new();
+        for (id, version_id, body) in found {
+            let held = read(&self.shared.matcher).get(tenant, &id).map(|s| s.version_id());
+            if held != Some(version_id) {
+                self.upsert(tenant, &body).await;
+            }
+            keep.insert(id);
+        }
+        let dropped = write(&self.shared.matcher).retain(tenant, &keep);
+        for id in dropped {
+            lock(&self.shared.health).forget(tenant, &id);
+        }
+        self.shared.metrics.set_subscriptions(read(&self.shared.matcher).len());
+        Ok(())
     }
 
     /// Follows a Subscription change: a delete drops it; a live version (read from the store when
@@ -358,6 +562,7 @@ impl Notifier {
         if change.operation == Operation::Delete {
             write(&self.shared.matcher).remove(&change.tenant, &change.id, change.version_id);
             lock(&self.shared.health).forget(&change.tenant, &change.id);
+            self.shared.metrics.set_subscriptions(read(&self.shared.matcher).len());
             return Ok(());
         }
         let body = match &change.resource {
@@ -367,6 +572,7 @@ impl Notifier {
         if let Some(body) = body {
             self.upsert(&change.tenant, &body).await;
         }
+        self.shared.metrics.set_subscriptions(read(&self.shared.matcher).len());
         Ok(())
     }
 
@@ -472,8 +678,10 @@ async fn write_transition(shared: &Shared, tenant: &TenantId, id: &SubscriptionI
 
 /// The queue of one subscription, and its worker: notifications in order, each until delivered
 /// or dead-lettered.
-fn spawn_worker(shared: Arc<Shared>) -> mpsc::UnboundedSender<Job> {
+fn spawn_worker(shared: Arc<Shared>) -> Queue {
     let (sender, mut jobs) = mpsc::unbounded_channel::<Job>();
+    let depth = Arc::new(AtomicUsize::new(0));
+    let held = Arc::clone(&depth);
     let mut stopping = shared.stopping.subscribe();
     tokio::spawn(async move {
         loop {
@@ -481,16 +689,69 @@ fn spawn_worker(shared: Arc<Shared>) -> mpsc::UnboundedSender<Job> {
                 _ = stopping.wait_for(|stop| *stop) => return,
                 job = jobs.recv() => match job { Some(job) => job, None => return },
             };
+            let failing = lock(&shared.health).is_failing(job.subscription.tenant(), job.subscription.id());
+            if failing && held.load(Ordering::Acquire) > 1 {
+                // In error, only the newest notification waits (the probe); older ones go now.
+                let reason = "not attempted: the subscription is in error and a newer notification is waiting";
+                overflow(&shared, &job, reason.to_owned()).await;
+                held.fetch_sub(1, Ordering::AcqRel);
+                shared.metrics.queued(-1);
+                continue;
+            }
             tokio::select! {
-                // Not done: the checkpoint stays before it, so a restart sends it again.
+                // Not done: its change is neither checkpointed nor acknowledged, so it is sent again.
                 _ = stopping.wait_for(|stop| *stop) => return,
                 () = deliver(&shared, &job) => {}
             }
-            lock(&shared.progress).done(job.sequence);
-            shared.done.notify_one();
+            held.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.queued(-1);
+            finish(&shared, job.ticket).await;
         }
     });
-    sender
+    Queue { sender, depth }
+}
+
+/// Dead-letters a notification without attempting it, and counts it done.
+async fn overflow(shared: &Shared, job: &Job, reason: String) {
+    let letter = DeadLetter {
+        tenant: job.subscription.tenant().clone(),
+        subscription: job.subscription.id().clone(),
+        event_id: job.change.idempotency_key.clone(),
+        attempts: 0,
+        last_error: reason,
+        at: OffsetDateTime::now_utc(),
+    };
+    tracing::warn!(tenant = %letter.tenant, id = %letter.subscription, event = %letter.event_id, reason = %letter.last_error, "notification dead-lettered unattempted");
+    shared.dead_letters.put(letter).await;
+    shared.metrics.finished(Finished::Overflowed, None);
+    finish(shared, job.ticket).await;
+}
+
+/// One notification of `ticket` is done: acknowledges its change when it was the last one.
+async fn finish(shared: &Shared, ticket: u64) {
+    let delivery = lock(&shared.tickets).done(ticket);
+    if let Some(delivery) = delivery
+        && let Err(error) = delivery.ack.ack().await
+    {
+        tracing::debug!(%error, "cannot acknowledge a change; the bus delivers it again");
+    }
+    shared.done.notify_one();
+}
+
+/// Tells the bus, every `heartbeat`, that the changes held are still being worked on.
+async fn report_in_progress(shared: Arc<Shared>, heartbeat: Duration) {
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(heartbeat) => {}
+        }
+        let held = lock(&shared.tickets).held();
+        let reports = futures::future::join_all(held.iter().map(|d| d.ack.in_progress())).await;
+        for error in reports.into_iter().filter_map(Result::err) {
+            tracing::debug!(%error, "cannot extend a held change's deadline");
+        }
+    }
 }
 
 async fn deliver(shared: &Shared, job: &Job) {
@@ -508,11 +769,16 @@ async fn deliver(shared: &Shared, job: &Job) {
             Ok(notification) => shared.sender.deliver(&notification).await,
             Err(error) => AttemptOutcome::Failed { reason: format!("{error:?}") },
         };
+        shared.metrics.attempt(outcome == AttemptOutcome::Delivered);
         let transition = lock(&shared.health).record(tenant, id, &outcome);
         if let Some(transition) = transition {
             write_transition(shared, tenant, id, transition).await;
         }
-        let AttemptOutcome::Failed { reason } = outcome else { return };
+        let AttemptOutcome::Failed { reason } = outcome else {
+            let since_commit = OffsetDateTime::now_utc() - job.change.last_updated;
+            shared.metrics.finished(Finished::Delivered, since_commit.try_into().ok());
+            return;
+        };
         failed += 1;
         match shared.settings.retry.next_delay(failed) {
             Some(delay) => tokio::time::sleep(delay).await,
@@ -527,9 +793,26 @@ async fn deliver(shared: &Shared, job: &Job) {
                     at: OffsetDateTime::now_utc(),
                 };
                 shared.dead_letters.put(letter).await;
+                shared.metrics.finished(Finished::DeadLettered, None);
                 return;
             }
         }
+    }
+}
+
+async fn start_position(changes: &DynChangeLog) -> Result<u64, String> {
+    let checkpoint = changes.checkpoint(CONSUMER).await.map_err(|e| e.to_string())?;
+    if checkpoint > 0 {
+        return Ok(checkpoint);
+    }
+    let latest = changes.latest_sequence().await.map_err(|e| e.to_string())?;
+    changes.save_checkpoint(CONSUMER, latest).await.map_err(|e| e.to_string())?;
+    Ok(latest)
+}
+
+async fn save(changes: &DynChangeLog, position: u64) {
+    if let Err(error) = changes.save_checkpoint(CONSUMER, position).await {
+        tracing::warn!(%error, "notifier cannot save its checkpoint");
     }
 }
 
@@ -551,10 +834,10 @@ mod tests {
 
     #[test]
     fn the_safe_position_stops_before_the_first_unfinished_change() {
-        let mut progress = Progress { read: 10, pending: BTreeMap::new() };
+        let mut progress = Tickets { read: 10, ..Tickets::default() };
         assert_eq!(progress.safe(), 10);
-        progress.pending.insert(4, 2);
-        progress.pending.insert(7, 1);
+        progress.pending.insert(4, Ticket { remaining: 2, delivery: None });
+        progress.pending.insert(7, Ticket { remaining: 1, delivery: None });
         assert_eq!(progress.safe(), 3);
         progress.done(4);
         assert_eq!(progress.safe(), 3, "one notification of change 4 is still pending");

@@ -394,6 +394,13 @@ pub struct NotifierSection {
     pub error_after_failures: u32,
     /// Timeout of one delivery request (connect + response).
     pub timeout_ms: u64,
+    /// Notifications one Subscription may have waiting in a notifier; past it a new one is
+    /// dead-lettered at once (a dead endpoint's backlog stays bounded).
+    pub max_queued_per_subscription: usize,
+    /// `--target notifier`: the resource service's gRPC endpoint.
+    pub resource_endpoint: String,
+    /// `--target notifier`: where `/healthz`, `/readyz` and `/metrics` are served.
+    pub listen: String,
 }
 
 impl Default for NotifierSection {
@@ -408,6 +415,9 @@ impl Default for NotifierSection {
             retry_max_delay_ms: 300_000,
             error_after_failures: 3,
             timeout_ms: 10_000,
+            max_queued_per_subscription: 1_000,
+            resource_endpoint: "http://127.0.0.1:50051".into(),
+            listen: "127.0.0.1:9470".into(),
         }
     }
 }
@@ -602,11 +612,24 @@ impl Config {
         self.validate_auth()?;
         fhirmesh_notify::EndpointPolicy::new(&self.notifier.allow_endpoints, self.notifier.allow_insecure_http)
             .map_err(|err| anyhow::anyhow!("notifier.allow_endpoints: {err}"))?;
-        let endpoint = &self.gateway.resource_endpoint;
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            bail!("gateway.resource_endpoint must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
+        for (name, endpoint) in [
+            ("gateway.resource_endpoint", &self.gateway.resource_endpoint),
+            ("notifier.resource_endpoint", &self.notifier.resource_endpoint),
+        ] {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                bail!("{name} must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
+            }
+        }
+        parse_addr("notifier.listen", &self.notifier.listen)?;
+        if self.notifier.max_queued_per_subscription == 0 {
+            bail!("notifier.max_queued_per_subscription must be at least 1");
         }
         Ok(())
+    }
+
+    pub fn notifier_addr(&self) -> SocketAddr {
+        parse_addr("notifier.listen", &self.notifier.listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9470)))
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

@@ -11,7 +11,9 @@ use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
 use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
-use fhirmesh_gateway::{ClaimNames, GatewayAuth, GatewayConfig};
+use fhirmesh_gateway::{ClaimNames, GatewayAuth, GatewayConfig, MetricsSource};
+use fhirmesh_notify::NotifierMetrics;
+use fhirmesh_notify::runner::ChangeSource;
 use fhirmesh_proto::GrpcResourceClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,6 +36,10 @@ pub enum Target {
     Indexer,
     /// The relay: publishes the store's committed changes, in order, to the configured bus.
     Relay,
+    /// The notifier: the `notifier` durable consumer on the configured bus (shared by every
+    /// replica), calling the resource service over gRPC (notifier.resource_endpoint) and serving
+    /// `/healthz`, `/readyz` and `/metrics` on notifier.listen.
+    Notifier,
 }
 
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
@@ -42,6 +48,8 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     /// Bound address of the gRPC resource service, when this process serves it.
     pub grpc_addr: Option<SocketAddr>,
+    /// Bound address of the notifier's health and metrics endpoints (`--target notifier`).
+    pub notifier_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -105,7 +113,7 @@ fn resource_config(config: &Config) -> ResourceConfig {
     }
 }
 
-async fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
+async fn gateway_config(config: &Config, metrics_sources: Vec<MetricsSource>) -> anyhow::Result<GatewayConfig> {
     let auth = &config.auth;
     let (gateway_auth, security, smart_configuration) = match auth.mode {
         AuthMode::None => {
@@ -157,6 +165,7 @@ async fn gateway_config(config: &Config) -> anyhow::Result<GatewayConfig> {
         smart_configuration,
         multi_tenant: config.tenancy.enabled,
         audit_events: config.audit.store_events,
+        metrics_sources,
     })
 }
 
@@ -206,6 +215,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     let mut http_addr = None;
     let mut grpc_addr = None;
+    let mut notifier_addr = None;
+    let mut metrics_sources = Vec::new();
 
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
@@ -266,19 +277,40 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 if let (Target::All, Some(service)) = (target, &service)
                     && config.notifier.enabled
                 {
-                    let notifier = fhirmesh_notifier::spawn(
-                        service.clone(),
-                        stores.changes.clone(),
-                        notifier_settings(config)?,
-                        Duration::from_millis(config.notifier.timeout_ms),
-                        config.storage.data_dir.join("dead-letters.ndjson"),
-                        Running::stopped(&rx),
-                    )
-                    .map_err(anyhow::Error::msg)?;
-                    tasks.push(tokio::spawn(async move { notifier.await.context("notifier task failed") }));
+                    let metrics = NotifierMetrics::new();
+                    let source = ChangeSource::ChangeLog(stores.changes.clone());
+                    let rendered = metrics.clone();
+                    metrics_sources.push(MetricsSource(Arc::new(move |out: &mut String| rendered.render(out))));
+                    tasks.push(spawn_notifier(config, service.clone(), source, metrics, &rx)?);
                 }
                 service
             }
+        }
+        Target::Notifier => {
+            let aws = crate::stores::Aws::new(&config.aws);
+            let Some(bus) = crate::buses::open(config, &aws).await? else {
+                bail!("--target notifier consumes an external bus: set bus.backend = \"nats\" or \"sns_sqs\"");
+            };
+            let consumer = bus.consumer(fhirmesh_notify::runner::CONSUMER).await?;
+            let heartbeat = match config.bus.backend {
+                crate::config::BusBackend::SnsSqs => config.sns_sqs.visibility_timeout_seconds,
+                _ => config.nats.ack_wait_seconds,
+            };
+            let heartbeat = Duration::from_secs(heartbeat).div_f64(3.0).max(Duration::from_millis(500));
+            let endpoint = config.notifier.resource_endpoint.clone();
+            let service: DynResourceService = Arc::new(
+                GrpcResourceClient::connect(endpoint.clone())
+                    .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?,
+            );
+            let metrics = NotifierMetrics::new();
+            let listener = bind(config.notifier_addr(), "the notifier's health and metrics").await?;
+            notifier_addr = Some(listener.local_addr()?);
+            let stopped = Running::stopped(&rx);
+            let http = fhirmesh_notifier::http::serve(listener, metrics.clone(), stopped);
+            tasks.push(tokio::spawn(async move { http.await.context("notifier HTTP server failed") }));
+            let source = ChangeSource::Bus { consumer, heartbeat };
+            tasks.push(spawn_notifier(config, service, source, metrics, &rx)?);
+            None
         }
         Target::Gateway => {
             if config.auth.mode == AuthMode::None && !config.auth.insecure_allow_none {
@@ -311,7 +343,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router = fhirmesh_gateway::router(service, gateway_config(config).await?);
+        let router = fhirmesh_gateway::router(service, gateway_config(config, metrics_sources).await?);
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")
@@ -321,7 +353,28 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     if target == Target::Indexer {
         tracing::info!("indexer following the change log");
     }
-    Ok(Running { http_addr, grpc_addr, shutdown, tasks })
+    Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
+}
+
+/// Starts the notifier on `source`, delivering with `[notifier]`'s settings.
+fn spawn_notifier(
+    config: &Config,
+    service: DynResourceService,
+    source: ChangeSource,
+    metrics: NotifierMetrics,
+    rx: &watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let notifier = fhirmesh_notifier::spawn(
+        service,
+        source,
+        notifier_settings(config)?,
+        Duration::from_millis(config.notifier.timeout_ms),
+        config.storage.data_dir.join("dead-letters.ndjson"),
+        metrics,
+        Running::stopped(rx),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(tokio::spawn(async move { notifier.await.context("notifier task failed") }))
 }
 
 /// The notifier's settings from `[notifier]`.
@@ -338,6 +391,7 @@ fn notifier_settings(config: &Config) -> anyhow::Result<fhirmesh_notify::runner:
         policy,
         retry,
         error_after_failures: section.error_after_failures,
+        max_queued_per_subscription: section.max_queued_per_subscription,
         ..fhirmesh_notify::runner::NotifierSettings::default()
     })
 }
@@ -368,6 +422,13 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
         }
         if target == Target::Relay {
             println!("fhirmesh: relay publishing changes to the {:?} bus", config.bus.backend);
+        }
+        if let Some(addr) = running.notifier_addr {
+            tracing::info!(%addr, "notifier health and metrics listening");
+            println!(
+                "fhirmesh: notifier (consuming the {:?} bus) health and metrics listening on http://{addr}",
+                config.bus.backend
+            );
         }
         shutdown_signal().await;
         tracing::info!("shutting down");

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name as unique};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -77,4 +78,43 @@ impl Process {
             .expect("exits within 30 s")
             .expect("reaped")
     }
+}
+
+/// The bus a mesh test runs on, and where its relay reads.
+pub enum Shape {
+    NatsFromChangeLog,
+    NatsFromStreams,
+    SnsSqsFromChangeLog,
+}
+
+pub fn mesh_env(shape: &Shape) -> Vec<(String, String)> {
+    let mut pairs = vec![
+        ("FHIRMESH_STORAGE__BACKEND", "dynamodb".to_owned()),
+        ("FHIRMESH_AWS__ENDPOINT_URL", aws_endpoint()),
+        ("FHIRMESH_AWS__REGION", "us-east-1".to_owned()),
+        ("FHIRMESH_DYNAMODB__TABLE", unique("mesh")),
+        ("FHIRMESH_DYNAMODB__CREATE_TABLE", "true".to_owned()),
+        ("FHIRMESH_BUS__PROVISION", "true".to_owned()),
+    ];
+    match shape {
+        Shape::NatsFromChangeLog | Shape::NatsFromStreams => pairs.extend([
+            ("FHIRMESH_BUS__BACKEND", "nats".to_owned()),
+            ("FHIRMESH_NATS__URL", nats_url()),
+            ("FHIRMESH_NATS__STREAM", unique("MESH")),
+            ("FHIRMESH_NATS__SUBJECT_PREFIX", unique("mesh")),
+            ("FHIRMESH_NATS__DEAD_LETTER_STREAM", unique("MESHDLQ")),
+            ("FHIRMESH_NATS__DEAD_LETTER_SUBJECT_PREFIX", unique("meshdlq")),
+        ]),
+        Shape::SnsSqsFromChangeLog => pairs.extend([
+            ("FHIRMESH_BUS__BACKEND", "sns_sqs".to_owned()),
+            ("FHIRMESH_SNS_SQS__TOPIC_NAME", unique("mesh")),
+            ("FHIRMESH_SNS_SQS__QUEUE_PREFIX", unique("mesh")),
+        ]),
+    }
+    if let Shape::NatsFromStreams = shape {
+        // A restarted relay with the same worker id takes its shard leases back at once.
+        pairs
+            .extend([("FHIRMESH_RELAY__SOURCE", "streams".to_owned()), ("FHIRMESH_RELAY__WORKER_ID", unique("relay"))]);
+    }
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 pub use crate::auth::{ClaimNames, GatewayAuth};
+pub use crate::metrics::OPENMETRICS_CONTENT_TYPE;
 
 /// Gateway settings, built by the composition root from validated configuration.
 #[derive(Debug, Clone)]
@@ -47,6 +48,18 @@ pub struct GatewayConfig {
     pub multi_tenant: bool,
     /// Store an AuditEvent resource per request (besides the `fhirmesh::audit` log record).
     pub audit_events: bool,
+    /// Metrics of the other services in this process, appended to `/metrics`.
+    pub metrics_sources: Vec<MetricsSource>,
+}
+
+/// Appends metrics in the OpenMetrics text format (without `# EOF`) to `/metrics`.
+#[derive(Clone)]
+pub struct MetricsSource(pub Arc<dyn Fn(&mut String) + Send + Sync>);
+
+impl std::fmt::Debug for MetricsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsSource")
+    }
 }
 
 pub(crate) struct Gateway {

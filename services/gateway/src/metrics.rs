@@ -1,4 +1,5 @@
-//! `GET /metrics`: Prometheus text exposition. Metric names are declared here and nowhere else.
+//! `GET /metrics`: the OpenMetrics text exposition. The gateway's metric names are declared here
+//! and nowhere else; other services of the process append theirs ([`crate::MetricsSource`]).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -15,6 +16,9 @@ pub(crate) const SEARCH_INDEX_LAG: &str = "fhirmesh_search_index_lag_changes";
 pub(crate) const STORE_LATEST_SEQUENCE: &str = "fhirmesh_store_latest_sequence";
 /// The highest change sequence the search index applied.
 pub(crate) const SEARCH_INDEX_WATERMARK: &str = "fhirmesh_search_index_watermark";
+
+/// The content type of the OpenMetrics text format.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
@@ -42,8 +46,12 @@ pub(crate) async fn metrics(State(gw): State<SharedGateway>) -> Response {
         Err(error) if error.category == ErrorCategory::Unsupported => {}
         Err(error) => tracing::warn!(%error, "index status unavailable for /metrics"),
     }
+    for source in &gw.config.metrics_sources {
+        (source.0)(&mut out);
+    }
+    out.push_str("# EOF\n");
     let mut response = Response::new(Body::from(out));
     *response.status_mut() = StatusCode::OK;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE));
     response
 }

@@ -7,6 +7,8 @@
 //! lookup a DNS rebinding could answer differently). Redirects are not followed (a 3xx is a failed
 //! attempt); the response body is never read.
 
+pub mod http;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,26 +17,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fhirmesh_core::DynResourceService;
-use fhirmesh_core::ports::DynChangeLog;
 use fhirmesh_notify::delivery::Method;
-use fhirmesh_notify::runner::{DeadLetter, DeadLetters, Deliver, Notifier, NotifierSettings};
-use fhirmesh_notify::{AttemptOutcome, EndpointPolicy, Notification};
+use fhirmesh_notify::runner::{ChangeSource, DeadLetter, DeadLetters, Deliver, Notifier, NotifierSettings};
+use fhirmesh_notify::{AttemptOutcome, EndpointPolicy, Notification, NotifierMetrics};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 
-/// Starts the notifier on the current runtime; it stops when `shutdown` resolves.
+/// Starts the notifier on the current runtime, reading `source`; it stops when `shutdown`
+/// resolves.
 pub fn spawn(
     service: DynResourceService,
-    changes: DynChangeLog,
+    source: ChangeSource,
     settings: NotifierSettings,
     timeout: Duration,
     dead_letter_file: PathBuf,
+    metrics: NotifierMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<()>, String> {
     let sender = Arc::new(HttpSender::new(settings.policy.clone(), timeout)?);
     let dead_letters = Arc::new(FileDeadLetters { path: dead_letter_file });
-    let notifier = Notifier::new(service, changes, sender, dead_letters, settings);
+    let notifier = Notifier::new(service, source, sender, dead_letters, settings, metrics);
     Ok(tokio::spawn(notifier.run(shutdown)))
 }
 

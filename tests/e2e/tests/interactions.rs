@@ -674,8 +674,11 @@ async fn metrics_expose_the_search_index_lag() {
     let root = server.base.clone();
     let response = server.client.get(format!("{root}/metrics")).send().await.expect("sent");
     assert_eq!(response.status(), 200);
-    assert!(header(&response, "content-type").is_some_and(|c| c.starts_with("text/plain")));
+    assert!(header(&response, "content-type").is_some_and(|c| c.starts_with("application/openmetrics-text")));
     let text = response.text().await.expect("body");
+    assert_eq!(text.lines().last(), Some("# EOF"), "an OpenMetrics exposition ends with # EOF");
+    // The notifier of `fhirmesh serve` reports through the same endpoint.
+    assert!(text.lines().any(|l| l == "fhirmesh_notifier_ready 1"), "notifier metrics missing from:\n{text}");
     let value = |name: &str| -> u64 {
         text.lines()
             .find_map(|line| line.strip_prefix(&format!("{name} ")))

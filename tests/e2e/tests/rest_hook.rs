@@ -135,6 +135,22 @@ async fn wait_for_status(server: &TestServer, prefix: &str, id: &str, status: &s
     }
 }
 
+/// The dead letters written (waiting at most 20 s for `at_least`, then a little longer so that an
+/// unexpected extra one would show).
+async fn dead_letters(server: &TestServer, at_least: usize) -> Vec<Value> {
+    let file = server.data_dir().join("dead-letters.ndjson");
+    let read = || -> Vec<Value> {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read().len() < at_least && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    read()
+}
+
 fn observation(code: &str) -> Value {
     json!({"resourceType": "Observation", "status": "final",
            "code": {"coding": [{"system": "http://loinc.org", "code": code}]}})
@@ -345,14 +361,7 @@ async fn a_notification_is_dead_lettered_after_its_last_attempt() {
     let id = subscribe(&server, "", "Observation", json!({"endpoint": format!("{}/gone", receiver.base)})).await;
     wait_for_status(&server, "", &id, "active").await;
     let (_, created) = send(&server, "POST", "Observation", Some(&observation("1"))).await;
-    let file = server.data_dir().join("dead-letters.ndjson");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !file.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let letters = std::fs::read_to_string(&file).expect("a dead-letter file");
-    let letters: Vec<Value> = letters.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let letters = dead_letters(&server, 1).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     let event = format!("default/Observation/{}/_history/1", created["id"].as_str().expect("id"));
@@ -363,5 +372,78 @@ async fn a_notification_is_dead_lettered_after_its_last_attempt() {
     assert_eq!(receiver.callbacks().len(), 3, "three attempts, then no more");
     let failed = send(&server, "GET", &format!("Subscription/{id}"), None).await.1;
     assert_eq!(failed["status"], "error", "{failed}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoints_backlog_is_bounded_and_overflow_is_dead_lettered() {
+    let hanging = Receiver::start().await;
+    hanging.state.delay_ms.store(20_000, Ordering::Release);
+    let server = server(|config| {
+        config.notifier.timeout_ms = 30_000;
+        config.notifier.max_queued_per_subscription = 2;
+    })
+    .await;
+    let id = subscribe(&server, "", "Observation", json!({"endpoint": format!("{}/stuck", hanging.base)})).await;
+    wait_for_status(&server, "", &id, "active").await;
+    let mut written = Vec::new();
+    for code in ["1", "2", "3", "4", "5"] {
+        let (status, created) = send(&server, "POST", "Observation", Some(&observation(code))).await;
+        assert_eq!(status, 201);
+        written.push(format!("default/Observation/{}/_history/1", created["id"].as_str().expect("id")));
+    }
+    // Two wait (the first of them in delivery); the other three are dead-lettered unattempted.
+    let letters = dead_letters(&server, 3).await;
+    let dead: Vec<&str> = letters.iter().filter_map(|l| l["eventId"].as_str()).collect();
+    assert_eq!(dead, written[2..].iter().map(String::as_str).collect::<Vec<_>>(), "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["attempts"], 0, "{letter}");
+        assert!(letter["lastError"].as_str().is_some_and(|e| e.contains("2 notifications")), "{letter}");
+    }
+    assert_eq!(hanging.callbacks().len(), 1, "only the head of the queue was attempted");
+    let metrics = server.client.get(format!("{}/metrics", server.base)).send().await.expect("metrics");
+    let text = metrics.text().await.expect("text");
+    assert!(text.lines().any(|l| l == "fhirmesh_notifier_notifications_total{outcome=\"overflowed\"} 3"), "{text}");
+    assert!(text.lines().any(|l| l == "fhirmesh_notifier_queued_notifications 2"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_in_error_holds_one_probe_and_dead_letters_the_rest_at_once() {
+    let receiver = Receiver::start().await;
+    receiver.answer(500);
+    let server = server(|config| {
+        config.notifier.error_after_failures = 1;
+        config.notifier.max_attempts = 40;
+    })
+    .await;
+    let id = subscribe(&server, "", "Observation", json!({"endpoint": format!("{}/down", receiver.base)})).await;
+    wait_for_status(&server, "", &id, "active").await;
+    let (_, probe) = send(&server, "POST", "Observation", Some(&observation("probe"))).await;
+    let probe = format!("default/Observation/{}/_history/1", probe["id"].as_str().expect("id"));
+    wait_for_status(&server, "", &id, "error").await;
+
+    // While the first notification is retried as the probe, later ones are not queued behind it.
+    let mut refused = Vec::new();
+    for code in ["1", "2", "3"] {
+        let (status, created) = send(&server, "POST", "Observation", Some(&observation(code))).await;
+        assert_eq!(status, 201);
+        refused.push(format!("default/Observation/{}/_history/1", created["id"].as_str().expect("id")));
+    }
+    let letters = dead_letters(&server, refused.len()).await;
+    let dead: Vec<&str> = letters.iter().filter_map(|l| l["eventId"].as_str()).collect();
+    assert_eq!(dead, refused.iter().map(String::as_str).collect::<Vec<_>>(), "{letters:?}");
+    assert!(letters.iter().all(|l| l["attempts"] == 0), "{letters:?}");
+    let attempted: std::collections::BTreeSet<String> =
+        receiver.callbacks().iter().filter_map(|c| c.header("x-fhirmesh-event-id").map(str::to_owned)).collect();
+    assert_eq!(attempted, std::collections::BTreeSet::from([probe.clone()]), "only the probe was attempted");
+
+    // The endpoint recovers: the probe gets through and the subscription is active again.
+    receiver.answer(200);
+    wait_for_status(&server, "", &id, "active").await;
+    let (_, after) = send(&server, "POST", "Observation", Some(&observation("after"))).await;
+    let after = format!("default/Observation/{}/_history/1", after["id"].as_str().expect("id"));
+    let callbacks = receiver.wait_for(1).await;
+    assert!(callbacks.iter().any(|c| c.header("x-fhirmesh-event-id") == Some(after.as_str())), "delivered again");
     server.stop().await;
 }

@@ -292,3 +292,19 @@ fn match_errors_read_well() {
         "the resource passed is Patient/o1, not the changed Observation/o1"
     );
 }
+
+#[test]
+fn a_reload_drops_what_it_no_longer_finds_in_that_tenant_only() {
+    let mut matcher = Matcher::new();
+    matcher.upsert(subscription("a", "keep", 1, "Observation?status=final"));
+    matcher.upsert(subscription("a", "gone", 2, "Observation?status=final"));
+    matcher.upsert(subscription("b", "gone", 1, "Observation?status=final"));
+    let keep = std::collections::HashSet::from([id("keep")]);
+    assert_eq!(ids(matcher.retain(&tenant("a"), &keep)), ["gone"]);
+    assert!(matcher.get(&tenant("a"), &id("keep")).is_some());
+    assert!(matcher.get(&tenant("a"), &id("gone")).is_none());
+    assert!(matcher.get(&tenant("b"), &id("gone")).is_some(), "another tenant's subscriptions are untouched");
+    assert!(matcher.retain(&tenant("unknown"), &keep).is_empty());
+    // The dropped version stays seen: a late event of it does not bring it back.
+    assert_eq!(matcher.upsert(subscription("a", "gone", 1, "Observation?status=final")), Upserted::Stale);
+}
