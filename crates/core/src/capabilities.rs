@@ -18,6 +18,8 @@ pub struct Capabilities {
     pub conditional_delete_multiple: bool,
     /// How callers authenticate (`rest.security`).
     pub security: Security,
+    /// Bulk Data `$export` is served (system, Patient and Group level).
+    pub bulk_export: bool,
 }
 
 /// `CapabilityStatement.rest.security`.
@@ -129,6 +131,16 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
             if !missing.is_empty() {
                 resource["documentation"] = json!(format!("Search parameters not supported: {}.", missing.join(", ")));
             }
+            if caps.bulk_export {
+                let definition = match rt.as_str() {
+                    "Patient" => Some("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"),
+                    "Group" => Some("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"),
+                    _ => None,
+                };
+                if let Some(definition) = definition {
+                    resource["operation"] = json!([{ "name": "export", "definition": definition }]);
+                }
+            }
             resource
         })
         .collect();
@@ -151,6 +163,11 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
     });
     if let Some(url) = &caps.base_url {
         statement["implementation"]["url"] = json!(url);
+    }
+    if caps.bulk_export {
+        statement["instantiates"] = json!(["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"]);
+        statement["rest"][0]["operation"] =
+            json!([{ "name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export" }]);
     }
     statement
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod blob;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod model;
 pub mod ports;
 pub mod service;

@@ -32,8 +32,7 @@ use fhirmesh_core::{ErrorCategory, FhirError};
 use fhirmesh_fhir::datetime::parse_fhir_datetime;
 use fhirmesh_fhir::outcome::{Issue, IssueType};
 use fhirmesh_fhir::search::SearchQuery;
-use fhirmesh_fhir::search::parse::{ParseOptions, parse_search};
-use fhirmesh_fhir::search::query::{Criterion, SearchScope};
+use fhirmesh_fhir::search::criteria::ResourceCriteria;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -156,111 +155,40 @@ impl Transition {
     }
 }
 
-/// `Subscription.criteria`: a type-level search the changed resource alone can be matched against.
+/// `Subscription.criteria`: a type-level search the changed resource alone can be matched against
+/// ([`ResourceCriteria`], shared with Bulk Data `_typeFilter`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Criteria {
-    text: String,
-    resource_type: ResourceType,
-    query: SearchQuery,
-}
+pub struct Criteria(ResourceCriteria);
 
 impl Criteria {
-    /// Parses `[type]?[parameters]` (module documentation). Issues point at `Subscription.criteria`
-    /// and name the offending parameter in their message.
+    /// Parses `[type]?[parameters]`. Issues point at `Subscription.criteria` and name the
+    /// offending parameter in their message.
     pub fn parse(text: &str) -> Result<Criteria, Vec<Issue>> {
-        let at = |code: IssueType, message: String| Issue::error(code, message).at("Subscription.criteria");
-        let text = text.trim();
-        let (type_part, query) = text.split_once('?').unwrap_or((text, ""));
-        let Some(resource_type) = ResourceType::parse(type_part) else {
-            let message = if type_part.is_empty() || type_part.contains('/') {
-                format!(
-                    "criteria must be a type-level search '[type]?[parameters]' (like 'Observation?code=1234-5'), \
-                     not '{}'",
-                    clip(text)
-                )
-            } else {
-                format!("criteria names an unknown resource type '{}'", clip(type_part))
-            };
-            return Err(vec![at(IssueType::Value, message)]);
-        };
-        let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-        let scope = SearchScope::Type(resource_type);
-        let options = ParseOptions { strict: true, default_count: 1, max_count: 1 };
-
-        let mut issues = Vec::new();
-        let mut kept = Vec::new();
-        for pair in params {
-            let base = pair.0.split(':').next().unwrap_or_default();
-            if RESULT_PARAMETERS.contains(&base) {
-                let message = format!(
-                    "'{}' shapes search results and has no meaning in Subscription.criteria; remove it",
-                    clip(&pair.0)
-                );
-                issues.push(at(IssueType::NotSupported, message));
-                continue;
-            }
-            if let Ok(single) = parse_search(&scope, std::slice::from_ref(&pair), &options)
-                && single.criteria.iter().any(crosses_resources)
-            {
-                let what = if base == "_has" { "reverse chaining (_has)" } else { "a chained parameter" };
-                let message = format!(
-                    "'{}' is {what}, which Subscription.criteria does not support: a subscription is matched \
-                     against the changed resource alone",
-                    clip(&pair.0)
-                );
-                issues.push(at(IssueType::NotSupported, message));
-                continue;
-            }
-            kept.push(pair);
-        }
-        match parse_search(&scope, &kept, &options) {
-            Ok(query) if issues.is_empty() => Ok(Criteria { text: text.to_owned(), resource_type, query }),
-            Ok(_) => Err(issues),
-            Err(error) => {
-                issues.extend(error.issues.into_iter().map(|issue| issue.at("Subscription.criteria")));
-                Err(issues)
-            }
-        }
+        ResourceCriteria::parse(text, "Subscription.criteria")
+            .map(Criteria)
+            .map_err(|issues| issues.into_iter().map(|issue| issue.at("Subscription.criteria")).collect())
     }
 
     /// The criteria as written (trimmed).
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.0.as_str()
     }
 
     /// The resource type whose changes are matched.
     pub fn resource_type(&self) -> ResourceType {
-        self.resource_type
+        self.0.resource_type()
     }
 
     /// The parsed search (only `criteria` matters for matching).
     pub fn query(&self) -> &SearchQuery {
-        &self.query
+        self.0.query()
     }
 
     /// True when the criteria can be decided from the resource's type and id alone (no
     /// criterion, or only `_id` criteria): such subscriptions are notified of deletes even when the
     /// deleted version's body is not known (see [`crate::matcher`]).
     pub fn decidable_without_body(&self) -> bool {
-        self.query.criteria.iter().all(|criterion| match criterion {
-            Criterion::Match(m) => m.chain.is_empty() && m.param == "_id",
-            Criterion::Missing { chain, param, .. } => chain.is_empty() && param == "_id",
-            Criterion::Has(_) | Criterion::AnyOf(_) => false,
-        })
-    }
-}
-
-/// Parameters that shape a search's results rather than select resources (refused in criteria).
-const RESULT_PARAMETERS: [&str; 9] =
-    ["_sort", "_count", "_total", "_summary", "_elements", "_include", "_revinclude", "_contained", "_containedType"];
-
-/// Whether a criterion needs resources other than the one it is evaluated on.
-fn crosses_resources(criterion: &Criterion) -> bool {
-    match criterion {
-        Criterion::Match(m) => !m.chain.is_empty(),
-        Criterion::Missing { chain, .. } => !chain.is_empty(),
-        Criterion::Has(_) => true,
-        Criterion::AnyOf(alternatives) => alternatives.iter().any(crosses_resources),
+        self.0.decidable_without_body()
     }
 }
 

@@ -1,5 +1,6 @@
 //! This adapter's errors and their one mapping onto the port's [`StoreError`].
 
+use fhirmesh_core::export::JobError;
 use fhirmesh_core::ports::StoreError;
 use rusqlite::ErrorCode;
 
@@ -29,6 +30,18 @@ impl From<Error> for StoreError {
                 _ => StoreError::Internal(format!("sqlite: {sql}")),
             },
             other @ (Error::Corrupt(_) | Error::Invalid(_)) => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The same mapping for the export job store: busy or locked is `Unavailable`, anything else
+/// (including stored data that does not decode) `Internal`.
+impl From<Error> for JobError {
+    fn from(err: Error) -> Self {
+        match StoreError::from(err) {
+            StoreError::Unavailable(message) => JobError::Unavailable(message),
+            StoreError::Internal(message) => JobError::Internal(message),
+            other @ (StoreError::Conflict { .. } | StoreError::Unsupported(_)) => JobError::Internal(other.to_string()),
         }
     }
 }

@@ -10,9 +10,13 @@
 //!
 //! What it is not: the search index (see [`search`]), nor a multi-process store: one process owns
 //! the file.
+//!
+//! Also here, for `$export`: the store's snapshot read ([`ExportSource`]) and the job store
+//! [`SqliteJobStore`] (a separate small file).
 
 mod config;
 mod error;
+mod jobs;
 mod queries;
 mod read_pool;
 mod rows;
@@ -21,20 +25,25 @@ pub mod search;
 mod writer;
 
 #[cfg(test)]
+mod export_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
+use fhirmesh_core::export::ExportSource;
 use fhirmesh_core::model::{ResourceVersion, TenantId};
 use fhirmesh_core::ports::{
     ChangeLog, ChangeRecord, CommitReceipt, HistoryQuery, ResourceStore, StoreError, VersionWrite,
 };
 use fhirmesh_fhir::{LogicalId, ResourceType};
+use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 pub use crate::config::SqliteConfig;
+pub use crate::jobs::SqliteJobStore;
 use crate::read_pool::ReadPool;
 pub use crate::search::{SqliteSearchConfig, SqliteSearchIndex};
 use crate::writer::{Request, Shared, WriterHandle};
@@ -196,5 +205,27 @@ impl ChangeLog for SqliteStore {
     /// may sleep until its poll timer). A hint: callers still poll.
     async fn wait_for_changes(&self) {
         self.inner.shared.changed.notified().await;
+    }
+}
+
+/// The snapshot export jobs read: one statement per page on a read connection (off the async
+/// runtime), consistent across pages because it only depends on versions up to `as_of`, which
+/// later writes never touch (see `queries::snapshot_page` and `design.md`).
+#[async_trait]
+impl ExportSource for SqliteStore {
+    async fn snapshot_page(
+        &self,
+        tenant: &TenantId,
+        resource_type: ResourceType,
+        as_of: u64,
+        since: Option<OffsetDateTime>,
+        after: Option<&LogicalId>,
+        limit: usize,
+    ) -> Result<Vec<ResourceVersion>, StoreError> {
+        let (tenant, after) = (tenant.clone(), after.cloned());
+        self.inner
+            .readers
+            .run(move |conn| queries::snapshot_page(conn, &tenant, resource_type, as_of, since, after.as_ref(), limit))
+            .await
     }
 }

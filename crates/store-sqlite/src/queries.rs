@@ -142,3 +142,64 @@ pub(crate) fn checkpoint(conn: &Connection, consumer: &str) -> Result<u64> {
         .optional()?;
     to_u64(sequence.unwrap_or(0), "checkpoint")
 }
+
+/// The most resources one [`snapshot_page`] returns.
+pub(crate) const MAX_SNAPSHOT_PAGE: usize = 10_000;
+
+/// The SQL of [`snapshot_page`]: walk `resources_current` by primary key from `(tenant, type, id >
+/// after)` in id order; for each resource pick the sequence of the version current at `as_of` —
+/// the current row's own when it is not newer than `as_of` (the common case, no extra read),
+/// otherwise the newest version at or before `as_of`, found walking the resource's entries of the
+/// unique `(tenant, type, id, version)` index backwards (it covers `sequence`, the rowid); then a
+/// rowid lookup of that version. No such version (created after `as_of`) makes the join miss;
+/// a tombstone (NULL body) is filtered out, as is anything not updated after `since` (`?5`, NULL
+/// for none).
+pub(crate) fn snapshot_sql() -> String {
+    format!(
+        "SELECT {VERSION_COLUMNS} FROM resources_current c \
+         JOIN resource_versions v ON v.sequence = CASE WHEN c.sequence <= ?3 THEN c.sequence ELSE \
+         (SELECT w.sequence FROM resource_versions w INDEXED BY {INSTANCE_INDEX} \
+         WHERE w.tenant = c.tenant AND w.type = c.type AND w.id = c.id AND w.sequence <= ?3 \
+         ORDER BY w.version DESC LIMIT 1) END \
+         WHERE c.tenant = ?1 AND c.type = ?2 AND c.id > ?4 \
+         AND v.body IS NOT NULL AND (?5 IS NULL OR v.last_updated > ?5) \
+         ORDER BY c.id LIMIT ?6"
+    )
+}
+
+/// Up to `limit` (clamped to `1..=MAX_SNAPSHOT_PAGE`) resources of one type, each in its version
+/// current at change sequence `as_of`, live ones only, last updated after `since`, with ids after
+/// `after`, in id (byte) order.
+///
+/// Stable across calls however much is written meanwhile, provided `as_of` had been committed
+/// when the snapshot was taken: versions up to `as_of` are never rewritten or removed, and every
+/// resource that has one keeps its `resources_current` row (deletes are tombstones), so the answer
+/// depends only on rows that no longer change.
+pub(crate) fn snapshot_page(
+    conn: &Connection,
+    tenant: &TenantId,
+    resource_type: ResourceType,
+    as_of: u64,
+    since: Option<time::OffsetDateTime>,
+    after: Option<&LogicalId>,
+    limit: usize,
+) -> Result<Vec<ResourceVersion>> {
+    let limit = limit.clamp(1, MAX_SNAPSHOT_PAGE);
+    let since = since.map(to_micros).transpose()?;
+    // Logical ids are never empty, so "" is below all of them.
+    let after = after.map_or("", LogicalId::as_str);
+    let mut stmt = conn.prepare_cached(&snapshot_sql())?;
+    let mut rows = stmt.query(params![
+        tenant.as_str(),
+        resource_type.as_str(),
+        saturating_i64(as_of),
+        after,
+        since,
+        saturating_i64(limit as u64),
+    ])?;
+    let mut page = Vec::new();
+    while let Some(row) = rows.next()? {
+        page.push(version_from_row(row, 0)?);
+    }
+    Ok(page)
+}

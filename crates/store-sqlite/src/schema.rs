@@ -72,7 +72,8 @@ pub(crate) fn open_writer(path: &Path, synchronous_full: bool) -> Result<Connect
     Ok(conn)
 }
 
-/// A read-write connection in WAL mode, shared by the store's and the search index's writers.
+/// A read-write connection in WAL mode, shared by the store's and the search index's writers and
+/// the export job store.
 pub(crate) fn open_wal_writer(path: &Path, synchronous_full: bool) -> Result<Connection> {
     let conn = Connection::open(path)?;
     tune(&conn)?;

@@ -21,28 +21,28 @@ use crate::{SqliteConfig, SqliteStore};
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn open(dir: &TempDir) -> SqliteStore {
+pub(crate) fn open(dir: &TempDir) -> SqliteStore {
     SqliteStore::open(SqliteConfig::new(db_path(dir))).expect("store opens")
 }
 
-fn db_path(dir: &TempDir) -> std::path::PathBuf {
+pub(crate) fn db_path(dir: &TempDir) -> std::path::PathBuf {
     dir.path().join("fhirmesh.db")
 }
 
-fn tenant(name: &str) -> TenantId {
+pub(crate) fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).expect("valid tenant")
 }
 
-fn rt(name: &str) -> ResourceType {
+pub(crate) fn rt(name: &str) -> ResourceType {
     ResourceType::parse(name).expect("valid resource type")
 }
 
-fn lid(id: &str) -> LogicalId {
+pub(crate) fn lid(id: &str) -> LogicalId {
     LogicalId::parse(id).expect("valid id")
 }
 
 /// A fixed instant plus `secs` seconds.
-fn t(secs: i64) -> OffsetDateTime {
+pub(crate) fn t(secs: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(1_700_000_000 + secs).expect("valid timestamp")
 }
 
@@ -50,7 +50,7 @@ fn body(resource_type: &str, id: &str, identifiers: &serde_json::Value) -> Bytes
     Bytes::from(json!({"resourceType": resource_type, "id": id, "identifier": identifiers}).to_string())
 }
 
-fn put(
+pub(crate) fn put(
     resource_type: &str,
     id: &str,
     expected: Expected,
@@ -87,7 +87,7 @@ fn delete(resource_type: &str, id: &str, current: u64, at: OffsetDateTime) -> Ve
     put(resource_type, id, Expected::Version(current), current + 1, at, None)
 }
 
-async fn commit_one(store: &SqliteStore, tenant: &TenantId, write: VersionWrite) -> CommitReceipt {
+pub(crate) async fn commit_one(store: &SqliteStore, tenant: &TenantId, write: VersionWrite) -> CommitReceipt {
     store.commit(tenant, vec![write]).await.expect("commit succeeds")
 }
 
@@ -104,7 +104,7 @@ fn query(scope: HistoryScope) -> HistoryQuery {
     HistoryQuery { scope, since: None, at: None, before_sequence: None, limit: 100 }
 }
 
-fn raw_connection(dir: &TempDir) -> rusqlite::Connection {
+pub(crate) fn raw_connection(dir: &TempDir) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(db_path(dir)).expect("raw connection opens");
     conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
     conn

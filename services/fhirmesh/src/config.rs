@@ -26,10 +26,41 @@ pub struct Config {
     pub resource: ResourceSection,
     pub gateway: GatewaySection,
     pub notifier: NotifierSection,
+    pub export: ExportSection,
     pub auth: AuthConfig,
     pub tenancy: TenancyConfig,
     pub audit: AuditConfig,
     pub log: LogConfig,
+}
+
+/// Bulk Data `$export`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportSection {
+    /// Serve `$export` and run export workers (in `fhirmesh serve`).
+    pub enabled: bool,
+    /// Export jobs one client (token `client_id`, else `sub`) may have running per tenant; one
+    /// more is refused with 429.
+    pub max_active_per_owner: usize,
+    /// Export workers in this process (each works on one resource type of a job at a time); 0
+    /// serves `$export` and leaves the work to workers elsewhere on the same job store.
+    pub workers: usize,
+    /// An output file is closed, and the next one started, past this many bytes.
+    pub max_file_bytes: u64,
+    /// Finished exports and their files are removed this long after they finished.
+    pub output_expiry_seconds: u64,
+}
+
+impl Default for ExportSection {
+    fn default() -> Self {
+        ExportSection {
+            enabled: true,
+            max_active_per_owner: 3,
+            workers: 2,
+            max_file_bytes: 128 * 1024 * 1024,
+            output_expiry_seconds: 24 * 3600,
+        }
+    }
 }
 
 /// The audit trail: one `fhirmesh::audit` log record per request always; AuditEvent resources
@@ -623,6 +654,12 @@ impl Config {
         parse_addr("notifier.listen", &self.notifier.listen)?;
         if self.notifier.max_queued_per_subscription == 0 {
             bail!("notifier.max_queued_per_subscription must be at least 1");
+        }
+        if self.export.max_active_per_owner == 0 {
+            bail!("export.max_active_per_owner must be at least 1");
+        }
+        if self.export.max_file_bytes < 1024 {
+            bail!("export.max_file_bytes must be at least 1024, got {}", self.export.max_file_bytes);
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
 use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
-use fhirmesh_gateway::{ClaimNames, GatewayAuth, GatewayConfig, MetricsSource};
+use fhirmesh_gateway::{ClaimNames, ExportApi, GatewayAuth, GatewayConfig, MetricsSource};
 use fhirmesh_notify::NotifierMetrics;
 use fhirmesh_notify::runner::ChangeSource;
 use fhirmesh_proto::GrpcResourceClient;
@@ -113,7 +113,11 @@ fn resource_config(config: &Config) -> ResourceConfig {
     }
 }
 
-async fn gateway_config(config: &Config, metrics_sources: Vec<MetricsSource>) -> anyhow::Result<GatewayConfig> {
+async fn gateway_config(
+    config: &Config,
+    metrics_sources: Vec<MetricsSource>,
+    exports: Option<ExportApi>,
+) -> anyhow::Result<GatewayConfig> {
     let auth = &config.auth;
     let (gateway_auth, security, smart_configuration) = match auth.mode {
         AuthMode::None => {
@@ -160,12 +164,14 @@ async fn gateway_config(config: &Config, metrics_sources: Vec<MetricsSource>) ->
             update_create: config.resource.update_create,
             conditional_delete_multiple: config.resource.conditional_delete_multiple,
             security,
+            bulk_export: exports.is_some(),
         },
         auth: gateway_auth,
         smart_configuration,
         multi_tenant: config.tenancy.enabled,
         audit_events: config.audit.store_events,
         metrics_sources,
+        exports,
     })
 }
 
@@ -217,6 +223,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut grpc_addr = None;
     let mut notifier_addr = None;
     let mut metrics_sources = Vec::new();
+    let mut exports_api = None;
 
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
@@ -268,7 +275,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 }
                 let service = (target != Target::Indexer).then(|| {
                     fhirmesh_resource::resource_service(
-                        stores.store,
+                        stores.store.clone(),
                         stores.changes.clone(),
                         index,
                         resource_config(config),
@@ -282,6 +289,14 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                     let rendered = metrics.clone();
                     metrics_sources.push(MetricsSource(Arc::new(move |out: &mut String| rendered.render(out))));
                     tasks.push(spawn_notifier(config, service.clone(), source, metrics, &rx)?);
+                }
+                if let (Target::All, Some(source)) = (target, &stores.export)
+                    && config.export.enabled
+                {
+                    let blobs = crate::stores::open_blobs(config, &aws).await?;
+                    let (api, workers) = exports(config, &stores, source.clone(), blobs, &rx)?;
+                    exports_api = Some(api);
+                    tasks.extend(workers);
                 }
                 service
             }
@@ -343,7 +358,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router = fhirmesh_gateway::router(service, gateway_config(config, metrics_sources).await?);
+        let router = fhirmesh_gateway::router(service, gateway_config(config, metrics_sources, exports_api).await?);
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")
@@ -354,6 +369,44 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         tracing::info!("indexer following the change log");
     }
     Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
+}
+
+/// The export service of `[export]` and its workers (jobs in `{data_dir}/jobs.db`).
+fn exports(
+    config: &Config,
+    stores: &crate::stores::Stores,
+    source: fhirmesh_core::export::DynExportSource,
+    blobs: fhirmesh_core::blob::DynBlobStore,
+    rx: &watch::Receiver<bool>,
+) -> anyhow::Result<(ExportApi, Vec<JoinHandle<anyhow::Result<()>>>)> {
+    use fhirmesh_core::export::{ExportSettings, ExportWorker, Exports, WorkerSettings};
+    let section = &config.export;
+    let path = config.storage.data_dir.join("jobs.db");
+    let jobs: fhirmesh_core::export::DynJobStore = Arc::new(
+        fhirmesh_store_sqlite::SqliteJobStore::open(&path)
+            .map_err(|err| anyhow::anyhow!("cannot open the export job store {}: {err}", path.display()))?,
+    );
+    let settings = ExportSettings {
+        max_active_per_owner: section.max_active_per_owner,
+        requires_access_token: config.auth.mode != AuthMode::None,
+    };
+    let service = Exports::new(jobs.clone(), stores.changes.clone(), stores.store.clone(), blobs.clone(), settings);
+    let workers = (0..section.workers)
+        .map(|_| {
+            let settings = WorkerSettings {
+                max_file_bytes: section.max_file_bytes,
+                output_expiry: Duration::from_secs(section.output_expiry_seconds),
+                ..WorkerSettings::default()
+            };
+            let worker = ExportWorker::new(jobs.clone(), source.clone(), blobs.clone(), settings);
+            let stopped = Running::stopped(rx);
+            tokio::spawn(async move {
+                worker.run(stopped).await;
+                Ok(())
+            })
+        })
+        .collect();
+    Ok((ExportApi(Arc::new(service)), workers))
 }
 
 /// Starts the notifier on `source`, delivering with `[notifier]`'s settings.

@@ -6,22 +6,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fhirmesh_core::blob::DynBlobStore;
+use fhirmesh_core::export::DynExportSource;
 use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, DynSearchIndex, ResourceStore};
 use fhirmesh_search_opensearch::{OpenSearchConfig, OpenSearchIndex};
 use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, StreamRelay, StreamRelayConfig};
 
 use crate::config::{AwsConfig, BlobBackend, Config, SearchBackend, StorageBackend};
 
-/// One store, seen through both of its ports.
+/// One store, seen through its ports.
 #[derive(Clone)]
 pub struct Stores {
     pub store: DynResourceStore,
     pub changes: DynChangeLog,
+    /// The snapshot reads of Bulk Data export, where the store has them (SQLite).
+    pub export: Option<DynExportSource>,
 }
 
 impl Stores {
     fn of<S: ResourceStore + ChangeLog>(store: Arc<S>) -> Stores {
-        Stores { store: store.clone(), changes: store }
+        Stores { store: store.clone(), changes: store, export: None }
     }
 }
 
@@ -64,7 +67,8 @@ pub async fn open(config: &Config, aws: &Aws) -> anyhow::Result<Stores> {
     match config.storage.backend {
         StorageBackend::Sqlite => {
             let store = fhirmesh_resource::open_sqlite_store(&config.storage.data_dir, config.storage.durable)?;
-            Ok(Stores::of(store))
+            let export: DynExportSource = store.clone();
+            Ok(Stores { export: Some(export), ..Stores::of(store) })
         }
         StorageBackend::Dynamodb => {
             let sdk = aws.sdk().await;

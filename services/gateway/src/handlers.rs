@@ -31,12 +31,12 @@ use crate::response::{
 
 /// What every FHIR handler needs from the request before doing its own work.
 pub(crate) struct Prelude {
-    params: Vec<(String, String)>,
+    pub(crate) params: Vec<(String, String)>,
     presentation: Presentation,
-    ctx: RequestContext,
+    pub(crate) ctx: RequestContext,
     /// Absolute FHIR base URL, no trailing slash.
-    base: String,
-    pretty: bool,
+    pub(crate) base: String,
+    pub(crate) pretty: bool,
 }
 
 impl Prelude {
@@ -47,6 +47,26 @@ impl Prelude {
         let pretty = params.iter().any(|(k, v)| k == "_pretty" && v == "true");
         let fail = |error: FhirError| Box::new(error_response(&error, pretty));
         let presentation = negotiate::presentation(headers, &params).map_err(fail)?;
+        let Caller { ctx, base } = Caller::new(gw, parts);
+        Ok(Prelude { base, params, presentation, ctx, pretty })
+    }
+
+    pub(crate) fn fail(&self, error: FhirError) -> Response {
+        error_response(&error, self.pretty)
+    }
+}
+
+/// Who calls, for which tenant, at which base URL: what a handler that negotiates no FHIR
+/// presentation (an export file download) needs.
+pub(crate) struct Caller {
+    pub(crate) ctx: RequestContext,
+    /// Absolute FHIR base URL (with the tenant segment), no trailing slash.
+    pub(crate) base: String,
+}
+
+impl Caller {
+    fn new(gw: &SharedGateway, parts: &Parts) -> Caller {
+        let headers = &parts.headers;
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
@@ -68,11 +88,15 @@ impl Prelude {
         }
         let ctx =
             RequestContext { tenant: tenant.unwrap_or_default(), request_id: Some(request_id), traceparent, access };
-        Ok(Prelude { base, params, presentation, ctx, pretty })
+        Caller { ctx, base }
     }
+}
 
-    fn fail(&self, error: FhirError) -> Response {
-        error_response(&error, self.pretty)
+impl FromRequestParts<SharedGateway> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &SharedGateway) -> Result<Self, Self::Rejection> {
+        Ok(Caller::new(gw, parts))
     }
 }
 
@@ -109,7 +133,7 @@ fn type_and_id(path: Result<Path<(String, String)>, PathRejection>) -> FhirResul
     Ok((resource_type(&rtype)?, logical_id(&id)?))
 }
 
-async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
+pub(crate) async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
     read_body_up_to(gw.config.max_body_bytes, headers, body).await
 }
 

@@ -7,6 +7,7 @@
 
 mod auth;
 mod bundle;
+mod export;
 mod handlers;
 mod metrics;
 mod negotiate;
@@ -50,6 +51,18 @@ pub struct GatewayConfig {
     pub audit_events: bool,
     /// Metrics of the other services in this process, appended to `/metrics`.
     pub metrics_sources: Vec<MetricsSource>,
+    /// Bulk Data `$export` (absent: the kick-off answers that export is not available here).
+    pub exports: Option<ExportApi>,
+}
+
+/// The export service the gateway calls.
+#[derive(Clone)]
+pub struct ExportApi(pub fhirmesh_core::export::DynExportService);
+
+impl std::fmt::Debug for ExportApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportApi")
+    }
 }
 
 /// Appends metrics in the OpenMetrics text format (without `# EOF`) to `/metrics`.
@@ -64,6 +77,7 @@ impl std::fmt::Debug for MetricsSource {
 
 pub(crate) struct Gateway {
     pub service: DynResourceService,
+    pub exports: Option<fhirmesh_core::export::DynExportService>,
     pub config: GatewayConfig,
     /// When this gateway started (CapabilityStatement.date).
     pub started: String,
@@ -79,6 +93,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
     let multi_tenant = config.multi_tenant;
     let gateway = Arc::new(Gateway {
         service,
+        exports: config.exports.as_ref().map(|api| api.0.clone()),
         config,
         started: fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
     });
@@ -89,6 +104,11 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .route("/.well-known/smart-configuration", get(handlers::smart_configuration));
     let protected = Router::new()
         .route("/", get(handlers::search_system).post(handlers::bundle))
+        .route("/$export", get(export::kick_off_system).post(export::kick_off_system))
+        .route("/Patient/$export", get(export::kick_off_patient).post(export::kick_off_patient))
+        .route("/Group/{id}/$export", get(export::kick_off_group).post(export::kick_off_group))
+        .route("/$export-status/{job}", get(export::status).delete(export::cancel))
+        .route("/$export-file/{job}/{file}", get(export::download))
         .route("/_history", get(handlers::history_system))
         .route(
             "/{rtype}",

@@ -167,12 +167,17 @@ pub(crate) fn if_match(headers: &HeaderMap) -> FhirResult<Option<u64>> {
 
 /// `Prefer: handling=strict` (search: unknown parameters are errors, not ignored).
 pub(crate) fn prefer_strict(headers: &HeaderMap) -> bool {
+    prefers(headers, "handling=strict")
+}
+
+/// Whether a `Prefer` header carries `preference` (e.g. `respond-async`, `handling=lenient`).
+pub(crate) fn prefers(headers: &HeaderMap, preference: &str) -> bool {
     headers
         .get_all("prefer")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|pref| pref.trim() == "handling=strict")
+        .any(|pref| pref.trim().eq_ignore_ascii_case(preference))
 }
 
 /// Header carrying the change sequence of a write (responses) or the last one a client saw (search).

@@ -4,6 +4,7 @@
 //! own query language; nothing here knows about any backend.
 
 pub mod compartments;
+pub mod criteria;
 pub mod evaluate;
 pub mod extract;
 pub mod params;

@@ -221,13 +221,13 @@ fn criteria_refuse_unknown_types_and_non_type_level_searches() {
         [(
             "Subscription.criteria".to_owned(),
             IssueType::Value,
-            "criteria names an unknown resource type 'Observaton'".to_owned()
+            "Subscription.criteria names an unknown resource type 'Observaton'".to_owned()
         )]
     );
     for text in ["?_type=Patient", "Patient/1/Observation?code=1", "https://example.org/fhir/Observation?code=1", ""] {
         let found = criteria_issues(text);
         assert_eq!(found.len(), 1, "{text}");
-        assert!(found[0].2.starts_with("criteria must be a type-level search"), "{text}: {}", found[0].2);
+        assert!(found[0].2.starts_with("Subscription.criteria must be a type-level search"), "{text}: {}", found[0].2);
     }
 }
 
@@ -250,8 +250,8 @@ fn criteria_refuse_chains_and_has_naming_the_parameter() {
         [(
             "Subscription.criteria".to_owned(),
             IssueType::NotSupported,
-            "'subject:Patient.name' is a chained parameter, which Subscription.criteria does not support: a \
-             subscription is matched against the changed resource alone"
+            "'subject:Patient.name' is a chained parameter, which Subscription.criteria does not support: it is \
+             matched against one resource alone"
                 .to_owned()
         )]
     );
@@ -260,7 +260,7 @@ fn criteria_refuse_chains_and_has_naming_the_parameter() {
     assert_eq!(
         found[0].2,
         "'_has:Observation:patient:code' is reverse chaining (_has), which Subscription.criteria does not support: \
-         a subscription is matched against the changed resource alone"
+         it is matched against one resource alone"
     );
     let found = criteria_issues("Observation?subject.gender:missing=true");
     assert_eq!(found.len(), 1);
