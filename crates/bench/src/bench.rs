@@ -64,13 +64,17 @@ pub enum Scenario {
     /// (set up to call a receiver in this process): the latency is write → callback received.
     /// The server must allow `http://127.0.0.1` endpoints (fhirmesh: `notifier.allow_endpoints`).
     RestHook,
+    /// One Bulk Data export at a time of the set-up data (`$export?_type=Patient,Observation,
+    /// Organization`): kick-off, status polls every 10 ms, every file downloaded. The latency is
+    /// kick-off → last file read; the report adds resources exported per second.
+    Export,
 }
 
 /// Active rest-hook Subscriptions during the `rest-hook` scenario (each write matches one).
 pub const REST_HOOK_SUBSCRIPTIONS: usize = 100;
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::Read,
         Scenario::Create,
         Scenario::Update,
@@ -83,6 +87,7 @@ impl Scenario {
         Scenario::Mixed,
         Scenario::IndexLag,
         Scenario::RestHook,
+        Scenario::Export,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +104,7 @@ impl Scenario {
             Scenario::Mixed => "mixed",
             Scenario::IndexLag => "index-lag",
             Scenario::RestHook => "rest-hook",
+            Scenario::Export => "export",
         }
     }
 
@@ -152,6 +158,9 @@ pub struct ScenarioReport {
     pub settle_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Resources exported per second (the `export` scenario).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources_per_second: Option<f64>,
 }
 
 /// A whole run.
@@ -204,6 +213,9 @@ impl Report {
                 row.ratio_to_baseline.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}")),
                 row.settle_seconds,
             ));
+            if let Some(resources) = row.resources_per_second {
+                out.push_str(&format!("  resources exported per second: {resources:.0}\n"));
+            }
             if let Some(error) = &row.first_error {
                 out.push_str(&format!("  first error: {error}\n"));
             }
@@ -215,6 +227,8 @@ impl Report {
 /// The ids the scenarios pick from.
 struct Fixture {
     patients: Vec<String>,
+    /// Resources the `export` scenario has downloaded.
+    exported: std::sync::atomic::AtomicU64,
     /// The receiver of the `rest-hook` scenario, when it runs.
     hooks: Option<HookReceiver>,
 }
@@ -319,7 +333,7 @@ async fn set_up(config: &BenchConfig) -> Result<Fixture> {
         true => Some(HookReceiver::start(&mut conn).await?),
         false => None,
     };
-    Ok(Fixture { patients, hooks })
+    Ok(Fixture { patients, exported: Default::default(), hooks })
 }
 
 fn check(response: &Response, what: &str) -> Result<()> {
@@ -414,7 +428,10 @@ struct WorkerResult {
 async fn run_scenario(config: &BenchConfig, scenario: Scenario, fixture: Arc<Fixture>) -> Result<ScenarioReport> {
     let shared = Arc::new(Shared::new(config));
     let mut workers = Vec::new();
-    for worker in 0..config.connections {
+    // Exports run one at a time (servers limit concurrent exports per client).
+    let connections = if scenario == Scenario::Export { 1 } else { config.connections };
+    let exported_before = fixture.exported.load(std::sync::atomic::Ordering::Relaxed);
+    for worker in 0..connections {
         let (base, shared, fixture) = (config.base.clone(), shared.clone(), fixture.clone());
         let seed = config.seed ^ ((worker as u64 + 1) << 32) ^ scenario as u64;
         workers.push(tokio::spawn(async move {
@@ -450,7 +467,12 @@ async fn run_scenario(config: &BenchConfig, scenario: Scenario, fixture: Arc<Fix
         first_error = first_error.or(result.first_error);
     }
     let seconds = shared.started.elapsed().as_secs_f64();
-    Ok(report(scenario.name(), &histogram, requests, errors, seconds, first_error))
+    let mut report = report(scenario.name(), &histogram, requests, errors, seconds, first_error);
+    if scenario == Scenario::Export && seconds > 0.0 {
+        let exported = fixture.exported.load(std::sync::atomic::Ordering::Relaxed) - exported_before;
+        report.resources_per_second = Some(exported as f64 / seconds);
+    }
+    Ok(report)
 }
 
 fn histogram() -> Result<Histogram<u64>> {
@@ -485,6 +507,7 @@ fn report(
         ratio_to_baseline: None,
         settle_seconds: 0.0,
         first_error,
+        resources_per_second: None,
     }
 }
 
@@ -538,6 +561,11 @@ async fn one_request(
             return Box::pin(one_request(conn, sub, fixture, rng)).await;
         }
         Scenario::IndexLag => return index_lag(conn).await.map(Some),
+        Scenario::Export => {
+            let exported = export_once(conn).await?;
+            fixture.exported.fetch_add(exported, std::sync::atomic::Ordering::Relaxed);
+            return Ok(None);
+        }
         Scenario::RestHook => {
             let hooks = fixture.hooks.as_ref().context("the rest-hook receiver was not set up")?;
             return hooks.write_and_wait(conn, rng).await.map(Some);
@@ -580,6 +608,38 @@ async fn index_lag(conn: &mut Connection) -> Result<Duration> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     bail!("index-lag: the Patient did not become searchable within 2,000 searches")
+}
+
+/// One whole export; returns how many resources its files held.
+async fn export_once(conn: &mut Connection) -> Result<u64> {
+    let kick_off = "$export?_type=Patient,Observation,Organization";
+    let response = conn.send(Method::GET, kick_off, None, Some("respond-async")).await?;
+    if response.status != StatusCode::ACCEPTED {
+        bail!("export kick-off: {} {}", response.status, excerpt(&response.body));
+    }
+    let status_url = response.content_location.context("the kick-off answer has no Content-Location")?;
+    let base = conn.base().clone();
+    let status_path = base.relative(&status_url).context("the status URL is not under the base URL")?.to_owned();
+    let manifest: Value = loop {
+        let response = conn.send(Method::GET, &status_path, None, None).await?;
+        match response.status {
+            StatusCode::OK => break serde_json::from_slice(&response.body).context("the manifest is not JSON")?,
+            StatusCode::ACCEPTED => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => bail!("export status: {other} {}", excerpt(&response.body)),
+        }
+    };
+    let mut resources = 0;
+    for output in manifest["output"].as_array().into_iter().flatten() {
+        let url = output["url"].as_str().context("a manifest output has no url")?;
+        let path = base.relative(url).context("a file URL is not under the base URL")?;
+        let response = conn.send(Method::GET, path, None, None).await?;
+        check(&response, "export download")?;
+        resources += response.body.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    // Free the server's files at once rather than at expiry.
+    let response = conn.send(Method::DELETE, &status_path, None, None).await?;
+    check(&response, "export clean-up")?;
+    Ok(resources)
 }
 
 /// The `rest-hook` scenario's receiver: a hyper server on 127.0.0.1:0 in this process that

@@ -20,6 +20,12 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
+    /// The path of an absolute URL under this base, relative to it (for URLs the server gave out).
+    pub fn relative<'a>(&self, url: &'a str) -> Option<&'a str> {
+        let rest = url.strip_prefix("http://")?.strip_prefix(self.authority.as_str())?;
+        rest.strip_prefix(self.path.as_str())?.strip_prefix('/')
+    }
+
     pub fn parse(url: &str) -> Result<BaseUrl> {
         let rest =
             url.strip_prefix("http://").with_context(|| format!("'{url}': only http:// base URLs are supported"))?;
@@ -51,6 +57,8 @@ pub struct Response {
     pub location: Option<String>,
     pub etag: Option<String>,
     pub consistency_token: Option<String>,
+    /// `Content-Location` (an async kick-off's status URL).
+    pub content_location: Option<String>,
     pub body: Bytes,
 }
 
@@ -73,6 +81,11 @@ impl Connection {
             }
         });
         Ok(Connection { base: base.clone(), sender })
+    }
+
+    /// The base URL this connection talks to.
+    pub fn base(&self) -> &BaseUrl {
+        &self.base
     }
 
     /// Sends a request (`body` as FHIR JSON when given) and reads the whole response.
@@ -98,10 +111,15 @@ impl Connection {
         let request = request.body(Full::new(body.unwrap_or_default()))?;
         let response = self.sender.send_request(request).await?;
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let (status, location, etag, consistency_token) =
-            (response.status(), header("location"), header("etag"), header("x-consistency-token"));
+        let (status, location, etag, consistency_token, content_location) = (
+            response.status(),
+            header("location"),
+            header("etag"),
+            header("x-consistency-token"),
+            header("content-location"),
+        );
         let body = response.into_body().collect().await?.to_bytes();
-        Ok(Response { status, location, etag, consistency_token, body })
+        Ok(Response { status, location, etag, consistency_token, content_location, body })
     }
 }
 
@@ -121,5 +139,8 @@ mod tests {
         assert_eq!(BaseUrl::parse("http://example.org").expect("base").authority, "example.org:80");
         assert!(BaseUrl::parse("https://example.org").is_err());
         assert!(BaseUrl::parse("http://").is_err());
+        let base = BaseUrl::parse("http://127.0.0.1:8080/fhir").expect("base");
+        assert_eq!(base.relative("http://127.0.0.1:8080/fhir/$export-status/j"), Some("$export-status/j"));
+        assert_eq!(base.relative("http://other:1/fhir/x"), None);
     }
 }

@@ -6,7 +6,9 @@
 //! - [`load`]: a seeded synthetic data generator and a file loader (NDJSON, transaction Bundles).
 //! - [`bench`]: named, bounded scenarios reporting throughput and latency percentiles, and the
 //!   bare-hyper baseline every figure is stated against.
+//! - [`export`]: a Bulk Data client (`fhirmesh export`): kick-off, polls, downloads.
 
 pub mod bench;
 pub mod client;
+pub mod export;
 pub mod load;

@@ -44,6 +44,9 @@ enum Command {
     Bench(fhirmesh::tools::BenchArgs),
     /// Load data into a FHIR server: seeded synthetic patients, transaction Bundles, NDJSON.
     Load(fhirmesh::tools::LoadArgs),
+    /// Bulk Data export from a FHIR server (this one or any other): kick-off, progress, and every
+    /// NDJSON file downloaded with the manifest.
+    Export(fhirmesh::tools::ExportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,6 +133,7 @@ fn main() -> std::process::ExitCode {
         Command::Provision(args) => (args, Action::Provision),
         Command::Bench(args) => return exit(fhirmesh::tools::run_bench(args)),
         Command::Load(args) => return exit(fhirmesh::tools::run_load(args)),
+        Command::Export(args) => return exit(fhirmesh::tools::run_export(args)),
     };
     let config = match Config::load(cli.config.as_deref(), Config::env(), &args.overrides()) {
         Ok(config) => config,

@@ -1,5 +1,5 @@
-//! `fhirmesh bench` and `fhirmesh load`: the command-line faces of `fhirmesh-bench`. Both talk HTTP
-//! to any FHIR base URL and stop by themselves.
+//! `fhirmesh bench`, `fhirmesh load` and `fhirmesh export`: the command-line faces of
+//! `fhirmesh-bench`. They talk HTTP to any FHIR base URL and stop by themselves.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fhirmesh_bench::bench::{self, BenchConfig, Scenario};
 use fhirmesh_bench::client::BaseUrl;
+use fhirmesh_bench::export::{self, ExportOptions, ExportTarget};
 use fhirmesh_bench::load::{self, LoadConfig, Source, SyntheticConfig};
 
 #[derive(Debug, clap::Args)]
@@ -15,7 +16,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// Scenario to run, repeatable or comma-separated: all, read, create, update, search-token,
-    /// search-string, search-chain, search-include, transaction-100, history, mixed, index-lag.
+    /// search-string, search-chain, search-include, transaction-100, history, mixed, index-lag,
+    /// rest-hook, export.
     #[arg(long = "scenario", value_delimiter = ',', default_value = "all")]
     pub scenarios: Vec<String>,
     /// Concurrent connections.
@@ -156,6 +158,70 @@ pub fn run_load(args: &LoadArgs) -> Result<()> {
     if failed {
         bail!("some resources were not loaded (see the errors above)");
     }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// FHIR base URL to export from (http or https).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// system, patient, or group:<id>.
+    #[arg(long, default_value = "system", value_parser = ExportTarget::parse)]
+    pub level: ExportTarget,
+    /// Resource types (`_type`), repeatable or comma-separated.
+    #[arg(long = "type", value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Only resources updated after this FHIR instant (`_since`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// A `Type?search` each exported resource of that type must match (`_typeFilter`), repeatable.
+    #[arg(long = "type-filter")]
+    pub type_filters: Vec<String>,
+    /// Elements to keep (`_elements`), `name` or `Type.name`, repeatable or comma-separated.
+    #[arg(long = "elements", value_delimiter = ',')]
+    pub elements: Vec<String>,
+    /// Bearer token for every request (or FHIRMESH_EXPORT_TOKEN).
+    #[arg(long, env = "FHIRMESH_EXPORT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory for the NDJSON files and manifest.json.
+    #[arg(long, default_value = "export")]
+    pub out: PathBuf,
+    /// Shortest pause between status polls (the server's Retry-After may ask for more).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll: Duration,
+    /// Give up, and cancel the export, after this long (e.g. 30m).
+    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// No progress display.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+pub fn run_export(args: &ExportArgs) -> Result<()> {
+    let options = ExportOptions {
+        base_url: args.url.clone(),
+        level: args.level.clone(),
+        types: args.types.clone(),
+        since: args.since.clone(),
+        type_filters: args.type_filters.clone(),
+        elements: args.elements.clone(),
+        token: args.token.clone(),
+        out: args.out.clone(),
+        poll_interval: args.poll,
+        timeout: args.timeout,
+        progress: !args.no_progress,
+    };
+    let summary = runtime()?.block_on(export::run(&options))?;
+    println!(
+        "exported {} resources in {} files ({} bytes) to {} in {:.1} s (transactionTime {})",
+        summary.resources,
+        summary.files,
+        summary.bytes,
+        args.out.display(),
+        summary.seconds,
+        summary.transaction_time.as_deref().unwrap_or("?"),
+    );
     Ok(())
 }
 

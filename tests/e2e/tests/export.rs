@@ -364,3 +364,51 @@ async fn a_chunk_held_by_a_dead_worker_is_taken_over_and_exported_once() {
     assert!(!fhirmesh_core::export::JobStore::renew(&jobs, &leased, "dead-worker", later).await.expect("renew"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_client_downloads_every_file_with_the_manifest() {
+    use fhirmesh_bench::export::{ExportOptions, ExportTarget, run};
+    let server = TestServer::start_with(|config| config.export.max_file_bytes = 2048).await;
+    let mut written = BTreeSet::new();
+    for n in 0..40 {
+        let created =
+            create(&server, json!({"resourceType": "Patient", "name": [{"family": format!("Client{n}")}]})).await;
+        written.insert(created["id"].as_str().expect("id").to_owned());
+    }
+    let out = tempfile::tempdir().expect("output directory");
+    let options = ExportOptions {
+        base_url: server.base.clone(),
+        level: ExportTarget::System,
+        types: vec!["Patient".into()],
+        since: None,
+        type_filters: Vec::new(),
+        elements: Vec::new(),
+        token: None,
+        out: out.path().to_path_buf(),
+        poll_interval: Duration::from_millis(20),
+        timeout: Duration::from_secs(30),
+        progress: false,
+    };
+    let summary = run(&options).await.expect("the export runs");
+    assert_eq!(summary.resources, 40);
+    assert!(summary.files > 1, "2 KiB files: the 40 Patients span several ({})", summary.files);
+    let mut exported = BTreeSet::new();
+    for path in &summary.paths {
+        let text = std::fs::read_to_string(path).expect("a downloaded file");
+        for line in text.lines() {
+            let patient: Value = serde_json::from_str(line).expect("a resource per line");
+            assert!(exported.insert(patient["id"].as_str().expect("id").to_owned()), "exported twice: {patient}");
+        }
+    }
+    assert_eq!(exported, written);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).expect("manifest.json")).expect("JSON");
+    assert_eq!(manifest["output"].as_array().map(Vec::len), Some(summary.files));
+
+    // A refused kick-off is an error naming the reason.
+    let mut bad = options.clone();
+    bad.types = vec!["Nope".into()];
+    let error = run(&bad).await.expect_err("refused");
+    assert!(format!("{error:#}").contains("unknown resource type 'Nope'"), "{error:#}");
+    server.stop().await;
+}
