@@ -391,6 +391,7 @@ fn exports(
         requires_access_token: config.auth.mode != AuthMode::None,
     };
     let service = Exports::new(jobs.clone(), stores.changes.clone(), stores.store.clone(), blobs.clone(), settings);
+    let wake = service.wake();
     let workers = (0..section.workers)
         .map(|_| {
             let settings = WorkerSettings {
@@ -398,7 +399,8 @@ fn exports(
                 output_expiry: Duration::from_secs(section.output_expiry_seconds),
                 ..WorkerSettings::default()
             };
-            let worker = ExportWorker::new(jobs.clone(), source.clone(), blobs.clone(), settings);
+            let worker =
+                ExportWorker::new(jobs.clone(), source.clone(), blobs.clone(), settings).with_wake(wake.clone());
             let stopped = Running::stopped(rx);
             tokio::spawn(async move {
                 worker.run(stopped).await;

@@ -412,3 +412,73 @@ async fn the_export_client_downloads_every_file_with_the_manifest() {
     assert!(format!("{error:#}").contains("unknown resource type 'Nope'"), "{error:#}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_export_holds_its_own_data_and_its_job_is_its_own() {
+    let server = TestServer::start_with(|config| config.tenancy.enabled = true).await;
+    for (tenant, family) in [("a", "Alpha"), ("b", "Beta")] {
+        let patient = json!({"resourceType": "Patient", "name": [{"family": family}]});
+        let (status, body) =
+            send(&server, reqwest::Method::POST, &format!("tenant/{tenant}/Patient"), Some(&patient)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, location, body) = kick_off(&server, "tenant/a/$export?_type=Patient", None).await;
+    assert_eq!(status, 202, "{body}");
+    let location = location.expect("location");
+    assert!(location.contains("/tenant/a/$export-status/"), "{location}");
+    let exported = exported(&server, &manifest(&server, &location).await).await;
+    let families: Vec<&str> = exported["Patient"].iter().filter_map(|p| p["name"][0]["family"].as_str()).collect();
+    assert_eq!(families, ["Alpha"], "only tenant a's data");
+    // Tenant b cannot see, download or cancel tenant a's job.
+    let foreign = location.replace("/tenant/a/", "/tenant/b/");
+    let (status, _) = status_and_json(server.client.get(&foreign).send().await.expect("status")).await;
+    assert_eq!(status, 404);
+    let (status, _) = status_and_json(server.client.delete(&foreign).send().await.expect("cancel")).await;
+    assert_eq!(status, 404);
+    let response = server.client.get(&location).send().await.expect("status");
+    assert_eq!(response.status(), 200, "still there for its owner");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_exports_expire_with_their_files() {
+    let server = TestServer::start().await;
+    create(&server, json!({"resourceType": "Patient"})).await;
+    let (_, location, _) = kick_off(&server, "$export?_type=Patient", None).await;
+    let location = location.expect("location");
+    let manifest = manifest(&server, &location).await;
+    let blobs_dir = server.data_dir().join("blobs");
+    let files_on_disk = || walk(&blobs_dir).into_iter().filter(|p| p.to_string_lossy().contains("/export/")).count();
+    assert!(files_on_disk() >= 1, "the export's file is on disk");
+
+    // A worker whose expiry has passed removes the job and its files.
+    let data = server.data_dir().to_path_buf();
+    let jobs: fhirmesh_core::export::DynJobStore =
+        std::sync::Arc::new(fhirmesh_store_sqlite::SqliteJobStore::open(&data.join("jobs.db")).expect("jobs.db"));
+    let store = fhirmesh_resource::open_sqlite_store(&data, false).expect("store");
+    let blobs: fhirmesh_core::blob::DynBlobStore =
+        std::sync::Arc::new(fhirmesh_blob::LocalBlobStore::open(&blobs_dir).await.expect("blobs"));
+    let settings = fhirmesh_core::export::WorkerSettings { output_expiry: Duration::ZERO, ..Default::default() };
+    fhirmesh_core::export::ExportWorker::new(jobs, store, blobs, settings).remove_expired().await;
+    assert_eq!(files_on_disk(), 0, "the files are removed");
+    let response = server.client.get(&location).send().await.expect("status");
+    assert_eq!(response.status(), 404, "the job is removed");
+    let url = manifest["output"][0]["url"].as_str().expect("url");
+    let response = server.client.get(url).send().await.expect("download");
+    assert_eq!(response.status(), 404, "its files are no longer served");
+    server.stop().await;
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}

@@ -109,6 +109,8 @@ pub struct Exports {
     store: DynResourceStore,
     blobs: DynBlobStore,
     settings: ExportSettings,
+    /// Notified on every accepted kick-off (wakes the workers of this process).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 fn job_error(error: JobError) -> FhirError {
@@ -138,7 +140,13 @@ impl Exports {
         blobs: DynBlobStore,
         settings: ExportSettings,
     ) -> Exports {
-        Exports { jobs, changes, store, blobs, settings }
+        Exports { jobs, changes, store, blobs, settings, wake: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// What this service notifies on every accepted kick-off: give it to the workers of the same
+    /// process ([`crate::export::ExportWorker::with_wake`]).
+    pub fn wake(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     /// The caller's job `job`, or 404.
@@ -259,6 +267,7 @@ impl ExportService for Exports {
             finished_at: None,
         };
         self.jobs.create(&job, self.settings.max_active_per_owner).await.map_err(job_error)?;
+        self.wake.notify_waiters();
         tracing::info!(job = %job.id, types = job.request.types.len(), as_of, "export job accepted");
         Ok(job.id)
     }
@@ -291,8 +300,8 @@ impl ExportService for Exports {
         if !self.jobs.delete(&ctx.tenant, &view.job.id).await.map_err(job_error)? {
             return Err(not_found(job));
         }
-        // A worker still writing a chunk finds its lease gone and stops; files it writes after
-        // this are removed with the job's expiry sweep of orphans (see design.md).
+        // A worker still writing a chunk finds its lease gone when it renews or completes, and
+        // then removes the job's files again (what it wrote after this clean-up).
         if let Some(prefix) = job_prefix(&ctx.tenant, &view.job.id) {
             self.blobs
                 .delete_prefix(&prefix)

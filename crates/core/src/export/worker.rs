@@ -15,6 +15,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -28,7 +29,7 @@ use fhirmesh_fhir::{LogicalId, ResourceType};
 use futures::StreamExt;
 use serde_json::Value;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::blob::{BlobKey, BlobPrefix, DynBlobStore, PutBody};
 use crate::export::job::{DynExportSource, DynJobStore, ExportLevel, JobId, LeasedChunk, OutputFile};
@@ -82,6 +83,8 @@ pub struct ExportWorker {
     source: DynExportSource,
     blobs: DynBlobStore,
     settings: WorkerSettings,
+    /// Rung by a kick-off in the same process: no poll interval between a job and its start.
+    wake: Arc<Notify>,
 }
 
 /// Why a chunk was not finished.
@@ -102,7 +105,14 @@ impl ExportWorker {
         blobs: DynBlobStore,
         settings: WorkerSettings,
     ) -> ExportWorker {
-        ExportWorker { jobs, source, blobs, settings }
+        ExportWorker { jobs, source, blobs, settings, wake: Arc::new(Notify::new()) }
+    }
+
+    /// Wakes this worker whenever `wake` is notified (the [`crate::export::Exports`] of the same
+    /// process notifies it on every kick-off), besides polling.
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> ExportWorker {
+        self.wake = wake;
+        self
     }
 
     /// Works on chunks until `shutdown`. A chunk in progress at shutdown is left to its lease.
@@ -121,6 +131,7 @@ impl ExportWorker {
             if !worked {
                 tokio::select! {
                     _ = &mut shutdown => return,
+                    _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 }
             }
@@ -141,7 +152,20 @@ impl ExportWorker {
         let job = chunk.job.id.clone();
         match self.export_chunk(&chunk).await {
             Ok(()) => {}
-            Err(Stop::LeaseLost) => tracing::info!(%job, "export chunk taken over by another worker"),
+            Err(Stop::LeaseLost) => {
+                // Taken over, or the job is gone (cancelled): then what this worker wrote after
+                // the cancel's clean-up is removed here.
+                if let Ok(None) = self.jobs.get(&chunk.job.tenant, &job).await
+                    && let Some(prefix) = job_prefix(&chunk.job.tenant, &job)
+                {
+                    if let Err(error) = self.blobs.delete_prefix(&prefix).await {
+                        tracing::warn!(%job, %error, "cannot remove a cancelled export's files");
+                    }
+                    tracing::info!(%job, "export job cancelled while a chunk was written");
+                } else {
+                    tracing::info!(%job, "export chunk taken over by another worker");
+                }
+            }
             Err(Stop::Transient(reason)) => {
                 tracing::warn!(%job, %reason, "export chunk failed; it is retried after its lease ends");
             }
