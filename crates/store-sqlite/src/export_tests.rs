@@ -638,3 +638,18 @@ fn job_databases_of_a_newer_schema_or_at_bad_paths_are_refused() {
     let err = SqliteJobStore::open(&missing).expect_err("no such directory");
     assert!(matches!(err, JobError::Internal(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_released_chunk_comes_back_at_its_retry_time_with_its_reason_and_count() {
+    let dir = TempDir::new().expect("temp dir");
+    let jobs = open_jobs(&dir);
+    jobs.create(&job("t1", "j", None, &["Patient"], 1), 10).await.expect("create");
+    let first = lease(&jobs, "w1", 5, 100).await.expect("leased");
+    assert_eq!((first.attempt, first.last_error.as_deref()), (1, None));
+    assert!(!jobs.release(&first, "w2", "not mine", t(20)).await.expect("release"), "only the holder releases");
+    assert!(jobs.release(&first, "w1", "blob store unavailable", t(20)).await.expect("release"));
+    assert_eq!(which(&lease(&jobs, "w2", 19, 200).await), None, "not before its retry time");
+    let second = lease(&jobs, "w2", 21, 200).await.expect("leased again after the retry time");
+    assert_eq!((second.attempt, second.last_error.as_deref()), (2, Some("blob store unavailable")));
+    assert!(jobs.complete(&second, "w2", &[output("Patient", 1)], t(30)).await.expect("complete"));
+}

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS export_chunks (
     worker        TEXT,              -- who holds (or last held) the lease
     lease_until   INTEGER,           -- NULL: never leased (or done)
     outputs_json  TEXT,              -- [OutputFile] once done
+    attempts      INTEGER NOT NULL DEFAULT 0,  -- leases so far
+    last_error    TEXT,              -- why the last attempt gave it back
     PRIMARY KEY (tenant, job_id, idx)
 ) WITHOUT ROWID;
 ";
@@ -186,6 +188,26 @@ impl JobStore for SqliteJobStore {
         .await
     }
 
+    async fn release(
+        &self,
+        chunk: &LeasedChunk,
+        worker: &str,
+        error: &str,
+        retry_at: OffsetDateTime,
+    ) -> Result<bool, JobError> {
+        let (tenant, id, index, worker, error) =
+            (chunk.job.tenant.clone(), chunk.job.id.clone(), chunk.index, worker.to_owned(), error.to_owned());
+        self.write(move |tx| {
+            let released = tx
+                .prepare_cached(&format!(
+                    "UPDATE export_chunks SET lease_until = ?6, last_error = ?5 WHERE {HELD_CHUNK}"
+                ))?
+                .execute(params![tenant.as_str(), id.as_str(), index, worker, error, to_micros(retry_at)?])?;
+            Ok(released == 1)
+        })
+        .await
+    }
+
     async fn complete(
         &self,
         chunk: &LeasedChunk,
@@ -316,26 +338,35 @@ fn lease(
 ) -> Result<Option<LeasedChunk>> {
     let candidate = tx
         .prepare_cached(
-            "SELECT k.tenant, k.job_id, k.idx, k.resource_type FROM export_jobs j \
+            "SELECT k.tenant, k.job_id, k.idx, k.resource_type, k.attempts, k.last_error FROM export_jobs j \
              JOIN export_chunks k ON k.tenant = j.tenant AND k.job_id = j.id \
              WHERE j.status = 'active' AND k.done = 0 AND (k.lease_until IS NULL OR k.lease_until < ?1) \
              ORDER BY j.created_at, j.id, j.tenant, k.idx LIMIT 1",
         )?
         .query_row(params![to_micros(now)?], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?, row.get::<_, String>(3)?))
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, Option<String>>(5)?,
+            ))
         })
         .optional()?;
-    let Some((tenant, id, index, resource_type)) = candidate else {
+    let Some((tenant, id, index, resource_type, attempts, last_error)) = candidate else {
         return Ok(None);
     };
     tx.prepare_cached(
-        "UPDATE export_chunks SET worker = ?4, lease_until = ?5 WHERE tenant = ?1 AND job_id = ?2 AND idx = ?3",
+        "UPDATE export_chunks SET worker = ?4, lease_until = ?5, attempts = attempts + 1 \
+         WHERE tenant = ?1 AND job_id = ?2 AND idx = ?3",
     )?
     .execute(params![tenant, id, index, worker, to_micros(until)?])?;
+    let attempt = u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX);
     let job =
         read_job(tx, &tenant, &id)?.ok_or_else(|| Error::Corrupt(format!("chunk of a missing job {tenant}/{id}")))?;
     let index = chunk_index(index)?;
-    Ok(Some(LeasedChunk { job, index, resource_type, until }))
+    Ok(Some(LeasedChunk { job, index, resource_type, until, attempt, last_error }))
 }
 
 fn read_job(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<Option<ExportJob>> {

@@ -137,7 +137,7 @@ pub(crate) async fn read_body(gw: &SharedGateway, headers: &HeaderMap, body: Bod
     read_body_up_to(gw.config.max_body_bytes, headers, body).await
 }
 
-async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
+pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> FhirResult<Bytes> {
     let too_large =
         || FhirError::new(ErrorCategory::TooLarge, format!("request body is larger than the {limit}-byte limit"));
     let declared =

@@ -6,6 +6,7 @@
 //! What it is not: storage, validation or any FHIR interaction logic (that is `fhirmesh-core`).
 
 mod auth;
+mod binary;
 mod bundle;
 mod export;
 mod handlers;
@@ -131,6 +132,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .merge(protected)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::no_route)
+        .layer(axum::middleware::from_fn_with_state(gateway.clone(), binary::negotiate))
         .with_state(gateway);
     let fhir =
         if base_path.is_empty() { fhir } else { Router::new().nest(&base_path, fhir).fallback(handlers::no_route) };

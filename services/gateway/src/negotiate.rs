@@ -71,6 +71,12 @@ fn check_accept(accept: &str) -> FhirResult<()> {
     if acceptable { Ok(()) } else { Err(not_acceptable(accept)) }
 }
 
+/// A FHIR format (JSON, which this server speaks, or XML, which it refuses with 406).
+pub(crate) fn is_fhir_media(media: &str) -> bool {
+    is_json(media)
+        || matches!(media, "xml" | "application/xml" | "application/fhir+xml" | "application/xml+fhir" | "text/xml")
+}
+
 fn is_json(media: &str) -> bool {
     matches!(media, "json" | "application/json" | "application/fhir+json" | "application/json+fhir" | "text/json")
 }

@@ -165,6 +165,10 @@ pub struct LeasedChunk {
     pub resource_type: String,
     /// The lease ends then unless renewed; afterwards another worker may take the chunk.
     pub until: OffsetDateTime,
+    /// How many times the chunk has been leased, this lease included (1 on the first).
+    pub attempt: u32,
+    /// Why the previous attempt gave the chunk back ([`JobStore::release`]), if it said.
+    pub last_error: Option<String>,
 }
 
 /// Why a job store operation failed.
@@ -193,7 +197,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn get(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobView>, JobError>;
 
     /// Leases to `worker`, until `until`, a chunk of an active job that is not done and not leased
-    /// (or whose lease ended before `now`), oldest job first; `None` when there is none.
+    /// (or whose lease ended before `now`), oldest job first, counting the attempt; `None` when
+    /// there is none.
     async fn lease(
         &self,
         worker: &str,
@@ -214,6 +219,17 @@ pub trait JobStore: Send + Sync + 'static {
         worker: &str,
         outputs: &[OutputFile],
         now: OffsetDateTime,
+    ) -> Result<bool, JobError>;
+
+    /// Gives a chunk back because `error` stopped `worker`: any worker may lease it again from
+    /// `retry_at` on (its lease ends then), and the next lease carries `error` as its
+    /// `last_error`. False when the worker no longer held it.
+    async fn release(
+        &self,
+        chunk: &LeasedChunk,
+        worker: &str,
+        error: &str,
+        retry_at: OffsetDateTime,
     ) -> Result<bool, JobError>;
 
     /// Marks an active job `failed` with `reason` at `now`.

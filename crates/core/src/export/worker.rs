@@ -52,6 +52,8 @@ pub struct WorkerSettings {
     pub max_file_bytes: u64,
     /// Finished jobs (and their files) are removed this long after they finished.
     pub output_expiry: Duration,
+    /// Attempts at one chunk before its job fails (a chunk whose worker died counts too).
+    pub max_attempts: u32,
 }
 
 impl Default for WorkerSettings {
@@ -63,6 +65,7 @@ impl Default for WorkerSettings {
             page_size: 1_000,
             max_file_bytes: 128 * 1024 * 1024,
             output_expiry: Duration::from_secs(24 * 3600),
+            max_attempts: 5,
         }
     }
 }
@@ -150,7 +153,17 @@ impl ExportWorker {
             }
         };
         let job = chunk.job.id.clone();
-        match self.export_chunk(&chunk).await {
+        let outcome = if chunk.attempt > self.settings.max_attempts.max(1) {
+            let last = chunk.last_error.as_deref().unwrap_or("a worker stopped without saying why");
+            Err(Stop::Fatal(format!(
+                "exporting {} failed {} times; the last time: {last}",
+                chunk.resource_type,
+                chunk.attempt - 1
+            )))
+        } else {
+            self.export_chunk(&chunk).await
+        };
+        match outcome {
             Ok(()) => {}
             Err(Stop::LeaseLost) => {
                 // Taken over, or the job is gone (cancelled): then what this worker wrote after
@@ -167,7 +180,14 @@ impl ExportWorker {
                 }
             }
             Err(Stop::Transient(reason)) => {
-                tracing::warn!(%job, %reason, "export chunk failed; it is retried after its lease ends");
+                tracing::warn!(%job, %reason, attempt = chunk.attempt, "export chunk failed; it is retried");
+                // Again after 2, 4, 8… seconds (at most a minute), by whichever worker is free.
+                let pause = Duration::from_secs(1u64 << chunk.attempt.clamp(1, 6));
+                let retry_at = OffsetDateTime::now_utc() + pause;
+                let released = self.jobs.release(&chunk, &self.settings.worker_id, &reason, retry_at).await;
+                if let Err(error) = released {
+                    tracing::warn!(%job, %error, "cannot give an export chunk back; it is retried after its lease");
+                }
             }
             Err(Stop::Fatal(reason)) => {
                 tracing::error!(%job, %reason, "export job failed");

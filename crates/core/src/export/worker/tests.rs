@@ -109,3 +109,191 @@ fn elements_shape_each_type_by_its_own_entries() {
     assert!(shaped.get("birthDate").is_none(), "{shaped}");
     assert_eq!(shaped["meta"]["tag"][0]["code"], "SUBSETTED", "{shaped}");
 }
+
+/// A job store holding one job of one chunk, for the worker's failure path.
+#[derive(Default)]
+struct OneChunk {
+    state: std::sync::Mutex<OneChunkState>,
+}
+
+#[derive(Default)]
+struct OneChunkState {
+    attempts: u32,
+    last_error: Option<String>,
+    failed: Option<String>,
+}
+
+fn one_job() -> crate::export::job::ExportJob {
+    crate::export::job::ExportJob {
+        id: JobId::parse("job-1").expect("id"),
+        tenant: crate::model::TenantId::default(),
+        owner: None,
+        request: request(ExportLevel::System, &[], &[], &[]),
+        as_of: 1,
+        transaction_time: NOW,
+        created_at: NOW,
+        status: crate::export::job::JobStatus::Active,
+        error: None,
+        finished_at: None,
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::export::job::JobStore for OneChunk {
+    async fn create(&self, _: &crate::export::job::ExportJob, _: usize) -> Result<(), crate::export::JobError> {
+        Ok(())
+    }
+    async fn get(
+        &self,
+        _: &crate::model::TenantId,
+        _: &JobId,
+    ) -> Result<Option<crate::export::JobView>, crate::export::JobError> {
+        Ok(None)
+    }
+    async fn lease(
+        &self,
+        _: &str,
+        _: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<Option<LeasedChunk>, crate::export::JobError> {
+        let mut state = self.state.lock().expect("state");
+        if state.failed.is_some() {
+            return Ok(None);
+        }
+        state.attempts += 1;
+        Ok(Some(LeasedChunk {
+            job: one_job(),
+            index: 0,
+            resource_type: "Patient".into(),
+            until,
+            attempt: state.attempts,
+            last_error: state.last_error.clone(),
+        }))
+    }
+    async fn renew(&self, _: &LeasedChunk, _: &str, _: OffsetDateTime) -> Result<bool, crate::export::JobError> {
+        Ok(true)
+    }
+    async fn release(
+        &self,
+        _: &LeasedChunk,
+        _: &str,
+        error: &str,
+        _: OffsetDateTime,
+    ) -> Result<bool, crate::export::JobError> {
+        self.state.lock().expect("state").last_error = Some(error.to_owned());
+        Ok(true)
+    }
+    async fn complete(
+        &self,
+        _: &LeasedChunk,
+        _: &str,
+        _: &[OutputFile],
+        _: OffsetDateTime,
+    ) -> Result<bool, crate::export::JobError> {
+        panic!("a chunk whose snapshot cannot be read never completes")
+    }
+    async fn fail(
+        &self,
+        _: &crate::model::TenantId,
+        _: &JobId,
+        reason: &str,
+        _: OffsetDateTime,
+    ) -> Result<(), crate::export::JobError> {
+        self.state.lock().expect("state").failed = Some(reason.to_owned());
+        Ok(())
+    }
+    async fn delete(&self, _: &crate::model::TenantId, _: &JobId) -> Result<bool, crate::export::JobError> {
+        Ok(false)
+    }
+    async fn finished_before(
+        &self,
+        _: OffsetDateTime,
+        _: usize,
+    ) -> Result<Vec<(crate::model::TenantId, JobId)>, crate::export::JobError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A snapshot that cannot be read.
+struct Unreadable;
+
+#[async_trait::async_trait]
+impl crate::export::job::ExportSource for Unreadable {
+    async fn snapshot_page(
+        &self,
+        _: &crate::model::TenantId,
+        _: ResourceType,
+        _: u64,
+        _: Option<OffsetDateTime>,
+        _: Option<&LogicalId>,
+        _: usize,
+    ) -> Result<Vec<crate::model::ResourceVersion>, crate::ports::StoreError> {
+        Err(crate::ports::StoreError::Unavailable("disk on fire".into()))
+    }
+}
+
+/// A blob store the failing chunk never reaches.
+struct NoBlobs;
+
+#[async_trait::async_trait]
+impl crate::blob::BlobStore for NoBlobs {
+    async fn put(&self, _: &BlobKey, _: &str, _: PutBody) -> Result<crate::blob::BlobInfo, crate::blob::BlobError> {
+        panic!("nothing is written")
+    }
+    async fn get_range(
+        &self,
+        _: &BlobKey,
+        _: Option<crate::blob::ByteRange>,
+    ) -> Result<Option<crate::blob::Blob>, crate::blob::BlobError> {
+        Ok(None)
+    }
+    async fn head(&self, _: &BlobKey) -> Result<Option<crate::blob::BlobInfo>, crate::blob::BlobError> {
+        Ok(None)
+    }
+    async fn delete(&self, _: &BlobKey) -> Result<(), crate::blob::BlobError> {
+        Ok(())
+    }
+    async fn list(
+        &self,
+        _: &BlobPrefix,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<crate::blob::BlobPage, crate::blob::BlobError> {
+        Ok(crate::blob::BlobPage { entries: Vec::new(), next: None })
+    }
+    async fn presign_get(
+        &self,
+        _: &BlobKey,
+        _: Duration,
+    ) -> Result<Option<crate::blob::PresignedUrl>, crate::blob::BlobError> {
+        Ok(None)
+    }
+    async fn presign_put(
+        &self,
+        _: &BlobKey,
+        _: &str,
+        _: Duration,
+    ) -> Result<Option<crate::blob::PresignedUrl>, crate::blob::BlobError> {
+        Ok(None)
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_that_keeps_failing_fails_its_job_with_the_last_reason() {
+    let jobs = std::sync::Arc::new(OneChunk::default());
+    let settings = WorkerSettings { max_attempts: 3, ..WorkerSettings::default() };
+    let worker =
+        ExportWorker::new(jobs.clone(), std::sync::Arc::new(Unreadable), std::sync::Arc::new(NoBlobs), settings);
+    for attempt in 1..=3 {
+        assert!(worker.work_once().await, "attempt {attempt} leased the chunk");
+        let state = jobs.state.lock().expect("state");
+        assert!(state.failed.is_none(), "not failed after attempt {attempt}");
+        assert!(state.last_error.as_deref().is_some_and(|e| e.contains("disk on fire")), "released with its reason");
+    }
+    // The fourth lease is past the limit: the job fails, naming what went wrong.
+    assert!(worker.work_once().await);
+    let failed = jobs.state.lock().expect("state").failed.clone().expect("the job failed");
+    assert!(failed.contains("exporting Patient failed 3 times"), "{failed}");
+    assert!(failed.contains("disk on fire"), "{failed}");
+    assert!(!worker.work_once().await, "nothing left to lease");
+}
