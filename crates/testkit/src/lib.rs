@@ -111,9 +111,11 @@ impl TestServer {
         status_and_json(response).await
     }
 
-    /// GETs a path and returns (status, body).
+    /// GETs a path as FHIR JSON (`Accept: application/fhir+json`; without it a `Binary` would
+    /// answer its raw content) and returns (status, body).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.client.get(self.url(path)).send().await.expect("request sent");
+        let request = self.client.get(self.url(path)).header("accept", "application/fhir+json");
+        let response = request.send().await.expect("request sent");
         status_and_json(response).await
     }
 }
