@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use fhirmesh_core::FhirError;
-use fhirmesh_core::export::{ExportLevel, ExportStatus, KickOff, request::parameters_from_body};
+use fhirmesh_core::export::{DynExportService, ExportLevel, ExportStatus, KickOff, request::parameters_from_body};
 use fhirmesh_fhir::outcome::information;
 use futures::StreamExt;
 use http::header::{CONTENT_LOCATION, CONTENT_TYPE, RETRY_AFTER};
@@ -74,10 +74,8 @@ async fn kick_off(
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(exports) = gw.exports.clone() else {
-        return prelude.fail(FhirError::unsupported("$export is not available on this server"));
-    };
     let result = async {
+        let exports = export_service(&gw)?;
         if !negotiate::prefers(headers, "respond-async") {
             return Err(FhirError::invalid(
                 "$export runs asynchronously: send the header Prefer: respond-async, then poll the status URL",
@@ -109,21 +107,19 @@ async fn kick_off(
             }
             response
         }
-        Err(error) => with_retry_after(prelude.fail(error)),
+        Err(error) => prelude.fail(error),
     }
 }
 
-/// A 429 tells the client when to try again.
-fn with_retry_after(mut response: Response) -> Response {
-    if response.status() == StatusCode::TOO_MANY_REQUESTS {
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("30"));
-    }
-    response
+/// The export service, or why there is none.
+fn export_service(gw: &SharedGateway) -> Result<DynExportService, FhirError> {
+    gw.exports.clone().ok_or_else(|| FhirError::unsupported("$export is not available on this server"))
 }
 
 pub(crate) async fn status(State(gw): State<SharedGateway>, Path(job): Path<String>, prelude: Prelude) -> Response {
-    let Some(exports) = gw.exports.clone() else {
-        return prelude.fail(FhirError::unsupported("$export is not available on this server"));
+    let exports = match export_service(&gw) {
+        Ok(exports) => exports,
+        Err(error) => return prelude.fail(error),
     };
     match exports.status(&prelude.ctx, &job).await {
         Ok(ExportStatus::InProgress { progress }) => {
@@ -149,8 +145,9 @@ pub(crate) async fn status(State(gw): State<SharedGateway>, Path(job): Path<Stri
 }
 
 pub(crate) async fn cancel(State(gw): State<SharedGateway>, Path(job): Path<String>, prelude: Prelude) -> Response {
-    let Some(exports) = gw.exports.clone() else {
-        return prelude.fail(FhirError::unsupported("$export is not available on this server"));
+    let exports = match export_service(&gw) {
+        Ok(exports) => exports,
+        Err(error) => return prelude.fail(error),
     };
     match exports.cancel(&prelude.ctx, &job).await {
         Ok(()) => json_response(
@@ -167,8 +164,9 @@ pub(crate) async fn download(
     Path((job, file)): Path<(String, String)>,
     caller: Caller,
 ) -> Response {
-    let Some(exports) = gw.exports.clone() else {
-        return error_response(&FhirError::unsupported("$export is not available on this server"), false);
+    let exports = match export_service(&gw) {
+        Ok(exports) => exports,
+        Err(error) => return error_response(&error, false),
     };
     match exports.download(&caller.ctx, &job, &file).await {
         Ok(blob) => {

@@ -46,15 +46,23 @@ pub(crate) fn error_response(error: &FhirError, pretty: bool) -> Response {
         tracing::warn!(error = %error, "request failed");
     }
     let mut response = json_response(status, &error.to_operation_outcome(), pretty);
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    let retry_after = match status {
         // A backend outage or overload: safe to retry shortly.
-        response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
+        // A limit on work in progress (running exports): retry once some has finished.
+        StatusCode::TOO_MANY_REQUESTS => Some(RETRY_AFTER_LIMITED_SECONDS),
+        _ => None,
+    };
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static(seconds));
     }
     response
 }
 
 /// What a 503 tells clients to wait before retrying.
 const RETRY_AFTER_SECONDS: &str = "2";
+/// What a 429 tells clients to wait before retrying.
+const RETRY_AFTER_LIMITED_SECONDS: &str = "30";
 
 /// A stored resource shaped by `_summary`/`_elements`/`_pretty`, as bytes.
 pub(crate) fn shaped_body(body: &Bytes, presentation: &Presentation) -> Result<Bytes, FhirError> {

@@ -205,7 +205,7 @@ impl ExportWorker {
         let Some(resource_type) = ResourceType::parse(&chunk.resource_type) else {
             return Err(Stop::Fatal(format!("unknown resource type {} in the job", chunk.resource_type)));
         };
-        let selection = Selection::new(job.request.level.clone(), resource_type, &job.request)?;
+        let selection = Selection::new(resource_type, &job.request)?;
         let mut files = Files::new(self.blobs.clone(), chunk, self.settings.max_file_bytes);
         let mut after: Option<LogicalId> = None;
         let mut renewed = tokio::time::Instant::now();
@@ -296,11 +296,7 @@ struct Compartment {
 }
 
 impl Selection {
-    fn new(
-        level: ExportLevel,
-        resource_type: ResourceType,
-        request: &crate::export::job::ExportRequest,
-    ) -> Result<Selection, Stop> {
+    fn new(resource_type: ResourceType, request: &crate::export::job::ExportRequest) -> Result<Selection, Stop> {
         let mut filters = Vec::new();
         for text in &request.type_filters {
             let criteria = ResourceCriteria::parse(text, "_typeFilter")
@@ -309,6 +305,7 @@ impl Selection {
                 filters.push(criteria);
             }
         }
+        let level = &request.level;
         let compartment = match level {
             ExportLevel::System => None,
             ExportLevel::Patient | ExportLevel::Group { .. } => {

@@ -19,7 +19,7 @@ fn request(level: ExportLevel, filters: &[&str], patients: &[&str], elements: &[
 
 fn selection(type_name: &str, request: &ExportRequest) -> Selection {
     let resource_type = ResourceType::parse(type_name).expect("type");
-    Selection::new(request.level.clone(), resource_type, request).expect("selection")
+    Selection::new(resource_type, request).expect("selection")
 }
 
 fn line(selection: &Selection, resource: &Value) -> Option<Value> {
