@@ -38,6 +38,10 @@ pub enum WireError {
     IdWithoutResourceType,
     #[error("unknown bundle kind {0}")]
     UnknownBundleKind(i32),
+    #[error("unknown export level {0}")]
+    UnknownExportLevel(i32),
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
     #[error("invalid HTTP status {0}: expected 100 to 599")]
     InvalidStatus(u32),
     #[error("unknown error category '{0}'")]
@@ -121,7 +125,9 @@ pub(crate) fn context_to_wire(ctx: &RequestContext) -> pb::RequestContext {
         tenant: ctx.tenant.as_str().to_owned(),
         request_id: ctx.request_id.clone(),
         traceparent: ctx.traceparent.clone(),
-        access_json: (!ctx.access.is_unrestricted())
+        // Unrestricted grants still carry the caller when there is one (an open policy with
+        // tokens): export jobs belong to it.
+        access_json: (!ctx.access.is_unrestricted() || ctx.access.principal().is_some())
             .then(|| serde_json::to_string(ctx.access.as_ref()).unwrap_or_default()),
     }
 }

@@ -7,6 +7,8 @@
 //!   [`fhirmesh_core::ResourceService`] over gRPC.
 //! - [`GrpcResourceClient`]: a [`fhirmesh_core::ResourceService`] that calls a remote one over gRPC,
 //!   so the gateway cannot tell an in-process service from a remote one.
+//! - [`GrpcExportAdapter`] / [`GrpcExportClient`]: the same pair for the Bulk Data
+//!   [`fhirmesh_core::export::ExportService`] (the exporter and the mesh gateway).
 //! - Conversions of the [`fhirmesh_core::ResourceChanged`] event to and from its protobuf envelope
 //!   ([`encode_resource_changed`], [`decode_resource_changed`]), for the buses that carry bytes.
 //!
@@ -28,6 +30,7 @@
 mod client;
 mod convert;
 mod events;
+mod export;
 mod server;
 mod status;
 
@@ -43,6 +46,7 @@ pub mod pb {
 pub use client::GrpcResourceClient;
 pub use convert::WireError;
 pub use events::{decode_resource_changed, encode_resource_changed};
+pub use export::{GrpcExportAdapter, GrpcExportClient, export_service_server};
 pub use server::{GrpcResourceAdapter, resource_service_server, resource_service_server_with_limit};
 pub use status::{CATEGORY_METADATA_KEY, OUTCOME_METADATA_KEY, fhir_error_to_status, status_to_fhir_error};
 

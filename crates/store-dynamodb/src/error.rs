@@ -2,6 +2,7 @@
 //! cure are `Unavailable` (503 with Retry-After at the API); the rest is `Internal`.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use fhirmesh_core::export::JobError;
 use fhirmesh_core::ports::StoreError;
 
 /// Service error codes that mean "try again later", not "this request is wrong".
@@ -33,6 +34,16 @@ where
             }
         }
         _ => StoreError::Internal(format!("DynamoDB {what}: {}", describe(&err))),
+    }
+}
+
+/// The same mapping for the export job store: what a retry may cure is `Unavailable`, anything
+/// else (including items that do not decode) `Internal`.
+pub(crate) fn job_error(err: StoreError) -> JobError {
+    match err {
+        StoreError::Unavailable(message) => JobError::Unavailable(message),
+        StoreError::Internal(message) => JobError::Internal(message),
+        other @ (StoreError::Conflict { .. } | StoreError::Unsupported(_)) => JobError::Internal(other.to_string()),
     }
 }
 

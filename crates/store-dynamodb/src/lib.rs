@@ -7,7 +7,8 @@
 //! the SQLite store.
 //!
 //! Also here: the DynamoDB Streams relay ([`streams`]: shard discovery, parent-before-child
-//! order, per-shard checkpoints and leases). What it is not: the search index.
+//! order, per-shard checkpoints and leases) and the export job store ([`DynamoJobStore`], a
+//! table of its own). What it is not: the search index.
 
 mod blobs;
 mod changes;
@@ -15,6 +16,7 @@ mod commit;
 mod error;
 mod export;
 mod items;
+mod jobs;
 mod provision;
 mod queries;
 pub mod streams;
@@ -36,7 +38,8 @@ use tokio::sync::Notify;
 
 pub use crate::commit::{MAX_BODY_BYTES, MAX_TRANSACTION_BYTES, MAX_WRITES_PER_TRANSACTION};
 pub use crate::export::{ExportCursor, ExportPage, ExportScan, MAX_EXPORT_TYPES, MAX_SEGMENTS};
-pub use crate::provision::{Provisioned, provision, stream_arn};
+pub use crate::jobs::{DynamoJobStore, MAX_OWNER_BYTES};
+pub use crate::provision::{Provisioned, provision, provision_jobs, stream_arn};
 pub use crate::streams::{StreamRelay, StreamRelayConfig, provision_leases};
 
 /// Wall-clock epoch milliseconds: lease expiries and transaction deadlines, compared across

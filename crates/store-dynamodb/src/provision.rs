@@ -94,6 +94,40 @@ pub async fn provision(client: &Client, table: &str) -> Result<Provisioned, Stor
     Err(StoreError::Unavailable(format!("table {table} did not become active within 60 s")))
 }
 
+/// Creates the export job table `table` (`pk` S + `sk` S, on-demand billing, no index, no stream;
+/// see [`crate::DynamoJobStore`]) unless it exists, then waits (at most 60 s) until it is active.
+/// Returns whether this call created it.
+pub async fn provision_jobs(client: &Client, table: &str) -> Result<bool, StoreError> {
+    let create = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
+        .attribute_definitions(attribute(SK, ScalarAttributeType::S)?)
+        .key_schema(key_element(PK, KeyType::Hash)?)
+        .key_schema(key_element(SK, KeyType::Range)?)
+        .send()
+        .await;
+    let created = match create {
+        Ok(_) => true,
+        Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => false,
+        Err(err) => return Err(sdk_error(&format!("create export job table {table}"), err)),
+    };
+    for _ in 0..120 {
+        let described = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| sdk_error(&format!("describe export job table {table}"), e))?;
+        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(created);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(StoreError::Unavailable(format!("export job table {table} did not become active within 60 s")))
+}
+
 /// The ARN of `table`'s stream, for the Streams relay.
 pub async fn stream_arn(client: &Client, table: &str) -> Result<String, StoreError> {
     let described = client

@@ -7,9 +7,7 @@ use bytes::Bytes;
 use fhirmesh_core::model::{Operation, TenantId};
 use fhirmesh_core::ports::{ChangeLog, Expected, HistoryQuery, HistoryScope, ResourceStore, StoreError, VersionWrite};
 use fhirmesh_fhir::{LogicalId, ResourceType};
-use fhirmesh_store_dynamodb::{
-    DynamoConfig, DynamoStore, ExportCursor, ExportScan, MAX_WRITES_PER_TRANSACTION, provision,
-};
+use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, MAX_WRITES_PER_TRANSACTION, provision};
 use time::OffsetDateTime;
 
 async fn store_with(adjust: impl FnOnce(&mut DynamoConfig)) -> DynamoStore {
@@ -346,65 +344,6 @@ async fn bodies_too_large_for_an_item_live_in_the_blob_store() {
     assert_eq!(receipt.last_sequence - receipt.first_sequence, 11);
     let h = store.read(&tenant, rt("Binary"), &lid("h11")).await.expect("read").expect("present");
     assert_eq!(h.body, Some(heavy_body));
-}
-
-/// Every resource of `scan`'s segments, read page by page with `limit`.
-async fn export_all(store: &DynamoStore, scan: ExportScan<'_>, limit: usize) -> Vec<(String, String, u64)> {
-    let mut found = Vec::new();
-    for segment in 0..scan.segments {
-        let scan = ExportScan { segment, ..scan.clone() };
-        let mut cursor: Option<ExportCursor> = None;
-        for _ in 0..1000 {
-            let page = store.export_page(&scan, cursor.as_ref(), limit).await.expect("export page");
-            assert!(page.resources.len() <= limit);
-            found.extend(page.resources.iter().map(|v| (v.resource_type.to_string(), v.id.to_string(), v.version_id)));
-            // Cursors survive being stored as text.
-            cursor = page.next.map(|next| ExportCursor::decode(&next.encode()).expect("cursor"));
-            if cursor.is_none() {
-                break;
-            }
-        }
-        assert!(cursor.is_none(), "segment {segment} ended");
-    }
-    found.sort();
-    found
-}
-
-#[tokio::test]
-async fn export_scans_cover_the_current_live_resources_once_across_segments() {
-    let store = store().await;
-    let (a, b) = (tenant("exp-a"), tenant("exp-b"));
-    // 40 Patients in one staged commit, 10 Observations, another tenant's Patients.
-    let patients: Vec<VersionWrite> =
-        (0..40).map(|i| write("Patient", &format!("p{i}"), Expected::Absent, 1, t(1))).collect();
-    store.commit(&a, patients).await.expect("patients");
-    let observations: Vec<VersionWrite> =
-        (0..10).map(|i| write("Observation", &format!("o{i}"), Expected::Absent, 1, t(2))).collect();
-    store.commit(&a, observations).await.expect("observations");
-    store.commit(&b, vec![write("Patient", "other", Expected::Absent, 1, t(1))]).await.expect("other tenant");
-    // Deleted resources are not exported; updated ones once, at their current version.
-    store.commit(&a, vec![delete("Patient", "p0", 1, t(3)), delete("Patient", "p1", 1, t(3))]).await.expect("delete");
-    store.commit(&a, vec![write("Patient", "p2", Expected::Version(1), 2, t(5))]).await.expect("update");
-
-    let mut expected: Vec<(String, String, u64)> = (2..40)
-        .map(|i| ("Patient".to_owned(), format!("p{i}"), if i == 2 { 2 } else { 1 }))
-        .chain((0..10).map(|i| ("Observation".to_owned(), format!("o{i}"), 1)))
-        .collect();
-    expected.sort();
-    let all = ExportScan { tenant: &a, types: &[], since: None, segment: 0, segments: 4 };
-    assert_eq!(export_all(&store, all.clone(), 7).await, expected);
-    assert_eq!(export_all(&store, ExportScan { segments: 1, ..all.clone() }, 1000).await, expected);
-
-    let observation_type = [rt("Observation")];
-    let only_observations = ExportScan { types: &observation_type, ..all.clone() };
-    assert_eq!(export_all(&store, only_observations, 3).await.len(), 10);
-    let since = ExportScan { since: Some(t(2)), ..all.clone() };
-    let recent: Vec<String> = export_all(&store, since, 50).await.into_iter().map(|(_, id, _)| id).collect();
-    assert_eq!(recent.len(), 11, "the observations and the updated patient: {recent:?}");
-    assert!(recent.contains(&"p2".to_owned()));
-
-    let bad = ExportScan { segment: 4, ..all.clone() };
-    assert!(store.export_page(&bad, None, 10).await.is_err(), "segment out of range");
 }
 
 #[tokio::test]

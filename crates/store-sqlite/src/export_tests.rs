@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fhirmesh_core::export::{
-    ChunkState, ExportJob, ExportLevel, ExportRequest, ExportSource, JobError, JobId, JobStatus, JobStore, JobView,
-    LeasedChunk, OutputFile,
+    ChunkPart, ChunkState, ExportJob, ExportLevel, ExportRequest, ExportSource, JobError, JobId, JobStatus, JobStore,
+    JobView, LeasedChunk, OutputFile,
 };
 use fhirmesh_core::model::{ResourceVersion, TenantId};
 use fhirmesh_core::ports::{ChangeLog, Expected, ResourceStore, StoreError};
@@ -61,8 +61,10 @@ async fn snapshot(
     after: Option<&str>,
     limit: usize,
 ) -> Vec<ResourceVersion> {
-    let after = after.map(lid);
-    store.snapshot_page(tenant, rt(resource_type), as_of, since, after.as_ref(), limit).await.expect("snapshot page")
+    let part = ChunkPart { types: vec![rt(resource_type)], segment: 0, segments: 1 };
+    let cursor = after.map(|id| format!("0/{id}"));
+    let page = store.snapshot_page(tenant, &part, as_of, since, cursor.as_deref(), limit).await.expect("snapshot page");
+    page.resources
 }
 
 const NOTHING: Vec<ResourceVersion> = Vec::new();
@@ -215,6 +217,45 @@ async fn snapshot_pages_cover_every_resource_once_in_id_order() {
     assert_eq!(snapshot(&store, &mine, "Patient", as_of, None, Some(last), 10).await, NOTHING);
 }
 
+/// A part of several types is read type after type through the opaque cursor; scan segments are
+/// refused (SQLite reads by type).
+#[tokio::test]
+async fn a_part_of_several_types_pages_through_each_in_turn() {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let mine = tenant("t1");
+    for n in 0..5 {
+        set(&store, &mine, "Patient", &format!("p{n}"), 1, n, true).await;
+        set(&store, &mine, "Observation", &format!("o{n}"), 1, 10 + n, true).await;
+    }
+    let as_of = store.latest_sequence().await.expect("latest");
+    let part = ChunkPart { types: vec![rt("Observation"), rt("Encounter"), rt("Patient")], segment: 0, segments: 1 };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.snapshot_page(&mine, &part, as_of, None, cursor.as_deref(), 2).await.expect("page");
+        assert!(page.resources.len() <= 2);
+        seen.extend(page.resources.iter().map(|v| format!("{}/{}", v.resource_type, v.id)));
+        pages += 1;
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let expected: Vec<String> =
+        (0..5).map(|n| format!("Observation/o{n}")).chain((0..5).map(|n| format!("Patient/p{n}"))).collect();
+    assert_eq!(seen, expected);
+    assert!(pages >= 5, "{pages} pages of at most 2");
+    for bad in ["x", "9/p1", "0/", "1/p 1"] {
+        let result = store.snapshot_page(&mine, &part, as_of, None, Some(bad), 2).await;
+        assert!(matches!(result, Err(StoreError::Internal(_))), "{bad:?}: {result:?}");
+    }
+    let segmented = ChunkPart { types: vec![rt("Patient")], segment: 0, segments: 4 };
+    let result = store.snapshot_page(&mine, &segmented, as_of, None, None, 2).await;
+    assert!(matches!(result, Err(StoreError::Unsupported(_))), "{result:?}");
+}
+
 /// Paging while another task keeps writing: every page still reads the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_pages_are_stable_while_writes_continue() {
@@ -292,7 +333,9 @@ async fn corrupt_snapshot_rows_are_internal_errors() {
     let conn = raw_connection(&dir);
     conn.execute_batch("UPDATE resource_versions SET operation = 'frobnicate' WHERE sequence = 1").expect("corrupt");
     drop(conn);
-    let result = store.snapshot_page(&tenant, rt("Patient"), 1, None, None, 10).await;
+    let result = store
+        .snapshot_page(&tenant, &ChunkPart { types: vec![rt("Patient")], segment: 0, segments: 1 }, 1, None, None, 10)
+        .await;
     assert!(matches!(result, Err(StoreError::Internal(_))), "{result:?}");
 }
 
@@ -325,6 +368,7 @@ fn job(tenant_name: &str, id: &str, owner: Option<&str>, types: &[&str], created
             elements: vec!["Patient.name".into(), "status".into()],
             patients: vec!["p1".into()],
             request_url: format!("http://h/Group/g1/$export?job={id}"),
+            segments: 1,
         },
         as_of: 42,
         transaction_time: t(created) - time::Duration::microseconds(5),
@@ -366,8 +410,8 @@ async fn jobs_round_trip_and_persist() {
     let expected = JobView {
         job: created.clone(),
         chunks: vec![
-            ChunkState { index: 0, resource_type: "Patient".into(), done: false, outputs: vec![] },
-            ChunkState { index: 1, resource_type: "Observation".into(), done: false, outputs: vec![] },
+            ChunkState { index: 0, done: false, outputs: vec![] },
+            ChunkState { index: 1, done: false, outputs: vec![] },
         ],
     };
     assert_eq!(view(&jobs, "t1", "job-1").await, Some(expected.clone()));
@@ -444,7 +488,7 @@ async fn leases_go_oldest_job_first_and_are_exclusive() {
         let leased = leased.expect("leased");
         let stored = view(&jobs, leased.job.tenant.as_str(), id).await.expect("job");
         assert_eq!(leased.job, stored.job, "the lease carries the full job");
-        assert_eq!(leased.resource_type, stored.chunks[*index as usize].resource_type);
+        assert_eq!(stored.chunks[*index as usize].index, *index);
         assert_eq!(leased.until, t(20));
     }
     assert_eq!(which(&lease(&jobs, "w9", 10, 20).await), None, "everything is leased");

@@ -323,9 +323,14 @@ fn create(tx: &Transaction<'_>, job: &ExportJob, max_active: usize) -> Result<Re
     let mut insert = tx.prepare_cached(
         "INSERT INTO export_chunks (tenant, job_id, idx, resource_type, done) VALUES (?1, ?2, ?3, ?4, 0)",
     )?;
-    for (index, resource_type) in job.request.types.iter().enumerate() {
-        let index = u32::try_from(index).map_err(|_| Error::Invalid("too many types in one export".to_owned()))?;
-        insert.execute(params![tenant, id, index, resource_type])?;
+    for (index, part) in job.request.chunks().iter().enumerate() {
+        let index = u32::try_from(index).map_err(|_| Error::Invalid("too many chunks in one export".to_owned()))?;
+        // The column names what the chunk covers, for people reading the table.
+        let label = match part.types.as_slice() {
+            [one] if part.segments <= 1 => one.to_string(),
+            _ => format!("segment {} of {}", part.segment, part.segments),
+        };
+        insert.execute(params![tenant, id, index, label])?;
     }
     Ok(Ok(()))
 }
@@ -338,7 +343,7 @@ fn lease(
 ) -> Result<Option<LeasedChunk>> {
     let candidate = tx
         .prepare_cached(
-            "SELECT k.tenant, k.job_id, k.idx, k.resource_type, k.attempts, k.last_error FROM export_jobs j \
+            "SELECT k.tenant, k.job_id, k.idx, k.attempts, k.last_error FROM export_jobs j \
              JOIN export_chunks k ON k.tenant = j.tenant AND k.job_id = j.id \
              WHERE j.status = 'active' AND k.done = 0 AND (k.lease_until IS NULL OR k.lease_until < ?1) \
              ORDER BY j.created_at, j.id, j.tenant, k.idx LIMIT 1",
@@ -348,13 +353,12 @@ fn lease(
                 row.get::<_, String>(0)?,
                 row.get::<_, String>(1)?,
                 row.get::<_, i64>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, i64>(4)?,
-                row.get::<_, Option<String>>(5)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, Option<String>>(4)?,
             ))
         })
         .optional()?;
-    let Some((tenant, id, index, resource_type, attempts, last_error)) = candidate else {
+    let Some((tenant, id, index, attempts, last_error)) = candidate else {
         return Ok(None);
     };
     tx.prepare_cached(
@@ -366,7 +370,7 @@ fn lease(
     let job =
         read_job(tx, &tenant, &id)?.ok_or_else(|| Error::Corrupt(format!("chunk of a missing job {tenant}/{id}")))?;
     let index = chunk_index(index)?;
-    Ok(Some(LeasedChunk { job, index, resource_type, until, attempt, last_error }))
+    Ok(Some(LeasedChunk { job, index, until, attempt, last_error }))
 }
 
 fn read_job(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<Option<ExportJob>> {
@@ -378,23 +382,18 @@ fn read_job(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<Option<Expor
 
 fn read_chunks(tx: &Transaction<'_>, tenant: &str, id: &str) -> Result<Vec<ChunkState>> {
     let mut stmt = tx.prepare_cached(
-        "SELECT idx, resource_type, done, outputs_json FROM export_chunks \
+        "SELECT idx, done, outputs_json FROM export_chunks \
          WHERE tenant = ?1 AND job_id = ?2 ORDER BY idx",
     )?;
     let mut rows = stmt.query(params![tenant, id])?;
     let mut chunks = Vec::new();
     while let Some(row) = rows.next()? {
-        let outputs = match row.get::<_, Option<String>>(3)? {
+        let outputs = match row.get::<_, Option<String>>(2)? {
             None => Vec::new(),
             Some(json) => serde_json::from_str::<Vec<OutputFile>>(&json)
                 .map_err(|err| Error::Corrupt(format!("chunk outputs of {tenant}/{id}: {err}")))?,
         };
-        chunks.push(ChunkState {
-            index: chunk_index(row.get(0)?)?,
-            resource_type: row.get(1)?,
-            done: row.get::<_, i64>(2)? != 0,
-            outputs,
-        });
+        chunks.push(ChunkState { index: chunk_index(row.get(0)?)?, done: row.get::<_, i64>(1)? != 0, outputs });
     }
     Ok(chunks)
 }

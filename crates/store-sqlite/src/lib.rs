@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use fhirmesh_core::export::ExportSource;
+use fhirmesh_core::export::{ChunkPart, ExportSource, SnapshotPage};
 use fhirmesh_core::model::{ResourceVersion, TenantId};
 use fhirmesh_core::ports::{
     ChangeLog, ChangeRecord, CommitReceipt, HistoryQuery, ResourceStore, StoreError, VersionWrite,
@@ -216,16 +216,51 @@ impl ExportSource for SqliteStore {
     async fn snapshot_page(
         &self,
         tenant: &TenantId,
-        resource_type: ResourceType,
+        part: &ChunkPart,
         as_of: u64,
         since: Option<OffsetDateTime>,
-        after: Option<&LogicalId>,
+        cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<ResourceVersion>, StoreError> {
-        let (tenant, after) = (tenant.clone(), after.cloned());
-        self.inner
-            .readers
-            .run(move |conn| queries::snapshot_page(conn, &tenant, resource_type, as_of, since, after.as_ref(), limit))
-            .await
+    ) -> Result<SnapshotPage, StoreError> {
+        if part.segments > 1 {
+            return Err(StoreError::Unsupported(format!(
+                "the SQLite store reads exports by type, not in {} scan segments (export segments = 1)",
+                part.segments
+            )));
+        }
+        // The cursor is `{type index}/{last id}`: the part's types are read one after another.
+        let (mut position, mut after) = match cursor {
+            None => (0, None),
+            Some(text) => parse_snapshot_cursor(text, part.types.len())?,
+        };
+        while let Some(resource_type) = part.types.get(position).copied() {
+            let tenant = tenant.clone();
+            let from = after.take();
+            let resources = self
+                .inner
+                .readers
+                .run(move |conn| {
+                    queries::snapshot_page(conn, &tenant, resource_type, as_of, since, from.as_ref(), limit)
+                })
+                .await?;
+            if let Some(last) = resources.last() {
+                let next = Some(format!("{position}/{}", last.id));
+                return Ok(SnapshotPage { resources, next });
+            }
+            position += 1;
+        }
+        Ok(SnapshotPage::default())
     }
+}
+
+/// `{type index}/{id}` of a snapshot cursor, the index below `types`.
+fn parse_snapshot_cursor(text: &str, types: usize) -> Result<(usize, Option<LogicalId>), StoreError> {
+    let bad = || StoreError::Internal(format!("not an export cursor: {}", fhirmesh_fhir::outcome::clip(text)));
+    let (position, id) = text.split_once('/').ok_or_else(bad)?;
+    let position: usize = position.parse().map_err(|_| bad())?;
+    let id = LogicalId::parse(id).map_err(|_| bad())?;
+    if position >= types {
+        return Err(bad());
+    }
+    Ok((position, Some(id)))
 }

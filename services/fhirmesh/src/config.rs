@@ -49,6 +49,20 @@ pub struct ExportSection {
     pub max_file_bytes: u64,
     /// Finished exports and their files are removed this long after they finished.
     pub output_expiry_seconds: u64,
+    /// Chunks per job: 0 picks by store — one chunk per resource type on SQLite, 8 parallel scan
+    /// segments (each over every type) on DynamoDB; more segments spread one job over more
+    /// workers. SQLite supports 1 only.
+    pub segments: u32,
+    /// A worker's hold on a chunk; renewed every third of it. A worker that dies leaves its chunk
+    /// to another after this long.
+    pub lease_seconds: u64,
+    /// Resources (SQLite) or items (DynamoDB) read per page of a snapshot.
+    pub page_size: usize,
+    /// `--target exporter`: where the export gRPC API is served (the gateway's
+    /// `gateway.export_endpoint`).
+    pub grpc_listen: String,
+    /// The DynamoDB table of export jobs (default: `{dynamodb.table}-jobs`).
+    pub job_table: Option<String>,
 }
 
 impl Default for ExportSection {
@@ -59,6 +73,11 @@ impl Default for ExportSection {
             workers: 2,
             max_file_bytes: 128 * 1024 * 1024,
             output_expiry_seconds: 24 * 3600,
+            segments: 0,
+            lease_seconds: 60,
+            page_size: 1_000,
+            grpc_listen: "127.0.0.1:50053".into(),
+            job_table: None,
         }
     }
 }
@@ -401,6 +420,9 @@ pub struct ResourceSection {
 pub struct GatewaySection {
     /// gRPC endpoint of the resource service (`--target gateway`).
     pub resource_endpoint: String,
+    /// gRPC endpoint of the exporter (`--target gateway`); without one a mesh gateway does not
+    /// serve `$export`.
+    pub export_endpoint: Option<String>,
 }
 
 /// Rest-hook Subscriptions: which endpoints may be called, limits, retries.
@@ -496,7 +518,7 @@ impl Default for ResourceSection {
 
 impl Default for GatewaySection {
     fn default() -> Self {
-        GatewaySection { resource_endpoint: "http://127.0.0.1:50051".into() }
+        GatewaySection { resource_endpoint: "http://127.0.0.1:50051".into(), export_endpoint: None }
     }
 }
 
@@ -643,10 +665,13 @@ impl Config {
         self.validate_auth()?;
         fhirmesh_notify::EndpointPolicy::new(&self.notifier.allow_endpoints, self.notifier.allow_insecure_http)
             .map_err(|err| anyhow::anyhow!("notifier.allow_endpoints: {err}"))?;
+        let export_endpoint = self.gateway.export_endpoint.as_ref();
         for (name, endpoint) in [
-            ("gateway.resource_endpoint", &self.gateway.resource_endpoint),
-            ("notifier.resource_endpoint", &self.notifier.resource_endpoint),
+            ("gateway.resource_endpoint", Some(&self.gateway.resource_endpoint)),
+            ("gateway.export_endpoint", export_endpoint),
+            ("notifier.resource_endpoint", Some(&self.notifier.resource_endpoint)),
         ] {
+            let Some(endpoint) = endpoint else { continue };
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 bail!("{name} must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
             }
@@ -661,6 +686,19 @@ impl Config {
         if self.export.max_file_bytes < 1024 {
             bail!("export.max_file_bytes must be at least 1024, got {}", self.export.max_file_bytes);
         }
+        if self.export.lease_seconds < 3 {
+            bail!("export.lease_seconds must be at least 3, got {}", self.export.lease_seconds);
+        }
+        if !(1..=10_000).contains(&self.export.page_size) {
+            bail!("export.page_size must be between 1 and 10000, got {}", self.export.page_size);
+        }
+        if self.export.segments > 1_000 {
+            bail!("export.segments must be at most 1000, got {}", self.export.segments);
+        }
+        if self.export.segments > 1 && self.storage.backend == StorageBackend::Sqlite {
+            bail!("export.segments must be 0 or 1 on SQLite (it reads exports by type), got {}", self.export.segments);
+        }
+        parse_addr("export.grpc_listen", &self.export.grpc_listen)?;
         Ok(())
     }
 
@@ -671,6 +709,25 @@ impl Config {
 
     pub fn listen_addr(&self) -> SocketAddr {
         parse_addr("server.listen", &self.server.listen).unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    pub fn exporter_addr(&self) -> SocketAddr {
+        parse_addr("export.grpc_listen", &self.export.grpc_listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50053)))
+    }
+
+    /// The chunks per export job (`export.segments`, 0 resolved by store).
+    pub fn export_segments(&self) -> u32 {
+        match (self.export.segments, self.storage.backend) {
+            (0, StorageBackend::Sqlite) => 1,
+            (0, StorageBackend::Dynamodb) => 8,
+            (n, _) => n,
+        }
+    }
+
+    /// The DynamoDB table of export jobs.
+    pub fn export_job_table(&self) -> String {
+        self.export.job_table.clone().unwrap_or_else(|| format!("{}-jobs", self.dynamodb.table))
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

@@ -40,6 +40,11 @@ pub async fn provision(config: &Config) -> anyhow::Result<Vec<String>> {
             "DynamoDB lease table {leases} (Streams relay): {}",
             if created { "created" } else { "exists" }
         ));
+        let jobs = config.export_job_table();
+        let created = fhirmesh_store_dynamodb::provision_jobs(&client, &jobs)
+            .await
+            .map_err(|err| anyhow::anyhow!("DynamoDB export job table {jobs}: {err}"))?;
+        done.push(format!("DynamoDB export job table {jobs}: {}", if created { "created" } else { "exists" }));
     } else {
         done.push(format!("resources: SQLite under {}", config.storage.data_dir.display()));
     }

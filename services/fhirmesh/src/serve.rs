@@ -40,13 +40,18 @@ pub enum Target {
     /// replica), calling the resource service over gRPC (notifier.resource_endpoint) and serving
     /// `/healthz`, `/readyz` and `/metrics` on notifier.listen.
     Notifier,
+    /// The exporter: the Bulk Data export API over gRPC (export.grpc_listen, the gateway's
+    /// gateway.export_endpoint) and export workers, on the configured store, job store and blob
+    /// store. Replicas share the jobs.
+    Exporter,
 }
 
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
 pub struct Running {
     /// Bound address of the FHIR HTTP API, when this process serves it.
     pub http_addr: Option<SocketAddr>,
-    /// Bound address of the gRPC resource service, when this process serves it.
+    /// Bound address of the gRPC service of `--target resource` (the resource service) or
+    /// `--target exporter` (the export service).
     pub grpc_addr: Option<SocketAddr>,
     /// Bound address of the notifier's health and metrics endpoints (`--target notifier`).
     pub notifier_addr: Option<SocketAddr>,
@@ -294,8 +299,9 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                     && config.export.enabled
                 {
                     let blobs = crate::stores::open_blobs(config, &aws).await?;
-                    let (api, workers) = exports(config, &stores, source.clone(), blobs, &rx)?;
-                    exports_api = Some(api);
+                    let jobs = crate::stores::open_jobs(config, &aws).await?;
+                    let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &rx);
+                    exports_api = Some(ExportApi(api));
                     tasks.extend(workers);
                 }
                 service
@@ -327,12 +333,34 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             tasks.push(spawn_notifier(config, service, source, metrics, &rx)?);
             None
         }
+        Target::Exporter => {
+            let aws = crate::stores::Aws::new(&config.aws);
+            let stores = crate::stores::open(config, &aws).await?;
+            let Some(source) = stores.export.clone() else {
+                bail!("the configured store cannot be exported");
+            };
+            let blobs = crate::stores::open_blobs(config, &aws).await?;
+            let jobs = crate::stores::open_jobs(config, &aws).await?;
+            let (service, workers) = exports(config, &stores, source, jobs, blobs, &rx);
+            tasks.extend(workers);
+            let listener = bind(config.exporter_addr(), "the export gRPC service").await?;
+            grpc_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(fhirmesh_exporter::serve_grpc(listener, service, Running::stopped(&rx))));
+            None
+        }
         Target::Gateway => {
             if config.auth.mode == AuthMode::None && !config.auth.insecure_allow_none {
                 bail!(
                     "a mesh gateway requires authentication: set auth.mode = \"jwt\" (auth.insecure_allow_none = true \
                      runs it open, for tests only)"
                 );
+            }
+            if let Some(endpoint) = &config.gateway.export_endpoint
+                && config.export.enabled
+            {
+                let client = fhirmesh_proto::GrpcExportClient::connect(endpoint.clone())
+                    .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
+                exports_api = Some(ExportApi(Arc::new(client)));
             }
             None
         }
@@ -371,24 +399,21 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
 }
 
-/// The export service of `[export]` and its workers (jobs in `{data_dir}/jobs.db`).
+/// The export service of `[export]` over `jobs`, and its workers.
 fn exports(
     config: &Config,
     stores: &crate::stores::Stores,
     source: fhirmesh_core::export::DynExportSource,
+    jobs: fhirmesh_core::export::DynJobStore,
     blobs: fhirmesh_core::blob::DynBlobStore,
     rx: &watch::Receiver<bool>,
-) -> anyhow::Result<(ExportApi, Vec<JoinHandle<anyhow::Result<()>>>)> {
+) -> (fhirmesh_core::export::DynExportService, Vec<JoinHandle<anyhow::Result<()>>>) {
     use fhirmesh_core::export::{ExportSettings, ExportWorker, Exports, WorkerSettings};
     let section = &config.export;
-    let path = config.storage.data_dir.join("jobs.db");
-    let jobs: fhirmesh_core::export::DynJobStore = Arc::new(
-        fhirmesh_store_sqlite::SqliteJobStore::open(&path)
-            .map_err(|err| anyhow::anyhow!("cannot open the export job store {}: {err}", path.display()))?,
-    );
     let settings = ExportSettings {
         max_active_per_owner: section.max_active_per_owner,
         requires_access_token: config.auth.mode != AuthMode::None,
+        segments: config.export_segments(),
     };
     let service = Exports::new(jobs.clone(), stores.changes.clone(), stores.store.clone(), blobs.clone(), settings);
     let wake = service.wake();
@@ -397,6 +422,8 @@ fn exports(
             let settings = WorkerSettings {
                 max_file_bytes: section.max_file_bytes,
                 output_expiry: Duration::from_secs(section.output_expiry_seconds),
+                lease: Duration::from_secs(section.lease_seconds),
+                page_size: section.page_size,
                 ..WorkerSettings::default()
             };
             let worker =
@@ -408,7 +435,7 @@ fn exports(
             })
         })
         .collect();
-    Ok((ExportApi(Arc::new(service)), workers))
+    (Arc::new(service), workers)
 }
 
 /// Starts the notifier on `source`, delivering with `[notifier]`'s settings.
@@ -469,8 +496,9 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
             }
         }
         if let Some(addr) = running.grpc_addr {
-            tracing::info!(%addr, "grpc resource service listening");
-            println!("fhirmesh: gRPC resource service listening on {addr}");
+            let what = if target == Target::Exporter { "export" } else { "resource" };
+            tracing::info!(%addr, service = what, "grpc service listening");
+            println!("fhirmesh: gRPC {what} service listening on {addr}");
         }
         if target == Target::Indexer {
             println!("fhirmesh: indexer running on {}", config.storage.data_dir.display());

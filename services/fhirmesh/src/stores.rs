@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fhirmesh_core::blob::DynBlobStore;
-use fhirmesh_core::export::DynExportSource;
+use fhirmesh_core::export::{DynExportSource, DynJobStore};
 use fhirmesh_core::ports::{ChangeLog, DynChangeLog, DynResourceStore, DynSearchIndex, ResourceStore};
 use fhirmesh_search_opensearch::{OpenSearchConfig, OpenSearchIndex};
 use fhirmesh_store_dynamodb::{DynamoConfig, DynamoStore, StreamRelay, StreamRelayConfig};
@@ -18,7 +18,7 @@ use crate::config::{AwsConfig, BlobBackend, Config, SearchBackend, StorageBacken
 pub struct Stores {
     pub store: DynResourceStore,
     pub changes: DynChangeLog,
-    /// The snapshot reads of Bulk Data export, where the store has them (SQLite).
+    /// The snapshot reads of Bulk Data export.
     pub export: Option<DynExportSource>,
 }
 
@@ -82,7 +82,32 @@ pub async fn open(config: &Config, aws: &Aws) -> anyhow::Result<Stores> {
                 config.dynamodb.create_table,
             )
             .await?;
-            Ok(Stores::of(store))
+            let export: DynExportSource = store.clone();
+            Ok(Stores { export: Some(export), ..Stores::of(store) })
+        }
+    }
+}
+
+/// Opens the export job store of the configured store: `{data_dir}/jobs.db` beside SQLite, the
+/// `export.job_table` DynamoDB table beside DynamoDB (created first when
+/// `dynamodb.create_table`).
+pub async fn open_jobs(config: &Config, aws: &Aws) -> anyhow::Result<DynJobStore> {
+    match config.storage.backend {
+        StorageBackend::Sqlite => {
+            let path = config.storage.data_dir.join("jobs.db");
+            let jobs = fhirmesh_store_sqlite::SqliteJobStore::open(&path)
+                .map_err(|err| anyhow::anyhow!("cannot open the export job store {}: {err}", path.display()))?;
+            Ok(Arc::new(jobs))
+        }
+        StorageBackend::Dynamodb => {
+            let client = aws_sdk_dynamodb::Client::new(aws.sdk().await);
+            let table = config.export_job_table();
+            if config.dynamodb.create_table {
+                fhirmesh_store_dynamodb::provision_jobs(&client, &table)
+                    .await
+                    .map_err(|err| anyhow::anyhow!("cannot create the export job table {table}: {err}"))?;
+            }
+            Ok(Arc::new(fhirmesh_store_dynamodb::DynamoJobStore::new(client, table)))
         }
     }
 }

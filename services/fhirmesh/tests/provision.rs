@@ -1,4 +1,5 @@
-//! `fhirmesh provision` against moto: creates the DynamoDB table and lease table, the SNS topic
+//! `fhirmesh provision` against moto: creates the DynamoDB table, lease table and export job
+//! table, the SNS topic
 //! with the consumers' SQS queues and dead-letter queues, and the S3 bucket — and a second run
 //! finds them all and changes nothing.
 
@@ -40,11 +41,13 @@ fn provision_creates_every_backend_once() {
         first.contains(&format!("SNS topic {topic} and SQS queues {prefix}-indexer, {prefix}-notifier")),
         "{first}"
     );
+    assert!(first.contains(&format!("DynamoDB export job table {table}-jobs: created")), "{first}");
     assert!(first.contains(&format!("S3 bucket {bucket}: ready")), "{first}");
 
     let second = provision(&env);
     assert!(second.contains(&format!("DynamoDB table {table}: exists")), "{second}");
     assert!(second.contains(&format!("DynamoDB lease table {table}-leases (Streams relay): exists")), "{second}");
+    assert!(second.contains(&format!("DynamoDB export job table {table}-jobs: exists")), "{second}");
 }
 
 #[test]

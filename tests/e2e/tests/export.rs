@@ -343,7 +343,8 @@ async fn a_chunk_held_by_a_dead_worker_is_taken_over_and_exported_once() {
         .await
         .expect("lease")
         .expect("a chunk to lease");
-    assert_eq!(leased.resource_type, "Patient");
+    let part = &leased.job.request.chunks()[leased.index as usize];
+    assert_eq!(part.types.iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["Patient"]);
 
     // A server with workers, on the same data: it takes the chunk once the lease has ended.
     let mut server = server;

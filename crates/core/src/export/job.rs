@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fhirmesh_fhir::{LogicalId, ResourceType};
+use fhirmesh_fhir::ResourceType;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -76,6 +76,47 @@ pub struct ExportRequest {
     pub patients: Vec<String>,
     /// The kick-off request URL, for the manifest's `request`.
     pub request_url: String,
+    /// How the job is split into chunks (see [`ExportRequest::chunks`]): 1 for a chunk per type
+    /// (a store that reads a type by itself cheaply: SQLite), more for that many scan segments
+    /// each covering every type (a store read by parallel scans: DynamoDB).
+    #[serde(default = "one_segment")]
+    pub segments: u32,
+}
+
+fn one_segment() -> u32 {
+    1
+}
+
+/// The part of a job one chunk covers: these types, in this scan segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkPart {
+    pub types: Vec<ResourceType>,
+    /// `0..segments`.
+    pub segment: u32,
+    pub segments: u32,
+}
+
+impl ChunkPart {
+    /// The prefix of the part's file names for `resource_type`: the type, and the segment when
+    /// there are several (`Observation`, `Observation-3`).
+    pub fn file_stem(&self, resource_type: ResourceType) -> String {
+        if self.segments > 1 { format!("{resource_type}-{}", self.segment) } else { resource_type.to_string() }
+    }
+}
+
+impl ExportRequest {
+    /// The chunks of the job, by index: one per type when `segments` is 1, else `segments`
+    /// chunks each covering every type. Unknown type names (none after validation) are skipped.
+    pub fn chunks(&self) -> Vec<ChunkPart> {
+        let types: Vec<ResourceType> = self.types.iter().filter_map(|name| ResourceType::parse(name)).collect();
+        if self.segments <= 1 {
+            types.into_iter().map(|t| ChunkPart { types: vec![t], segment: 0, segments: 1 }).collect()
+        } else {
+            (0..self.segments)
+                .map(|segment| ChunkPart { types: types.clone(), segment, segments: self.segments })
+                .collect()
+        }
+    }
 }
 
 /// Where a job is.
@@ -139,12 +180,11 @@ pub struct OutputFile {
     pub bytes: u64,
 }
 
-/// A chunk of a job as stored.
+/// A chunk of a job as stored (what it covers: `job.request.chunks()[index]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkState {
-    /// 0-based, in the order of the job's types.
+    /// 0-based, in the order of [`ExportRequest::chunks`].
     pub index: u32,
-    pub resource_type: String,
     pub done: bool,
     /// Its files (once done).
     pub outputs: Vec<OutputFile>,
@@ -161,8 +201,8 @@ pub struct JobView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeasedChunk {
     pub job: ExportJob,
+    /// What it covers: `job.request.chunks()[index]`.
     pub index: u32,
-    pub resource_type: String,
     /// The lease ends then unless renewed; afterwards another worker may take the chunk.
     pub until: OffsetDateTime,
     /// How many times the chunk has been leased, this lease included (1 on the first).
@@ -188,7 +228,7 @@ pub enum JobError {
 /// leases.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Stores `job` (status `active`) with one pending chunk per type of its request, unless its
+    /// Stores `job` (status `active`) with its pending chunks (`job.request.chunks()`), unless its
     /// owner (the same `owner` value, `None` included) already has `max_active` active jobs in
     /// the tenant: then [`JobError::TooMany`] and nothing is stored.
     async fn create(&self, job: &ExportJob, max_active: usize) -> Result<(), JobError>;
@@ -248,19 +288,29 @@ pub type DynJobStore = Arc<dyn JobStore>;
 /// export job reads, however long it runs and whatever is written meanwhile.
 #[async_trait]
 pub trait ExportSource: Send + Sync + 'static {
-    /// Up to `limit` resources of `resource_type`, each in the version that was current at change
-    /// sequence `as_of` (left out when that version is a delete, or when the resource did not
-    /// exist yet), last updated strictly after `since` when given, with ids greater than `after`
-    /// (byte order), in id order.
+    /// The next page of `part`: up to `limit` resources of its types in its segment, each in the
+    /// version that was current at change sequence `as_of` (left out when that version is a
+    /// delete, or when the resource did not exist yet), last updated strictly after `since` when
+    /// given, from `cursor` (a previous page's [`SnapshotPage::next`]; `None` to start). Reading
+    /// a part to its end from the start yields the same resources in the same order every time,
+    /// each once. A page may hold fewer than `limit` resources (even none) while `next` is set.
     async fn snapshot_page(
         &self,
         tenant: &TenantId,
-        resource_type: ResourceType,
+        part: &ChunkPart,
         as_of: u64,
         since: Option<OffsetDateTime>,
-        after: Option<&LogicalId>,
+        cursor: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<ResourceVersion>, StoreError>;
+    ) -> Result<SnapshotPage, StoreError>;
+}
+
+/// One page of a [`ChunkPart`]'s snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotPage {
+    pub resources: Vec<ResourceVersion>,
+    /// Where the part goes on; `None` once it is read to its end.
+    pub next: Option<String>,
 }
 
 pub type DynExportSource = Arc<dyn ExportSource>;
@@ -288,9 +338,39 @@ mod tests {
             elements: vec!["Patient.name".into(), "status".into()],
             patients: vec!["p1".into()],
             request_url: "http://h/Group/g1/$export".into(),
+            segments: 1,
         };
         let text = serde_json::to_string(&request).expect("json");
         assert!(text.contains("\"level\":\"group\""), "{text}");
         assert_eq!(serde_json::from_str::<ExportRequest>(&text).expect("back"), request);
+        // Jobs stored before `segments` existed read as one chunk per type.
+        let older = text.replace(",\"segments\":1", "");
+        assert_ne!(older, text);
+        assert_eq!(serde_json::from_str::<ExportRequest>(&older).expect("older").segments, 1);
+    }
+
+    #[test]
+    fn chunks_are_one_per_type_or_one_per_segment_over_every_type() {
+        let t = |name: &str| ResourceType::parse(name).expect("type");
+        let mut request = ExportRequest {
+            level: ExportLevel::System,
+            types: vec!["Patient".into(), "Observation".into()],
+            since: None,
+            type_filters: vec![],
+            elements: vec![],
+            patients: vec![],
+            request_url: "http://h/$export".into(),
+            segments: 1,
+        };
+        let chunks = request.chunks();
+        assert_eq!(chunks.len(), 2);
+        assert_eq!((chunks[1].types.clone(), chunks[1].segment, chunks[1].segments), (vec![t("Observation")], 0, 1));
+        assert_eq!(chunks[1].file_stem(t("Observation")), "Observation");
+        request.segments = 3;
+        let chunks = request.chunks();
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks.iter().all(|c| c.types == [t("Patient"), t("Observation")] && c.segments == 3));
+        assert_eq!(chunks.iter().map(|c| c.segment).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(chunks[2].file_stem(t("Patient")), "Patient-2");
     }
 }

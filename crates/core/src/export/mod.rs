@@ -9,8 +9,8 @@ pub mod service;
 pub mod worker;
 
 pub use job::{
-    ChunkState, DynExportSource, DynJobStore, ExportJob, ExportLevel, ExportRequest, ExportSource, JobError, JobId,
-    JobStatus, JobStore, JobView, LeasedChunk, OutputFile,
+    ChunkPart, ChunkState, DynExportSource, DynJobStore, ExportJob, ExportLevel, ExportRequest, ExportSource, JobError,
+    JobId, JobStatus, JobStore, JobView, LeasedChunk, OutputFile, SnapshotPage,
 };
 pub use request::KickOff;
 pub use service::{DynExportService, ExportService, ExportSettings, ExportStatus, Exports, Manifest};

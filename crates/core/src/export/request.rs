@@ -209,6 +209,7 @@ pub fn validate(
         elements,
         patients,
         request_url: kick_off.request_url.clone(),
+        segments: 1,
     })
 }
 

@@ -37,11 +37,14 @@ pub struct ExportSettings {
     pub max_active_per_owner: usize,
     /// Whether downloads need the same bearer token (the manifest's `requiresAccessToken`).
     pub requires_access_token: bool,
+    /// How jobs are split ([`crate::export::ExportRequest::segments`]): 1 for a chunk per type,
+    /// more for that many parallel scan segments over every type.
+    pub segments: u32,
 }
 
 impl Default for ExportSettings {
     fn default() -> Self {
-        ExportSettings { max_active_per_owner: 3, requires_access_token: false }
+        ExportSettings { max_active_per_owner: 3, requires_access_token: false, segments: 1 }
     }
 }
 
@@ -223,6 +226,17 @@ pub fn active_patient_members(group: &Value, at: OffsetDateTime) -> Vec<String> 
     ids
 }
 
+/// The files of a job: by type in the order of the request, then by chunk, then by part.
+fn manifest_output(view: &JobView) -> Vec<OutputFile> {
+    let position = |name: &str| view.job.request.types.iter().position(|t| t == name).unwrap_or(usize::MAX);
+    let mut chunks: Vec<_> = view.chunks.iter().collect();
+    chunks.sort_by_key(|c| c.index);
+    let mut files: Vec<OutputFile> = chunks.into_iter().flat_map(|c| c.outputs.iter().cloned()).collect();
+    // Stable: within a type, chunk order and part order stay.
+    files.sort_by_key(|file| position(&file.resource_type));
+    files
+}
+
 #[async_trait]
 impl ExportService for Exports {
     async fn kick_off(&self, ctx: &RequestContext, kick_off: KickOff) -> Result<JobId, FhirError> {
@@ -254,6 +268,7 @@ impl ExportService for Exports {
                 request.patients.iter().filter(|p| members.contains(p)).cloned().collect()
             };
         }
+        request.segments = self.settings.segments.max(1);
         let job = ExportJob {
             id: JobId::generate(),
             tenant: ctx.tenant.clone(),
@@ -277,9 +292,8 @@ impl ExportService for Exports {
         Ok(match view.job.status {
             JobStatus::Active => {
                 let done = view.chunks.iter().filter(|c| c.done).count();
-                ExportStatus::InProgress {
-                    progress: format!("{done} of {} resource types exported", view.chunks.len()),
-                }
+                let unit = if view.job.request.segments > 1 { "segments" } else { "resource types" };
+                ExportStatus::InProgress { progress: format!("{done} of {} {unit} exported", view.chunks.len()) }
             }
             JobStatus::Failed => ExportStatus::Failed(FhirError::internal(format!(
                 "the export failed: {}",
@@ -290,7 +304,7 @@ impl ExportService for Exports {
                 transaction_time: view.job.transaction_time,
                 request: view.job.request.request_url.clone(),
                 requires_access_token: self.settings.requires_access_token,
-                output: view.chunks.into_iter().flat_map(|c| c.outputs).collect(),
+                output: manifest_output(&view),
             }),
         })
     }

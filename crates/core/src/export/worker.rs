@@ -1,38 +1,41 @@
-//! The export worker: leases a chunk (one resource type of one job), reads that type's snapshot
-//! page by page, keeps what the job asks for, and streams it as NDJSON files into the blob store
-//! — `export/{job}/{Type}-{part}.ndjson`, a new part past `max_file_bytes`. The chunk is
-//! completed with its files only when all are written; until then its lease is renewed.
+//! The export worker: leases a chunk (one resource type of one job, or one scan segment over all
+//! its types — [`crate::export::ChunkPart`]), reads its snapshot page by page, keeps what the job
+//! asks for, and streams each type as NDJSON files into the blob store —
+//! `export/{job}/{stem}-{part}.ndjson` (stem `Type`, or `Type-{segment}`), a new part past
+//! `max_file_bytes`. The chunk is completed with its files only when all are written; until then
+//! its lease is renewed.
 //!
 //! A worker that dies leaves its lease to expire; another worker takes the chunk and writes it
-//! from the start. The snapshot is fixed and the files are cut at the same places, so it writes
-//! the same files under the same names: nothing is missing, nothing is listed twice. A worker
+//! from the start. The snapshot is fixed (the same resources in the same order) and the files
+//! are cut at the same places, so it writes the same files under the same names: nothing is
+//! missing, nothing is listed twice. A worker
 //! that finds it lost its lease (renew or complete answers false) stops; what it wrote is
 //! overwritten by the holder.
 //!
 //! The worker also removes expired jobs: their files and their records, `output_expiry` after
 //! they finished.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use fhirmesh_fhir::ResourceType;
 use fhirmesh_fhir::elements::apply_elements;
 use fhirmesh_fhir::search::IndexValue;
 use fhirmesh_fhir::search::compartments::compartment_params;
 use fhirmesh_fhir::search::criteria::ResourceCriteria;
 use fhirmesh_fhir::search::evaluate::Doc;
 use fhirmesh_fhir::search::extract::extract;
-use fhirmesh_fhir::{LogicalId, ResourceType};
 use futures::StreamExt;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
 
 use crate::blob::{BlobKey, BlobPrefix, DynBlobStore, PutBody};
-use crate::export::job::{DynExportSource, DynJobStore, ExportLevel, JobId, LeasedChunk, OutputFile};
+use crate::export::job::{ChunkPart, DynExportSource, DynJobStore, ExportLevel, JobId, LeasedChunk, OutputFile};
 
 /// The content type of export files.
 pub const NDJSON: &str = "application/fhir+ndjson";
@@ -153,15 +156,18 @@ impl ExportWorker {
             }
         };
         let job = chunk.job.id.clone();
-        let outcome = if chunk.attempt > self.settings.max_attempts.max(1) {
-            let last = chunk.last_error.as_deref().unwrap_or("a worker stopped without saying why");
-            Err(Stop::Fatal(format!(
-                "exporting {} failed {} times; the last time: {last}",
-                chunk.resource_type,
-                chunk.attempt - 1
-            )))
-        } else {
-            self.export_chunk(&chunk).await
+        let part = chunk.job.request.chunks().into_iter().nth(chunk.index as usize);
+        let outcome = match part {
+            None => Err(Stop::Fatal(format!("the job has no chunk {}", chunk.index))),
+            Some(part) if chunk.attempt > self.settings.max_attempts.max(1) => {
+                let last = chunk.last_error.as_deref().unwrap_or("a worker stopped without saying why");
+                Err(Stop::Fatal(format!(
+                    "exporting {} failed {} times; the last time: {last}",
+                    part_name(&part),
+                    chunk.attempt - 1
+                )))
+            }
+            Some(part) => self.export_chunk(&chunk, &part).await,
         };
         match outcome {
             Ok(()) => {}
@@ -200,14 +206,17 @@ impl ExportWorker {
         true
     }
 
-    async fn export_chunk(&self, chunk: &LeasedChunk) -> Result<(), Stop> {
+    async fn export_chunk(&self, chunk: &LeasedChunk, part: &ChunkPart) -> Result<(), Stop> {
         let job = &chunk.job;
-        let Some(resource_type) = ResourceType::parse(&chunk.resource_type) else {
-            return Err(Stop::Fatal(format!("unknown resource type {} in the job", chunk.resource_type)));
-        };
-        let selection = Selection::new(resource_type, &job.request)?;
-        let mut files = Files::new(self.blobs.clone(), chunk, self.settings.max_file_bytes);
-        let mut after: Option<LogicalId> = None;
+        // Per type: what is selected, and its files (opened on its first resource).
+        let mut outputs: HashMap<ResourceType, (Selection, Files)> = HashMap::new();
+        for resource_type in &part.types {
+            let selection = Selection::new(*resource_type, &job.request)?;
+            let files =
+                Files::new(self.blobs.clone(), chunk, part.file_stem(*resource_type), *resource_type, &self.settings);
+            outputs.insert(*resource_type, (selection, files));
+        }
+        let mut cursor: Option<String> = None;
         let mut renewed = tokio::time::Instant::now();
         let now = OffsetDateTime::now_utc();
         loop {
@@ -215,19 +224,23 @@ impl ExportWorker {
                 .source
                 .snapshot_page(
                     &job.tenant,
-                    resource_type,
+                    part,
                     job.as_of,
                     job.request.since,
-                    after.as_ref(),
+                    cursor.as_deref(),
                     self.settings.page_size,
                 )
                 .await
                 .map_err(|e| Stop::Transient(format!("reading the snapshot: {e}")))?;
-            // Only an empty page ends the type: an adapter may answer fewer than asked.
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            for version in page {
+            for version in page.resources {
                 let Some(body) = version.body else { continue };
+                let Some((selection, files)) = outputs.get_mut(&version.resource_type) else {
+                    return Err(Stop::Fatal(format!(
+                        "the snapshot of {} returned a {}",
+                        part_name(part),
+                        version.resource_type
+                    )));
+                };
                 if let Some(line) = selection.line(version.id.as_str(), &body, now)? {
                     files.push(line).await?;
                 }
@@ -236,11 +249,21 @@ impl ExportWorker {
                 self.renew(chunk).await?;
                 renewed = tokio::time::Instant::now();
             }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
         }
-        let outputs = files.finish().await?;
+        // In the order of the part's types, each type's parts in order.
+        let mut written = Vec::new();
+        for resource_type in &part.types {
+            if let Some((_, files)) = outputs.remove(resource_type) {
+                written.extend(files.finish().await?);
+            }
+        }
         let completed = self
             .jobs
-            .complete(chunk, &self.settings.worker_id, &outputs, OffsetDateTime::now_utc())
+            .complete(chunk, &self.settings.worker_id, &written, OffsetDateTime::now_utc())
             .await
             .map_err(|e| Stop::Transient(format!("completing the chunk: {e}")))?;
         if completed { Ok(()) } else { Err(Stop::LeaseLost) }
@@ -273,6 +296,14 @@ impl ExportWorker {
                 tracing::warn!(%id, %error, "cannot remove an expired export job");
             }
         }
+    }
+}
+
+/// A chunk part in messages: its type, or its segment.
+fn part_name(part: &ChunkPart) -> String {
+    match part.types.as_slice() {
+        [one] if part.segments <= 1 => one.to_string(),
+        _ => format!("segment {} of {}", part.segment + 1, part.segments),
     }
 }
 
@@ -393,12 +424,14 @@ impl Compartment {
     }
 }
 
-/// The files of one chunk, written as a stream into the blob store.
+/// The files of one type of one chunk, written as a stream into the blob store.
 struct Files {
     blobs: DynBlobStore,
     tenant: crate::model::TenantId,
     job: JobId,
-    resource_type: String,
+    /// File names are `{stem}-{part}.ndjson`.
+    stem: String,
+    resource_type: ResourceType,
     max_bytes: u64,
     done: Vec<OutputFile>,
     open: Option<OpenFile>,
@@ -418,13 +451,20 @@ struct OpenFile {
 const WRITE_BUFFER: usize = 256 * 1024;
 
 impl Files {
-    fn new(blobs: DynBlobStore, chunk: &LeasedChunk, max_bytes: u64) -> Files {
+    fn new(
+        blobs: DynBlobStore,
+        chunk: &LeasedChunk,
+        stem: String,
+        resource_type: ResourceType,
+        settings: &WorkerSettings,
+    ) -> Files {
         Files {
             blobs,
             tenant: chunk.job.tenant.clone(),
             job: chunk.job.id.clone(),
-            resource_type: chunk.resource_type.clone(),
-            max_bytes: max_bytes.max(1),
+            stem,
+            resource_type,
+            max_bytes: settings.max_file_bytes.max(1),
             done: Vec::new(),
             open: None,
         }
@@ -452,7 +492,7 @@ impl Files {
     }
 
     fn start(&self) -> Result<OpenFile, Stop> {
-        let name = format!("{}-{}.ndjson", self.resource_type, self.done.len() + 1);
+        let name = format!("{}-{}.ndjson", self.stem, self.done.len() + 1);
         let key = BlobKey::new(&self.tenant, &file_path(&self.job, &name))
             .map_err(|e| Stop::Fatal(format!("export file key: {e}")))?;
         let (sender, receiver) = mpsc::channel::<io::Result<Bytes>>(4);
@@ -476,7 +516,7 @@ impl Files {
             Err(error) => return Err(Stop::Transient(format!("writing {}: {error}", file.name))),
         }
         self.done.push(OutputFile {
-            resource_type: self.resource_type.clone(),
+            resource_type: self.resource_type.to_string(),
             name: file.name,
             count: file.count,
             bytes: file.bytes,

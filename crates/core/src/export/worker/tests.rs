@@ -14,6 +14,7 @@ fn request(level: ExportLevel, filters: &[&str], patients: &[&str], elements: &[
         elements: elements.iter().map(|e| (*e).to_owned()).collect(),
         patients: patients.iter().map(|p| (*p).to_owned()).collect(),
         request_url: "http://h/$export".into(),
+        segments: 1,
     }
 }
 
@@ -164,7 +165,6 @@ impl crate::export::job::JobStore for OneChunk {
         Ok(Some(LeasedChunk {
             job: one_job(),
             index: 0,
-            resource_type: "Patient".into(),
             until,
             attempt: state.attempts,
             last_error: state.last_error.clone(),
@@ -222,12 +222,12 @@ impl crate::export::job::ExportSource for Unreadable {
     async fn snapshot_page(
         &self,
         _: &crate::model::TenantId,
-        _: ResourceType,
+        _: &ChunkPart,
         _: u64,
         _: Option<OffsetDateTime>,
-        _: Option<&LogicalId>,
+        _: Option<&str>,
         _: usize,
-    ) -> Result<Vec<crate::model::ResourceVersion>, crate::ports::StoreError> {
+    ) -> Result<crate::export::SnapshotPage, crate::ports::StoreError> {
         Err(crate::ports::StoreError::Unavailable("disk on fire".into()))
     }
 }
