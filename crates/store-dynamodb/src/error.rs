@@ -15,6 +15,11 @@ const TRANSIENT_CODES: &[&str] = &[
     "LimitExceededException",
 ];
 
+/// A request the SDK's builder refused (a missing required field): a bug, not the caller's.
+pub(crate) fn build_error(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Internal(format!("cannot build a DynamoDB request: {err}"))
+}
+
 pub(crate) fn sdk_error<E, R>(what: &str, err: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,

@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, CancellationReason, ConditionCheck, Delete, DeleteRequest, Put,
-    ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update, WriteRequest,
+    AttributeValue, CancellationReason, ConditionCheck, Delete, Put, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update,
 };
 use fhirmesh_core::export::{
     ChunkState, ExportJob, ExportRequest, JobError, JobId, JobStatus, JobStore, JobView, LeasedChunk, OutputFile,
@@ -24,7 +24,7 @@ use fhirmesh_core::ports::StoreError;
 use time::OffsetDateTime;
 
 use crate::commit::{MAX_ATTEMPTS, backoff};
-use crate::error::{is_indeterminate, job_error, sdk_error};
+use crate::error::{build_error, is_indeterminate, job_error, sdk_error};
 use crate::items::{Item, PK, SK, get_s, get_u64, key, micros, n, s, tenant_of};
 
 /// Sort key of a job item (its partition also holds its chunks).
@@ -65,7 +65,6 @@ const ACTIVE: &str = "active";
 /// Items of one `TransactWriteItems`.
 const TRANSACTION_MAX: usize = 100;
 /// Requests of one `BatchWriteItem`.
-const BATCH_WRITE_MAX: usize = 25;
 /// Queue entries read per page of a lease.
 const QUEUE_PAGE: i32 = 100;
 /// Longest owner (bytes) kept in a counter's partition key (DynamoDB allows 2,048 bytes).
@@ -127,10 +126,6 @@ fn counter_pk(tenant: &TenantId, owner: Option<&str>) -> String {
 
 fn bad(detail: impl std::fmt::Display) -> StoreError {
     StoreError::Internal(format!("unexpected item in the export job table: {detail}"))
-}
-
-fn build_error(err: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("cannot build a DynamoDB request: {err}"))
 }
 
 fn encode_error(what: &str, err: impl std::fmt::Display) -> StoreError {
@@ -439,43 +434,9 @@ impl DynamoJobStore {
         self.batch_delete(keys).await
     }
 
-    /// `BatchWriteItem` deletes, retrying what comes back unprocessed.
+    /// Deletes the items of `keys` (no atomicity needed).
     async fn batch_delete(&self, keys: Vec<Item>) -> Result<(), StoreError> {
-        let mut requests = keys
-            .into_iter()
-            .map(|key| {
-                DeleteRequest::builder()
-                    .set_key(Some(key))
-                    .build()
-                    .map(|delete| WriteRequest::builder().delete_request(delete).build())
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(build_error)?;
-        while !requests.is_empty() {
-            let rest = requests.split_off(requests.len().min(BATCH_WRITE_MAX));
-            let mut pending = std::mem::replace(&mut requests, rest);
-            let mut round = 0u32;
-            while !pending.is_empty() {
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .request_items(&self.table, pending)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("delete export chunks", e))?;
-                pending = out.unprocessed_items().and_then(|u| u.get(&self.table)).cloned().unwrap_or_default();
-                if !pending.is_empty() {
-                    round += 1;
-                    if round > MAX_ATTEMPTS {
-                        return Err(StoreError::Unavailable(
-                            "DynamoDB kept export chunk deletes unprocessed".to_owned(),
-                        ));
-                    }
-                    backoff(round.min(6)).await;
-                }
-            }
-        }
-        Ok(())
+        crate::batch::delete_all(&self.client, &self.table, keys, "delete export chunks").await
     }
 
     /// The owner's active jobs as counted.

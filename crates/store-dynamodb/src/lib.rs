@@ -10,6 +10,7 @@
 //! order, per-shard checkpoints and leases) and the export job store ([`DynamoJobStore`], a
 //! table of its own). What it is not: the search index.
 
+mod batch;
 mod blobs;
 mod changes;
 mod commit;

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{
 };
 use fhirmesh_core::ports::StoreError;
 
-use crate::error::sdk_error;
+use crate::error::{build_error, sdk_error};
 use crate::items::{BY_TENANT, BY_TYPE, PK, SK};
 
 /// What [`provision`] did.
@@ -27,10 +27,6 @@ fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinitio
 
 fn key_element(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
     KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_error)
-}
-
-fn build_error(err: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("cannot build a DynamoDB request: {err}"))
 }
 
 fn keys_only_index(name: &str, partition: &str) -> Result<GlobalSecondaryIndex, StoreError> {

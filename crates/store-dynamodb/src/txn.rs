@@ -10,15 +10,14 @@ use std::time::Duration;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Delete, Put, PutRequest, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
-    WriteRequest,
+    AttributeValue, Delete, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
 };
 use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::{CommitReceipt, Expected, StoreError, VersionWrite};
 use futures::stream::{self, TryStreamExt};
 
 use crate::commit::{change_item, conflict, version_item};
-use crate::error::sdk_error;
+use crate::error::{build_error, sdk_error};
 use crate::items::{CURRENT_SK, Item, corrupt, get_s, get_u64, key, n, resource_pk, s, version_sk};
 use crate::{DynamoStore, now_millis};
 
@@ -31,7 +30,6 @@ const MANIFEST_CHUNK: usize = 2000;
 /// `TransactWriteItems` takes 100 items.
 const TRANSACT_MAX_ITEMS: usize = 100;
 /// `BatchWriteItem` takes 25 items (and 16 MB: 25 items of at most 400 KB fit).
-const BATCH_WRITE_MAX: usize = 25;
 /// Item writes a transaction has in flight at once while moving or releasing its pointers.
 const CONCURRENCY: usize = 16;
 /// Final states remembered; past that the cache starts over (a miss costs one read).
@@ -121,10 +119,6 @@ fn conditional_failed<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
     err: &SdkError<E, impl std::fmt::Debug>,
 ) -> bool {
     err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
-}
-
-fn build_error(err: impl std::fmt::Display) -> StoreError {
-    StoreError::Internal(format!("cannot build a DynamoDB request: {err}"))
 }
 
 /// The transaction holding `item` (a version, change or pointer item), if any.
@@ -403,43 +397,9 @@ impl DynamoStore {
         })
     }
 
-    /// Puts `items` with `BatchWriteItem`, retrying what comes back unprocessed.
+    /// Puts `items` (no atomicity needed: staged versions are invisible until the commit).
     async fn batch_put(&self, items: Vec<Item>) -> Result<(), StoreError> {
-        let table = self.inner.config.table.clone();
-        let mut requests = items
-            .into_iter()
-            .map(|item| {
-                PutRequest::builder()
-                    .set_item(Some(item))
-                    .build()
-                    .map(|put| WriteRequest::builder().put_request(put).build())
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(build_error)?;
-        while !requests.is_empty() {
-            let rest = requests.split_off(requests.len().min(BATCH_WRITE_MAX));
-            let mut pending = std::mem::replace(&mut requests, rest);
-            let mut round = 0u32;
-            while !pending.is_empty() {
-                let out = self
-                    .inner
-                    .client
-                    .batch_write_item()
-                    .request_items(&table, pending)
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("batch write", e))?;
-                pending = out.unprocessed_items().and_then(|u| u.get(&table)).cloned().unwrap_or_default();
-                if !pending.is_empty() {
-                    round += 1;
-                    if round > 8 {
-                        return Err(StoreError::Unavailable("DynamoDB kept items of a batch write unprocessed".into()));
-                    }
-                    crate::commit::backoff(round.min(6)).await;
-                }
-            }
-        }
-        Ok(())
+        crate::batch::put_all(&self.inner.client, &self.inner.config.table, items, "batch write").await
     }
 
     /// The state of `txn`: from the cache when final, else read (strongly consistent).

@@ -4,6 +4,8 @@
 //! files into the blob store, and the status answer with the completion manifest.
 
 pub mod job;
+#[cfg(feature = "testing")]
+pub mod job_store_suite;
 pub mod request;
 pub mod service;
 pub mod worker;
