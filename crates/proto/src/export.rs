@@ -86,6 +86,7 @@ fn status_to_wire(status: ExportStatus) -> pb::ExportStatusResponse {
                     bytes: file.bytes,
                 })
                 .collect(),
+            presigned_urls: manifest.presigned.into_iter().collect(),
         }),
     };
     pb::ExportStatusResponse { state: Some(state) }
@@ -112,6 +113,7 @@ fn status_from_wire(response: pb::ExportStatusResponse) -> Result<ExportStatus, 
                     bytes: file.bytes,
                 })
                 .collect(),
+            presigned: manifest.presigned_urls.into_iter().collect(),
         }),
     })
 }

@@ -63,6 +63,10 @@ pub struct ExportSection {
     pub grpc_listen: String,
     /// The DynamoDB table of export jobs (default: `{dynamodb.table}-jobs`).
     pub job_table: Option<String>,
+    /// 0: downloads go through fhirmesh with the caller's token. More: the manifest names
+    /// presigned S3 URLs valid this many seconds (at most 604800), fetched without a token
+    /// (`requiresAccessToken: false`); needs `blob.backend = "s3"`.
+    pub presigned_download_seconds: u64,
 }
 
 impl Default for ExportSection {
@@ -78,6 +82,7 @@ impl Default for ExportSection {
             page_size: 1_000,
             grpc_listen: "127.0.0.1:50053".into(),
             job_table: None,
+            presigned_download_seconds: 0,
         }
     }
 }
@@ -692,6 +697,16 @@ impl Config {
         if !(1..=10_000).contains(&self.export.page_size) {
             bail!("export.page_size must be between 1 and 10000, got {}", self.export.page_size);
         }
+        if self.export.presigned_download_seconds > 0 {
+            if self.blob.backend != BlobBackend::S3 {
+                bail!(
+                    "export.presigned_download_seconds needs blob.backend = \"s3\" (local files cannot be presigned)"
+                );
+            }
+            let expiry = std::time::Duration::from_secs(self.export.presigned_download_seconds);
+            fhirmesh_core::blob::check_presign_expiry(expiry)
+                .map_err(|e| anyhow::anyhow!("export.presigned_download_seconds: {e}"))?;
+        }
         if self.export.segments > 1_000 {
             bail!("export.segments must be at most 1000, got {}", self.export.segments);
         }
@@ -784,6 +799,19 @@ mod tests {
         overrides.server.insert("base_path".into(), "fhir/".into());
         let err = Config::load(None, no_env(), &overrides).expect_err("bad base path");
         assert!(err.to_string().contains("server.base_path"), "{err}");
+    }
+
+    #[test]
+    fn presigned_export_downloads_need_s3_and_a_bounded_expiry() {
+        let mut config = Config::default();
+        config.export.presigned_download_seconds = 600;
+        let err = config.validate().expect_err("local files cannot be presigned");
+        assert!(err.to_string().contains("export.presigned_download_seconds"), "{err}");
+        config.blob.backend = BlobBackend::S3;
+        config.validate().expect("S3 presigns");
+        config.export.presigned_download_seconds = 604_801;
+        let err = config.validate().expect_err("beyond a week");
+        assert!(err.to_string().contains("export.presigned_download_seconds"), "{err}");
     }
 
     #[test]

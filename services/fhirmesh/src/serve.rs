@@ -414,6 +414,8 @@ fn exports(
         max_active_per_owner: section.max_active_per_owner,
         requires_access_token: config.auth.mode != AuthMode::None,
         segments: config.export_segments(),
+        presign_expiry: (section.presigned_download_seconds > 0)
+            .then(|| Duration::from_secs(section.presigned_download_seconds)),
     };
     let service = Exports::new(jobs.clone(), stores.changes.clone(), stores.store.clone(), blobs.clone(), settings);
     let wake = service.wake();

@@ -214,12 +214,15 @@ async fn a_killed_exporter_s_chunk_is_taken_over_and_the_export_is_exact() {
 
     // Every file, downloaded through the gateway (streamed from S3 by the exporter).
     let mut exported: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut files: Vec<(Value, String)> = Vec::new();
     let mut counted = 0;
     for file in manifest["output"].as_array().expect("output") {
         let url = file["url"].as_str().expect("url");
+        assert!(url.starts_with(&format!("{base}/$export-file/")), "{url}");
         let response = client.get(url).send().await.expect("download");
         assert_eq!(response.status(), 200, "{url}");
         let text = response.text().await.expect("ndjson");
+        files.push((file.clone(), text.clone()));
         let mut lines = 0;
         for line in text.lines() {
             let resource: Value = serde_json::from_str(line).expect("one resource per line");
@@ -236,14 +239,58 @@ async fn a_killed_exporter_s_chunk_is_taken_over_and_the_export_is_exact() {
     assert_eq!(exported.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
     assert_eq!(exported, expected, "every resource as stored at transactionTime");
 
-    // Cancelling a finished job removes it and its files.
+    // The same job through an exporter configured for presigned downloads: the manifest names S3
+    // URLs that serve the same bytes to a client without any token.
+    let (presigning, presigning_gateway) = presigning_exporter_and_gateway(&env, &resource).await;
+    let presigned_status = status_url.replacen(&base, &presigning_gateway.address, 1);
+    let (status, presigned) = send(client.get(&presigned_status)).await;
+    assert_eq!(status, 200, "{presigned}");
+    assert_eq!(presigned["requiresAccessToken"], false, "presigned URLs carry their own authorization");
+    assert_eq!(presigned["transactionTime"], manifest["transactionTime"]);
+    let outputs = presigned["output"].as_array().expect("output");
+    assert_eq!(outputs.len(), files.len());
+    for ((file, text), output) in files.iter().zip(outputs) {
+        assert_eq!((&output["type"], &output["count"]), (&file["type"], &file["count"]));
+        let url = output["url"].as_str().expect("url");
+        assert!(url.starts_with(&aws_endpoint()) && url.contains("X-Amz-Signature="), "{url}");
+        let response = client.get(url).send().await.expect("presigned download");
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(&response.text().await.expect("ndjson"), text, "{url}");
+    }
+
+    // Cancelling a finished job removes it and its files, wherever they are fetched from.
     let (status, _) = send(client.delete(&status_url)).await;
     assert_eq!(status, 202);
     let first_file = manifest["output"][0]["url"].as_str().expect("url");
     let (status, _) = send(client.get(first_file)).await;
     assert_eq!(status, 404);
+    let first_presigned = outputs[0]["url"].as_str().expect("url");
+    let (status, _) = send(client.get(first_presigned)).await;
+    assert_eq!(status, 404, "the object is gone from S3");
 
-    for process in [gateway, api, successor, resource] {
+    for process in [gateway, presigning_gateway, api, presigning, successor, resource] {
         process.kill_9().await;
     }
+}
+
+/// An API-only exporter whose manifests presign downloads, and a gateway in front of it.
+async fn presigning_exporter_and_gateway(env: &[(String, String)], resource: &Process) -> (Process, Process) {
+    let mut env = env.to_vec();
+    env.push(("FHIRMESH_EXPORT__PRESIGNED_DOWNLOAD_SECONDS".to_owned(), "300".to_owned()));
+    let exporter = exporter(&env, 0).await;
+    env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("http://{}", exporter.address)));
+    let gateway = support::spawn_with_env(
+        &[
+            "--target",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--resource-endpoint",
+            &format!("http://{}", resource.address),
+        ],
+        None,
+        &env,
+    )
+    .await;
+    (exporter, gateway)
 }

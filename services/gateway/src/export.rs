@@ -134,8 +134,10 @@ pub(crate) async fn status(State(gw): State<SharedGateway>, Path(job): Path<Stri
         }
         Ok(ExportStatus::Complete(mut manifest)) => {
             // This gateway serves the downloads: whether they need the token is its call (in
-            // the mesh the exporter's own auth settings may differ).
-            manifest.requires_access_token = gw.config.auth.is_some();
+            // the mesh the exporter's own auth settings may differ). Presigned URLs carry their
+            // own authorization; S3 refuses a request that also sends a bearer token.
+            let presigned = !manifest.presigned.is_empty() && manifest.all_presigned();
+            manifest.requires_access_token = gw.config.auth.is_some() && !presigned;
             let base = prelude.base.clone();
             let json = manifest.to_json(|job, name| format!("{base}/$export-file/{job}/{name}"));
             let mut response = json_response(StatusCode::OK, &json, prelude.pretty);

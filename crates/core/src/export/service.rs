@@ -12,8 +12,13 @@
 //!   `sub`): others get 404, as for a job that does not exist.
 //! - **Group**: the group's active members as of the kick-off (`inactive` not true, `period`
 //!   covering `transactionTime`); only `Patient` members count.
+//! - **Downloads**: served by fhirmesh (`[base]/$export-file/…`, the same token), or, with
+//!   [`ExportSettings::presign_expiry`] and a blob store that can presign (S3), as presigned URLs
+//!   the client fetches from the blob store directly, without a token.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use fhirmesh_fhir::datetime::parse_fhir_datetime;
@@ -40,11 +45,14 @@ pub struct ExportSettings {
     /// How jobs are split ([`crate::export::ExportRequest::segments`]): 1 for a chunk per type,
     /// more for that many parallel scan segments over every type.
     pub segments: u32,
+    /// Manifests name presigned blob-store URLs valid this long instead of fhirmesh's download
+    /// URLs (when the blob store can presign; local files cannot).
+    pub presign_expiry: Option<Duration>,
 }
 
 impl Default for ExportSettings {
     fn default() -> Self {
-        ExportSettings { max_active_per_owner: 3, requires_access_token: false, segments: 1 }
+        ExportSettings { max_active_per_owner: 3, requires_access_token: false, segments: 1, presign_expiry: None }
     }
 }
 
@@ -68,17 +76,29 @@ pub struct Manifest {
     pub request: String,
     pub requires_access_token: bool,
     pub output: Vec<OutputFile>,
+    /// Presigned download URLs by file name; a file without one is downloaded from fhirmesh.
+    pub presigned: BTreeMap<String, String>,
 }
 
 impl Manifest {
-    /// The manifest JSON; `file_url(job, name)` is where a file is downloaded.
+    /// Whether every file has a presigned URL (so no download goes through fhirmesh).
+    pub fn all_presigned(&self) -> bool {
+        self.output.iter().all(|file| self.presigned.contains_key(&file.name))
+    }
+
+    /// The manifest JSON; `file_url(job, name)` is where fhirmesh serves a file that has no
+    /// presigned URL.
     pub fn to_json(&self, file_url: impl Fn(&JobId, &str) -> String) -> Value {
         let output: Vec<Value> = self
             .output
             .iter()
-            .map(
-                |file| json!({"type": file.resource_type, "url": file_url(&self.job, &file.name), "count": file.count}),
-            )
+            .map(|file| {
+                let url = match self.presigned.get(&file.name) {
+                    Some(url) => url.clone(),
+                    None => file_url(&self.job, &file.name),
+                };
+                json!({"type": file.resource_type, "url": url, "count": file.count})
+            })
             .collect();
         json!({
             "transactionTime": fhirmesh_fhir::datetime::format_instant(self.transaction_time),
@@ -227,6 +247,34 @@ pub fn active_patient_members(group: &Value, at: OffsetDateTime) -> Vec<String> 
 }
 
 /// The files of a job: by type in the order of the request, then by chunk, then by part.
+impl Exports {
+    /// Presigned URLs of a completed job's files, when configured and the blob store can presign
+    /// (else none: fhirmesh serves them).
+    async fn presign(
+        &self,
+        tenant: &crate::model::TenantId,
+        job: &JobId,
+        output: &[OutputFile],
+    ) -> Result<BTreeMap<String, String>, FhirError> {
+        let mut presigned = BTreeMap::new();
+        let Some(expiry) = self.settings.presign_expiry else {
+            return Ok(presigned);
+        };
+        for file in output {
+            let key =
+                BlobKey::new(tenant, &file_path(job, &file.name)).map_err(|e| FhirError::internal(e.to_string()))?;
+            match self.blobs.presign_get(&key, expiry).await {
+                Ok(Some(url)) => {
+                    presigned.insert(file.name.clone(), url.url);
+                }
+                Ok(None) => return Ok(BTreeMap::new()),
+                Err(error) => return Err(FhirError::new(ErrorCategory::Unavailable, error.to_string())),
+            }
+        }
+        Ok(presigned)
+    }
+}
+
 fn manifest_output(view: &JobView) -> Vec<OutputFile> {
     let position = |name: &str| view.job.request.types.iter().position(|t| t == name).unwrap_or(usize::MAX);
     let mut chunks: Vec<_> = view.chunks.iter().collect();
@@ -299,13 +347,18 @@ impl ExportService for Exports {
                 "the export failed: {}",
                 view.job.error.as_deref().unwrap_or("no reason recorded")
             ))),
-            JobStatus::Completed => ExportStatus::Complete(Manifest {
-                job: view.job.id.clone(),
-                transaction_time: view.job.transaction_time,
-                request: view.job.request.request_url.clone(),
-                requires_access_token: self.settings.requires_access_token,
-                output: manifest_output(&view),
-            }),
+            JobStatus::Completed => {
+                let output = manifest_output(&view);
+                let presigned = self.presign(&ctx.tenant, &view.job.id, &output).await?;
+                ExportStatus::Complete(Manifest {
+                    job: view.job.id.clone(),
+                    transaction_time: view.job.transaction_time,
+                    request: view.job.request.request_url.clone(),
+                    requires_access_token: self.settings.requires_access_token,
+                    output,
+                    presigned,
+                })
+            }
         })
     }
 
@@ -378,8 +431,10 @@ mod tests {
                 count: 3,
                 bytes: 9,
             }],
+            presigned: BTreeMap::new(),
         };
-        let json = manifest.to_json(|job, name| format!("http://h/$export-file/{job}/{name}"));
+        let url = |job: &JobId, name: &str| format!("http://h/$export-file/{job}/{name}");
+        let json = manifest.to_json(url);
         assert_eq!(json["transactionTime"], "2026-06-01T00:00:00.000Z");
         assert_eq!(json["requiresAccessToken"], true);
         assert_eq!(
@@ -387,5 +442,12 @@ mod tests {
             json!({"type": "Patient", "url": "http://h/$export-file/j1/Patient-1.ndjson", "count": 3})
         );
         assert_eq!(json["error"], json!([]));
+        assert!(!manifest.all_presigned());
+
+        let mut presigned = manifest.clone();
+        presigned.presigned.insert("Patient-1.ndjson".into(), "https://s3/b/k?X-Amz-Signature=1".into());
+        presigned.presigned.insert("Other.ndjson".into(), "https://s3/b/other".into());
+        assert!(presigned.all_presigned());
+        assert_eq!(presigned.to_json(url)["output"][0]["url"], "https://s3/b/k?X-Amz-Signature=1");
     }
 }

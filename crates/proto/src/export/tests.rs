@@ -35,6 +35,9 @@ fn manifest() -> Manifest {
             OutputFile { resource_type: "Patient".into(), name: "Patient-1.ndjson".into(), count: 3, bytes: 30 },
             OutputFile { resource_type: "Patient".into(), name: "Patient-2.ndjson".into(), count: 1, bytes: 9 },
         ],
+        presigned: [("Patient-2.ndjson".to_owned(), "http://127.0.0.1:9/b/k?X-Amz-Signature=ab".to_owned())]
+            .into_iter()
+            .collect(),
     }
 }
 
