@@ -123,21 +123,7 @@ async fn a_killed_exporter_s_chunk_is_taken_over_and_the_export_is_exact() {
     provision(&env);
     let resource = support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], None, &env).await;
     let api = exporter(&env, 0).await;
-    let mut gateway_env = env.clone();
-    gateway_env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("http://{}", api.address)));
-    let gateway = support::spawn_with_env(
-        &[
-            "--target",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--resource-endpoint",
-            &format!("http://{}", resource.address),
-        ],
-        None,
-        &gateway_env,
-    )
-    .await;
+    let gateway = gateway(&env, &resource, &api).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
 
@@ -278,19 +264,15 @@ async fn presigning_exporter_and_gateway(env: &[(String, String)], resource: &Pr
     let mut env = env.to_vec();
     env.push(("FHIRMESH_EXPORT__PRESIGNED_DOWNLOAD_SECONDS".to_owned(), "300".to_owned()));
     let exporter = exporter(&env, 0).await;
-    env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("http://{}", exporter.address)));
-    let gateway = support::spawn_with_env(
-        &[
-            "--target",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--resource-endpoint",
-            &format!("http://{}", resource.address),
-        ],
-        None,
-        &env,
-    )
-    .await;
+    let gateway = gateway(&env, resource, &exporter).await;
     (exporter, gateway)
+}
+
+/// A gateway on `resource` that calls `exporter` for `$export`.
+async fn gateway(env: &[(String, String)], resource: &Process, exporter: &Process) -> Process {
+    let mut env = env.to_vec();
+    env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("http://{}", exporter.address)));
+    let resource_endpoint = format!("http://{}", resource.address);
+    let args = ["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &resource_endpoint];
+    support::spawn_with_env(&args, None, &env).await
 }
