@@ -18,6 +18,7 @@ pub use error::{ErrorCategory, FhirError, FhirResult};
 pub use events::ResourceChanged;
 pub use model::{Operation, ResourceVersion, TenantId};
 pub use service::{DynResourceService, RequestContext, ResourceService};
+pub mod binary;
 pub mod capabilities;
 pub mod interactions;
 

@@ -24,6 +24,9 @@ pub struct RequestContext {
     pub traceparent: Option<String>,
     /// What the caller may do; every interaction checks it (`crate::auth`).
     pub access: Arc<Access>,
+    /// The blob key of raw Binary content the gateway stored for this request: the one
+    /// content pointer a create or update of a Binary may newly set (`crate::binary`).
+    pub binary_upload: Option<String>,
 }
 
 impl Default for RequestContext {
@@ -34,6 +37,7 @@ impl Default for RequestContext {
             request_id: None,
             traceparent: None,
             access: Arc::new(Access::unrestricted()),
+            binary_upload: None,
         }
     }
 }

@@ -129,6 +129,7 @@ pub(crate) fn context_to_wire(ctx: &RequestContext) -> pb::RequestContext {
         // tokens): export jobs belong to it.
         access_json: (!ctx.access.is_unrestricted() || ctx.access.principal().is_some())
             .then(|| serde_json::to_string(ctx.access.as_ref()).unwrap_or_default()),
+        binary_upload: ctx.binary_upload.clone(),
     }
 }
 
@@ -144,6 +145,7 @@ pub(crate) fn context_from_wire(value: Option<pb::RequestContext>) -> Result<Req
         request_id: value.request_id,
         traceparent: value.traceparent,
         access: Arc::new(access),
+        binary_upload: value.binary_upload,
     })
 }
 
@@ -389,6 +391,7 @@ mod tests {
         let ctx = RequestContext {
             tenant: TenantId::parse("acme").expect("valid tenant"),
             request_id: Some("r-1".into()),
+            binary_upload: Some("binary/0123abcd".into()),
             ..RequestContext::default()
         };
         assert_eq!(context_from_wire(Some(context_to_wire(&ctx))), Ok(ctx.clone()));

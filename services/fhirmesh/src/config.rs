@@ -27,10 +27,29 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub notifier: NotifierSection,
     pub export: ExportSection,
+    pub binary: BinarySection,
     pub auth: AuthConfig,
     pub tenancy: TenancyConfig,
     pub audit: AuditConfig,
     pub log: LogConfig,
+}
+
+/// Raw `Binary` content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BinarySection {
+    /// Raw content announced (`Content-Length`) up to this size is stored inline in the Binary
+    /// (base64 `data`); larger or unannounced content is streamed to the blob store and the
+    /// Binary points to it.
+    pub inline_max_bytes: u64,
+    /// Largest raw content accepted (413 beyond); at most 2147483647.
+    pub max_bytes: u64,
+}
+
+impl Default for BinarySection {
+    fn default() -> Self {
+        BinarySection { inline_max_bytes: 256 * 1024, max_bytes: 1024 * 1024 * 1024 }
+    }
 }
 
 /// Bulk Data `$export`.
@@ -696,6 +715,20 @@ impl Config {
         }
         if !(1..=10_000).contains(&self.export.page_size) {
             bail!("export.page_size must be between 1 and 10000, got {}", self.export.page_size);
+        }
+        if self.binary.max_bytes == 0 || self.binary.max_bytes > fhirmesh_core::binary::MAX_CONTENT_BYTES {
+            bail!(
+                "binary.max_bytes must be between 1 and {}, got {}",
+                fhirmesh_core::binary::MAX_CONTENT_BYTES,
+                self.binary.max_bytes
+            );
+        }
+        if self.binary.inline_max_bytes > self.binary.max_bytes {
+            bail!(
+                "binary.inline_max_bytes ({}) must not be larger than binary.max_bytes ({})",
+                self.binary.inline_max_bytes,
+                self.binary.max_bytes
+            );
         }
         if self.export.presigned_download_seconds > 0 {
             if self.blob.backend != BlobBackend::S3 {

@@ -11,7 +11,7 @@ use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
 use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
-use fhirmesh_gateway::{ClaimNames, ExportApi, GatewayAuth, GatewayConfig, MetricsSource};
+use fhirmesh_gateway::{BinaryApi, ClaimNames, ExportApi, GatewayAuth, GatewayConfig, MetricsSource};
 use fhirmesh_notify::NotifierMetrics;
 use fhirmesh_notify::runner::ChangeSource;
 use fhirmesh_proto::GrpcResourceClient;
@@ -122,6 +122,7 @@ async fn gateway_config(
     config: &Config,
     metrics_sources: Vec<MetricsSource>,
     exports: Option<ExportApi>,
+    binaries: Option<BinaryApi>,
 ) -> anyhow::Result<GatewayConfig> {
     let auth = &config.auth;
     let (gateway_auth, security, smart_configuration) = match auth.mode {
@@ -177,6 +178,7 @@ async fn gateway_config(
         audit_events: config.audit.store_events,
         metrics_sources,
         exports,
+        binaries,
     })
 }
 
@@ -229,6 +231,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut notifier_addr = None;
     let mut metrics_sources = Vec::new();
     let mut exports_api = None;
+    let mut binaries_api = None;
 
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
@@ -295,14 +298,17 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                     metrics_sources.push(MetricsSource(Arc::new(move |out: &mut String| rendered.render(out))));
                     tasks.push(spawn_notifier(config, service.clone(), source, metrics, &rx)?);
                 }
-                if let (Target::All, Some(source)) = (target, &stores.export)
-                    && config.export.enabled
-                {
+                if target == Target::All {
                     let blobs = crate::stores::open_blobs(config, &aws).await?;
-                    let jobs = crate::stores::open_jobs(config, &aws).await?;
-                    let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &rx);
-                    exports_api = Some(ExportApi(api));
-                    tasks.extend(workers);
+                    binaries_api = Some(binary_api(config, blobs.clone()));
+                    if let Some(source) = &stores.export
+                        && config.export.enabled
+                    {
+                        let jobs = crate::stores::open_jobs(config, &aws).await?;
+                        let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &rx);
+                        exports_api = Some(ExportApi(api));
+                        tasks.extend(workers);
+                    }
                 }
                 service
             }
@@ -386,7 +392,10 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router = fhirmesh_gateway::router(service, gateway_config(config, metrics_sources, exports_api).await?);
+        let router = fhirmesh_gateway::router(
+            service,
+            gateway_config(config, metrics_sources, exports_api, binaries_api).await?,
+        );
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")
@@ -397,6 +406,15 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         tracing::info!("indexer following the change log");
     }
     Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
+}
+
+/// The Binary content service of `[binary]` on `blobs`.
+fn binary_api(config: &Config, blobs: fhirmesh_core::blob::DynBlobStore) -> BinaryApi {
+    BinaryApi {
+        service: Arc::new(fhirmesh_core::binary::Binaries::new(blobs)),
+        inline_max_bytes: config.binary.inline_max_bytes,
+        max_bytes: config.binary.max_bytes,
+    }
 }
 
 /// The export service of `[export]` over `jobs`, and its workers.

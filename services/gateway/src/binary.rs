@@ -3,32 +3,39 @@
 //! answered with the raw content in the Binary's own `contentType`. Everything else — FHIR JSON
 //! in, FHIR JSON out, `_format` given — is the ordinary interaction.
 //!
-//! - `POST [base]/Binary`, `PUT [base]/Binary/[id]` with e.g. `Content-Type: image/png`: the body
-//!   becomes `Binary.data` (base64) and the type `Binary.contentType`; `X-Security-Context`
-//!   (a reference) becomes `Binary.securityContext`. The content is capped at three quarters of
-//!   `max_body_bytes` less 1 KiB (it is stored base64-encoded inside the resource): 413 beyond.
+//! - `POST [base]/Binary`, `PUT [base]/Binary/[id]` with e.g. `Content-Type: image/png`: the type
+//!   becomes `Binary.contentType` and `X-Security-Context` (a reference) `Binary.securityContext`.
+//!   Content announced (`Content-Length`) up to the inline size is stored in the resource as
+//!   base64 `Binary.data`. Larger or unannounced content is streamed to the Binary content
+//!   service (the blob store), never held whole in memory, up to its cap (413 beyond, nothing
+//!   kept), and the resource points to it (`fhirmesh_core::binary`); if the write then fails,
+//!   the content is removed again. Without a content service every Binary is inline, capped at
+//!   three quarters of `max_body_bytes` less 1 KiB.
 //! - `GET [base]/Binary/[id]` and `…/_history/[vid]` with an `Accept` such as `*/*` or
-//!   `image/png`: the decoded bytes, `Content-Type` = `contentType`, with `ETag`,
-//!   `Last-Modified` and `X-Security-Context`.
+//!   `image/png`: the content (streamed from the blob store when it is there), `Content-Type` =
+//!   `contentType`, with `ETag`, `Last-Modified` and `X-Security-Context`.
 //!
-//! Done as a middleware around routing, so a raw request is otherwise the ordinary interaction:
-//! authentication, tenancy, validation, versioning, errors and headers are the same. The content
-//! is stored inline in the resource (the resource store holds it base64-encoded).
+//! Done as a middleware between authentication and the handlers, so a raw request is otherwise
+//! the ordinary interaction: tenancy, authorization, validation, versioning, errors and headers
+//! are the same.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use base64::Engine;
-use fhirmesh_core::FhirError;
+use fhirmesh_core::binary::ContentRef;
+use fhirmesh_core::blob::put_body;
+use fhirmesh_core::{ErrorCategory, FhirError, RequestContext};
+use futures::TryStreamExt;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::SharedGateway;
-use crate::handlers::read_body_up_to;
+use crate::handlers::{Caller, read_body_up_to};
 use crate::negotiate;
 use crate::response::error_response;
+use crate::{BinaryApi, SharedGateway};
 
 const SECURITY_CONTEXT: &str = "x-security-context";
 
@@ -65,66 +72,109 @@ pub(crate) async fn negotiate(State(gw): State<SharedGateway>, request: Request,
     let read = method == Method::GET && (segments.len() == 2 || (segments.len() == 4 && segments[2] == "_history"));
     if read && wants_raw(request.headers(), request.uri().query()) {
         // The FHIR answer, then its content: auth, tenancy, errors and headers stay the read's.
-        let mut request = request;
-        request.headers_mut().remove(ACCEPT);
-        return to_raw(next.run(request).await).await;
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(ACCEPT);
+        let ctx = Caller::new(&gw, &parts).ctx;
+        return to_raw(&gw, &ctx, next.run(Request::from_parts(parts, body)).await).await;
     }
     let write = (method == Method::POST && segments.len() == 1) || (method == Method::PUT && segments.len() == 2);
     if write && is_raw_body(request.headers()) {
         let id = segments.get(1).map(|id| (*id).to_owned());
         let (mut parts, body) = request.into_parts();
-        return match raw_to_resource(&gw, &parts.headers, id.as_deref(), body).await {
-            Ok(json) => {
-                parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/fhir+json"));
-                parts.headers.remove(CONTENT_LENGTH);
-                next.run(Request::from_parts(parts, Body::from(json))).await
+        let stream_to = gw.config.binaries.as_ref().filter(|api| !fits_inline(&parts.headers, api.inline_max_bytes));
+        let written = match stream_to {
+            Some(api) => {
+                stored_to_resource(api, Caller::new(&gw, &parts).ctx, &parts.headers, id.as_deref(), body).await
             }
-            Err(error) => error_response(&error, false),
+            None => inline_to_resource(&gw, &parts.headers, id.as_deref(), body).await,
         };
+        let written = match written {
+            Ok(written) => written,
+            Err(error) => return error_response(&error, false),
+        };
+        parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/fhir+json"));
+        parts.headers.remove(CONTENT_LENGTH);
+        if let Some((content, _)) = &written.stored {
+            parts.extensions.insert(Uploaded(content.key.clone()));
+        }
+        let response = next.run(Request::from_parts(parts, Body::from(written.json))).await;
+        if let (Some((content, ctx)), Some(api)) = (written.stored, &gw.config.binaries)
+            && !response.status().is_success()
+        {
+            // No version points to it: remove it (in the background; the answer does not wait).
+            let service = api.service.clone();
+            tokio::spawn(async move {
+                if let Err(error) = service.discard(&ctx, &content).await {
+                    tracing::warn!(key = %content.key, ?error, "could not remove the content of a failed Binary write");
+                }
+            });
+        }
+        return response;
     }
     next.run(request).await
 }
 
+/// Marks a raw write whose content the middleware stored: the request context carries its key,
+/// the one content pointer the write may set.
+#[derive(Debug, Clone)]
+pub(crate) struct Uploaded(pub(crate) String);
+
 /// A read's FHIR answer turned into the Binary's raw content (errors pass as they are).
-async fn to_raw(response: Response) -> Response {
+async fn to_raw(gw: &SharedGateway, ctx: &RequestContext, response: Response) -> Response {
     if response.status() != StatusCode::OK {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let decoded = async {
+    let raw = async {
         let bytes = axum::body::to_bytes(body, usize::MAX)
             .await
             .map_err(|e| FhirError::internal(format!("reading the Binary: {e}")))?;
-        decode(&bytes)
+        let resource: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| FhirError::internal(format!("stored Binary is not JSON: {e}")))?;
+        let content = match ContentRef::of(&resource)? {
+            Some(pointer) => {
+                let api = gw.config.binaries.as_ref().ok_or_else(|| {
+                    FhirError::new(
+                        ErrorCategory::Unavailable,
+                        "this Binary's content is in the blob store, and this gateway has no Binary content service",
+                    )
+                })?;
+                let blob = api.service.download(ctx, &pointer).await?;
+                let stream = blob.body.map_err(std::io::Error::other);
+                (Some(blob.info.size), Body::from_stream(stream))
+            }
+            None => (None, Body::from(inline_data(&resource)?)),
+        };
+        Ok::<_, FhirError>((resource, content))
     }
     .await;
-    let (content_type, data, security_context) = match decoded {
-        Ok(decoded) => decoded,
+    let (resource, (size, body)) = match raw {
+        Ok(raw) => raw,
         Err(error) => return error_response(&error, false),
     };
+    let content_type = resource["contentType"].as_str().unwrap_or("application/octet-stream");
     let content_type =
-        HeaderValue::from_str(&content_type).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
+        HeaderValue::from_str(content_type).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     parts.headers.insert(CONTENT_TYPE, content_type);
     parts.headers.remove(CONTENT_LENGTH);
-    if let Some(reference) = security_context.and_then(|r| HeaderValue::from_str(&r).ok()) {
+    if let Some(size) = size {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    let security_context = resource["securityContext"]["reference"].as_str();
+    if let Some(reference) = security_context.and_then(|r| HeaderValue::from_str(r).ok()) {
         parts.headers.insert(SECURITY_CONTEXT, reference);
     }
-    Response::from_parts(parts, Body::from(data))
+    Response::from_parts(parts, body)
 }
 
-/// (contentType, decoded data, securityContext reference) of a Binary's JSON.
-fn decode(body: &[u8]) -> Result<(String, Vec<u8>, Option<String>), FhirError> {
-    let resource: Value =
-        serde_json::from_slice(body).map_err(|e| FhirError::internal(format!("stored Binary is not JSON: {e}")))?;
-    let content_type = resource["contentType"].as_str().unwrap_or("application/octet-stream").to_owned();
-    let data = match resource["data"].as_str() {
+/// The decoded inline `Binary.data` (empty without).
+fn inline_data(resource: &Value) -> Result<Vec<u8>, FhirError> {
+    match resource["data"].as_str() {
         Some(text) => base64::engine::general_purpose::STANDARD
             .decode(text)
-            .map_err(|e| FhirError::internal(format!("stored Binary.data is not base64: {e}")))?,
-        None => Vec::new(),
-    };
-    let security_context = resource["securityContext"]["reference"].as_str().map(str::to_owned);
-    Ok((content_type, data, security_context))
+            .map_err(|e| FhirError::internal(format!("stored Binary.data is not base64: {e}"))),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `type/subtype` (with optional parameters), both RFC 7230 tokens.
@@ -134,13 +184,22 @@ fn is_media_type(value: &str) -> bool {
     matches!(essence.split_once('/'), Some((kind, sub)) if token(kind) && token(sub))
 }
 
-/// The Binary resource (JSON) a raw write stands for.
-async fn raw_to_resource(
-    gw: &SharedGateway,
-    headers: &HeaderMap,
-    id: Option<&str>,
-    body: Body,
-) -> Result<Vec<u8>, FhirError> {
+/// Whether a raw write's `Content-Length` announces at most `inline_max_bytes` (no length, as
+/// with a chunked upload, does not).
+fn fits_inline(headers: &HeaderMap, inline_max_bytes: u64) -> bool {
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    declared.is_some_and(|length| length <= inline_max_bytes)
+}
+
+/// The Binary resource (JSON) a raw write stands for, and the content stored for it (with the
+/// context it was stored in) when it is not inline.
+struct Written {
+    json: Vec<u8>,
+    stored: Option<(ContentRef, RequestContext)>,
+}
+
+/// A raw write's Binary without its content: `contentType`, `id`, `securityContext`.
+fn binary_shell(headers: &HeaderMap, id: Option<&str>) -> Result<Value, FhirError> {
     let content_type = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -153,14 +212,7 @@ async fn raw_to_resource(
             fhirmesh_fhir::outcome::clip(&content_type)
         )));
     }
-    // Stored base64-encoded inside the resource, which must fit the request limit itself.
-    let limit = (gw.config.max_body_bytes / 4 * 3).saturating_sub(1024);
-    let bytes = read_body_up_to(limit, headers, body).await?;
-    let mut resource = json!({
-        "resourceType": "Binary",
-        "contentType": content_type,
-        "data": base64::engine::general_purpose::STANDARD.encode(&bytes),
-    });
+    let mut resource = json!({"resourceType": "Binary", "contentType": content_type});
     if let Some(id) = id {
         resource["id"] = json!(id);
     }
@@ -168,7 +220,51 @@ async fn raw_to_resource(
         let reference = reference.to_str().map_err(|_| FhirError::invalid("X-Security-Context is not ASCII"))?;
         resource["securityContext"] = json!({ "reference": reference.trim() });
     }
-    serde_json::to_vec(&resource).map_err(|e| FhirError::internal(e.to_string()))
+    Ok(resource)
+}
+
+fn to_json(resource: &Value) -> Result<Vec<u8>, FhirError> {
+    serde_json::to_vec(resource).map_err(|e| FhirError::internal(e.to_string()))
+}
+
+/// A raw write with its content inline, base64 in `Binary.data`: the resource must fit the
+/// request limit itself.
+async fn inline_to_resource(
+    gw: &SharedGateway,
+    headers: &HeaderMap,
+    id: Option<&str>,
+    body: Body,
+) -> Result<Written, FhirError> {
+    let mut resource = binary_shell(headers, id)?;
+    let limit = (gw.config.max_body_bytes / 4 * 3).saturating_sub(1024);
+    let bytes = read_body_up_to(limit, headers, body).await?;
+    resource["data"] = json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    Ok(Written { json: to_json(&resource)?, stored: None })
+}
+
+/// A raw write whose content is streamed to the Binary content service; the resource points to
+/// it.
+async fn stored_to_resource(
+    api: &BinaryApi,
+    ctx: RequestContext,
+    headers: &HeaderMap,
+    id: Option<&str>,
+    body: Body,
+) -> Result<Written, FhirError> {
+    let mut resource = binary_shell(headers, id)?;
+    let announced =
+        headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(length) = announced.filter(|length| *length > api.max_bytes) {
+        return Err(FhirError::new(
+            ErrorCategory::TooLarge,
+            format!("the Binary content ({length} bytes) is larger than the {}-byte limit", api.max_bytes),
+        ));
+    }
+    let content_type = resource["contentType"].as_str().unwrap_or_default().to_owned();
+    let stream = put_body(body.into_data_stream());
+    let content = api.service.upload(&ctx, &content_type, stream, api.max_bytes).await?;
+    content.attach(&mut resource);
+    Ok(Written { json: to_json(&resource)?, stored: Some((content, ctx)) })
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
-    fn new(gw: &SharedGateway, parts: &Parts) -> Caller {
+    pub(crate) fn new(gw: &SharedGateway, parts: &Parts) -> Caller {
         let headers = &parts.headers;
         let request_id = headers
             .get("x-request-id")
@@ -86,8 +86,15 @@ impl Caller {
             base.push_str("/tenant/");
             base.push_str(tenant.as_str());
         }
-        let ctx =
-            RequestContext { tenant: tenant.unwrap_or_default(), request_id: Some(request_id), traceparent, access };
+        // Set by the Binary middleware on a raw write whose content it stored (`binary.rs`).
+        let binary_upload = parts.extensions.get::<crate::binary::Uploaded>().map(|uploaded| uploaded.0.clone());
+        let ctx = RequestContext {
+            tenant: tenant.unwrap_or_default(),
+            request_id: Some(request_id),
+            traceparent,
+            access,
+            binary_upload,
+        };
         Caller { ctx, base }
     }
 }

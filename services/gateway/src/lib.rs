@@ -54,6 +54,29 @@ pub struct GatewayConfig {
     pub metrics_sources: Vec<MetricsSource>,
     /// Bulk Data `$export` (absent: the kick-off answers that export is not available here).
     pub exports: Option<ExportApi>,
+    /// Where raw Binary content above the inline size goes (absent: every Binary is stored
+    /// inline, within the request body limit).
+    pub binaries: Option<BinaryApi>,
+}
+
+/// The Binary content service the gateway streams large raw content to.
+#[derive(Clone)]
+pub struct BinaryApi {
+    pub service: fhirmesh_core::binary::DynBinaryService,
+    /// Raw content up to this size (declared by `Content-Length`) stays inline in the resource;
+    /// larger or unannounced content is streamed to `service`.
+    pub inline_max_bytes: u64,
+    /// Largest raw content accepted (413 beyond).
+    pub max_bytes: u64,
+}
+
+impl std::fmt::Debug for BinaryApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinaryApi")
+            .field("inline_max_bytes", &self.inline_max_bytes)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The export service the gateway calls.
@@ -127,12 +150,14 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
         .route("/{rtype}/{id}/_history", get(handlers::history_instance))
         .route("/{rtype}/{id}/{member}", get(handlers::search_compartment))
         .route("/{rtype}/{id}/_history/{vid}", get(handlers::vread))
+        // Innermost first: a raw Binary is negotiated once the caller is authenticated (its
+        // content is only stored for a caller who may write Binaries).
+        .route_layer(axum::middleware::from_fn_with_state(gateway.clone(), binary::negotiate))
         .route_layer(axum::middleware::from_fn_with_state(gateway.clone(), auth::authenticate));
     let fhir = public
         .merge(protected)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .fallback(handlers::no_route)
-        .layer(axum::middleware::from_fn_with_state(gateway.clone(), binary::negotiate))
         .with_state(gateway);
     let fhir =
         if base_path.is_empty() { fhir } else { Router::new().nest(&base_path, fhir).fallback(handlers::no_route) };

@@ -44,6 +44,7 @@ pub(super) async fn create(
         }
     }
 
+    crate::binary::check_write(ctx, request.resource_type, Some(&resource), None)?;
     // A fresh UUID never collides in practice; the loop only guards the impossible case.
     for _ in 0..3 {
         let id = LogicalId::generate();

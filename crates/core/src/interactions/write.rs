@@ -47,6 +47,7 @@ pub(super) async fn with_retries(
             Attempt::Write { resource, size } => (Operation::Update, Some((resource, size))),
         };
         reach.check_write(resource_type, id, current.as_ref(), body.as_ref().map(|(resource, _)| resource))?;
+        crate::binary::check_write(ctx, resource_type, body.as_ref().map(|(resource, _)| resource), current.as_ref())?;
         let version_id = current.as_ref().map_or(1, |c| c.version_id + 1);
         let last_updated = body::now();
         let rules = &svc.config.write_rules;

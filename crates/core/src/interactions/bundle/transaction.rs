@@ -140,6 +140,8 @@ async fn attempt(
             Change::Put { resource, .. } => Some(resource),
             Change::Delete => None,
         };
+        crate::binary::check_write(ctx, pending.resource_type, new, pending.current.as_ref())
+            .map_err(|err| in_entry(err, &entries[pending.entry]))?;
         let target = (pending.resource_type, &pending.id);
         limited.record(
             svc.config.write_rules.as_deref(),
