@@ -15,6 +15,12 @@ stream shard, so a stream reader keeps the orphaned shard with the cancelled wri
 Instead, the items a transaction touches are saved before it runs, and a cancelled transaction
 puts them back and drops the stream records it added — what DynamoDB shows: nothing happened.
 
+S3's CompleteMultipartUpload and ListParts answers: since moto 5.2 (up to at least 5.2.5) their
+XML root is `{Operation}Response` instead of S3's `CompleteMultipartUploadResult` / `ListPartsResult`
+(getmoto/moto#10055, fixed by #10056 after 5.2.5), which the AWS SDKs refuse. `s3_xml_roots`
+renames the root of those two answers, so every process of the mesh can run multipart uploads
+against moto as against S3.
+
 And a Query on a table (not an index) sorts every item of the table to pick the partition's items
 (`Table.all_items`): a read costs time proportional to the table. `partition_queries` hands such a
 query only its partition's items, as DynamoDB does.
@@ -125,6 +131,44 @@ def journal_rollback():
     dynamodb_models.DynamoDBBackend.transact_write_items = transact_write_items
 
 
+S3_ROOT_RENAMES = [
+    (b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult"),
+    (b"ListPartsResponse", b"ListPartsResult"),
+]
+
+
+def s3_xml_roots(app):
+    """Wraps a WSGI app: renames the XML root of S3 answers about a multipart upload (`uploadId`
+    in the query) whose root moto names wrongly; everything else passes untouched."""
+
+    def wrapped(environ, start_response):
+        if "uploadId=" not in environ.get("QUERY_STRING", "") or environ.get("HTTP_X_AMZ_TARGET"):
+            return app(environ, start_response)
+        captured = {}
+
+        def capture(status, headers, exc_info=None):
+            captured["status"], captured["headers"], captured["exc_info"] = status, headers, exc_info
+            return lambda data: None
+
+        result = app(environ, capture)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        head = body[:300]
+        for wrong, right in S3_ROOT_RENAMES:
+            if b"<" + wrong in head:
+                body = body.replace(b"<" + wrong, b"<" + right, 1).replace(b"</" + wrong + b">", b"</" + right + b">", 1)
+        headers = [(k, v) for k, v in captured["headers"] if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(body))))
+        start_response(captured["status"], headers, captured["exc_info"])
+        return [body]
+
+    return wrapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-H", "--host", default="127.0.0.1")
@@ -149,7 +193,7 @@ def main() -> None:
         return moto_app(environ, start_response)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_simple(args.host, args.port, app, threaded=True)
+    run_simple(args.host, args.port, s3_xml_roots(app), threaded=True)
 
 
 if __name__ == "__main__":

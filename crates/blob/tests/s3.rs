@@ -27,95 +27,11 @@ fn small_parts() -> S3Options {
     S3Options { multipart_threshold: MIN_PART_SIZE, part_size: MIN_PART_SIZE, ..S3Options::default() }
 }
 
+/// A client of the moto server (which `tools/testinfra/moto_serial.py` makes answer multipart
+/// requests with S3's XML roots, as the SDK expects).
 async fn moto_client() -> Client {
     let config = fhirmesh_testinfra::aws_config().await;
-    let http = moto_xml_fix::MotoXmlFix::new();
-    Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).http_client(http).build())
-}
-
-/// Works around a moto bug: since moto 5.2 (up to at least 5.2.5) the XML root of the
-/// CompleteMultipartUpload and ListParts responses is `{Operation}Response` instead of S3's
-/// `CompleteMultipartUploadResult` / `ListPartsResult` (getmoto/moto#10055, fixed by #10056 after
-/// 5.2.5). The Rust SDK checks the root and fails. This HTTP client wraps the SDK's default one and,
-/// for those two responses only, renames the root; everything else (streamed downloads included)
-/// passes through untouched. Real S3 needs none of this.
-mod moto_xml_fix {
-    use aws_sdk_s3::config::http::{HttpRequest, HttpResponse};
-    use aws_sdk_s3::primitives::{ByteStream, SdkBody};
-    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    use aws_smithy_runtime_api::client::http::{
-        HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient, SharedHttpConnector,
-    };
-    use aws_smithy_runtime_api::client::result::ConnectorError;
-    use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
-
-    const RENAMES: [(&str, &str); 2] = [
-        ("CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"),
-        ("ListPartsResponse", "ListPartsResult"),
-    ];
-
-    #[derive(Debug, Clone)]
-    pub struct MotoXmlFix {
-        inner: SharedHttpClient,
-    }
-
-    impl MotoXmlFix {
-        pub fn new() -> MotoXmlFix {
-            let inner =
-                aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::AwsLc)).build_https();
-            MotoXmlFix { inner }
-        }
-    }
-
-    impl HttpClient for MotoXmlFix {
-        fn http_connector(
-            &self,
-            settings: &HttpConnectorSettings,
-            components: &RuntimeComponents,
-        ) -> SharedHttpConnector {
-            SharedHttpConnector::new(Connector { inner: self.inner.http_connector(settings, components) })
-        }
-    }
-
-    #[derive(Debug)]
-    struct Connector {
-        inner: SharedHttpConnector,
-    }
-
-    impl HttpConnector for Connector {
-        fn call(&self, request: HttpRequest) -> HttpConnectorFuture {
-            // CompleteMultipartUpload (POST) and ListParts (GET) name an upload but no part.
-            let uri = request.uri();
-            let affected = uri.contains("uploadId=") && !uri.contains("partNumber=") && request.method() != "DELETE";
-            let response = self.inner.call(request);
-            HttpConnectorFuture::new(async move {
-                let response = response.await?;
-                if !affected {
-                    return Ok(response);
-                }
-                let status = response.status();
-                let headers = response.headers().clone();
-                let body = ByteStream::new(response.into_body())
-                    .collect()
-                    .await
-                    .map_err(|e| ConnectorError::io(e.into()))?
-                    .into_bytes();
-                let mut text = String::from_utf8_lossy(&body).into_owned();
-                for (wrong, right) in RENAMES {
-                    text = text.replace(wrong, right);
-                }
-                let length = text.len();
-                let mut fixed = HttpResponse::new(status, SdkBody::from(text));
-                for (name, value) in headers.iter() {
-                    if !name.eq_ignore_ascii_case("content-length") {
-                        fixed.headers_mut().append(name.to_owned(), value.to_owned());
-                    }
-                }
-                fixed.headers_mut().insert("content-length", length.to_string());
-                Ok(fixed)
-            })
-        }
-    }
+    Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build())
 }
 
 /// A provisioned store in a fresh bucket, and a raw client to inspect the bucket with.

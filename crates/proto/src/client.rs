@@ -40,8 +40,7 @@ impl GrpcResourceClient {
     /// `http://`). Connects lazily, on the first call, and reconnects after failures; must be
     /// called inside a Tokio runtime. Fails only when `endpoint` is not a valid URI.
     pub fn connect(endpoint: String) -> Result<Self, tonic::transport::Error> {
-        let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
-        let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+        let (channel, endpoint) = lazy_channel(endpoint)?;
         Ok(Self::with_label(channel, endpoint))
     }
 
@@ -273,4 +272,13 @@ impl ResourceService for GrpcResourceClient {
         let response = self.client.clone().bundle(request).await.map_err(|s| self.status_error(&s))?.into_inner();
         self.decoded(BundleResult::try_from(response))
     }
+}
+
+/// A channel to `endpoint` (`http://host:port`; a bare `host:port` means `http://`) that connects
+/// on first use and reconnects after failures, and the endpoint as used. Must be called inside a
+/// Tokio runtime; fails only when `endpoint` is not a valid URI.
+pub(crate) fn lazy_channel(endpoint: String) -> Result<(Channel, String), tonic::transport::Error> {
+    let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
+    let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+    Ok((channel, endpoint))
 }

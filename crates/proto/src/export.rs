@@ -3,21 +3,18 @@
 //! download streams: the first message carries the file's metadata, every message a piece of it,
 //! so neither side holds a file in memory.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use fhirmesh_core::blob::{Blob, BlobError, BlobInfo, BlobKey};
+use fhirmesh_core::blob::{Blob, BlobKey};
 use fhirmesh_core::export::{
     DynExportService, ExportLevel, ExportService, ExportStatus, JobId, KickOff, Manifest, OutputFile,
 };
 use fhirmesh_core::{FhirError, FhirResult, RequestContext};
-use futures::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::blob_stream::{BlobStream, blob_from_wire, blob_to_wire};
 use crate::convert::{WireError, context_from_wire, context_to_wire, required, timestamp_from_wire, timestamp_to_wire};
 use crate::pb;
 use crate::pb::export_service_client::ExportServiceClient;
@@ -25,7 +22,6 @@ use crate::pb::export_service_server::{ExportService as ExportServiceRpc, Export
 use crate::status::{fhir_error_to_status, status_to_fhir_error};
 
 const SERVICE: &str = "exporter";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves an [`ExportService`] as the gRPC `fhirmesh.v1.ExportService`.
 #[derive(Clone)]
@@ -126,12 +122,6 @@ fn decode<T>(value: Result<T, WireError>) -> Result<T, Status> {
     value.map_err(|err| fhir_error_to_status(&err.into_invalid()))
 }
 
-/// A download's pieces on the wire.
-type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::ExportDownloadChunk, Status>> + Send + 'static>>;
-
-/// Largest data piece of a download message.
-const DOWNLOAD_PIECE: usize = 1024 * 1024;
-
 #[tonic::async_trait]
 impl ExportServiceRpc for GrpcExportAdapter {
     async fn kick_off(
@@ -161,36 +151,13 @@ impl ExportServiceRpc for GrpcExportAdapter {
         respond(self.0.cancel(&ctx, &request.job_id).await.map(|()| pb::ExportCancelResponse {}))
     }
 
-    type DownloadStream = DownloadStream;
+    type DownloadStream = BlobStream;
 
-    async fn download(&self, request: Request<pb::ExportDownloadRequest>) -> Result<Response<DownloadStream>, Status> {
+    async fn download(&self, request: Request<pb::ExportDownloadRequest>) -> Result<Response<BlobStream>, Status> {
         let request = request.into_inner();
         let ctx = decode(context_from_wire(request.context))?;
         let blob = self.0.download(&ctx, &request.job_id, &request.file).await.map_err(|e| fhir_error_to_status(&e))?;
-        let info = pb::ExportFileInfo {
-            size: blob.info.size,
-            content_type: blob.info.content_type.clone(),
-            etag: blob.info.etag.clone(),
-            last_modified: blob.info.last_modified.map(timestamp_to_wire),
-        };
-        let first =
-            futures::stream::once(async move { Ok(pb::ExportDownloadChunk { info: Some(info), data: Bytes::new() }) });
-        let rest = blob.body.flat_map(|piece| {
-            let messages: Vec<Result<pb::ExportDownloadChunk, Status>> = match piece {
-                // Pieces of at most 1 MiB, whatever the blob store hands out.
-                Ok(mut bytes) => {
-                    let mut out = Vec::with_capacity(bytes.len() / DOWNLOAD_PIECE + 1);
-                    while bytes.len() > DOWNLOAD_PIECE {
-                        out.push(Ok(pb::ExportDownloadChunk { info: None, data: bytes.split_to(DOWNLOAD_PIECE) }));
-                    }
-                    out.push(Ok(pb::ExportDownloadChunk { info: None, data: bytes }));
-                    out
-                }
-                Err(error) => vec![Err(Status::unavailable(format!("reading the export file: {error}")))],
-            };
-            futures::stream::iter(messages)
-        });
-        Ok(Response::new(Box::pin(first.chain(rest))))
+        Ok(Response::new(blob_to_wire(blob, "the export file")))
     }
 }
 
@@ -206,8 +173,7 @@ impl GrpcExportClient {
     /// `http://`). Connects lazily and reconnects after failures; must be called inside a Tokio
     /// runtime. Fails only when `endpoint` is not a valid URI.
     pub fn connect(endpoint: String) -> Result<Self, tonic::transport::Error> {
-        let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
-        let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+        let (channel, endpoint) = crate::client::lazy_channel(endpoint)?;
         let client = ExportServiceClient::new(channel)
             .max_decoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE)
             .max_encoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE);
@@ -259,40 +225,11 @@ impl ExportService for GrpcExportClient {
             job_id: job.to_owned(),
             file: file.to_owned(),
         };
-        let mut stream = self.client.clone().download(request).await.map_err(|s| self.status_error(&s))?.into_inner();
-        let malformed =
-            |reason: &str| WireError::Invalid { field: "info", reason: reason.to_owned() }.into_internal(SERVICE);
-        let first = match stream.message().await {
-            Ok(Some(first)) => first,
-            Ok(None) => return Err(malformed("the download ended before its first message")),
-            Err(status) => return Err(self.status_error(&status)),
-        };
-        let info = first.info.ok_or_else(|| malformed("the first message has no file information"))?;
+        let stream = self.client.clone().download(request).await.map_err(|s| self.status_error(&s))?.into_inner();
         let key = BlobKey::new(&ctx.tenant, &format!("export/{job}/{file}"))
             .map_err(|_| FhirError::not_found(format!("export job '{job}' has no such file")))?;
-        let last_modified = match info.last_modified {
-            Some(at) => Some(timestamp_from_wire(Some(at), "last_modified").map_err(|e| e.into_internal(SERVICE))?),
-            None => None,
-        };
-        let size = info.size;
-        let info = BlobInfo { key, size, content_type: info.content_type, etag: info.etag, last_modified };
-        let endpoint = self.endpoint.clone();
-        let head = futures::stream::iter((!first.data.is_empty()).then_some(Ok(first.data)));
-        let body = futures::stream::unfold(Some(stream), move |stream| {
-            let endpoint = endpoint.clone();
-            async move {
-                let mut stream = stream?;
-                match stream.message().await {
-                    Ok(Some(piece)) => Some((Ok(piece.data), Some(stream))),
-                    Ok(None) => None,
-                    Err(status) => Some((
-                        Err(BlobError::Unavailable(format!("the exporter at {endpoint}: {}", status.message()))),
-                        None,
-                    )),
-                }
-            }
-        });
-        Ok(Blob { info, range: 0..size, body: head.chain(body).boxed() })
+        let peer: Arc<str> = format!("the exporter at {}", self.endpoint).into();
+        blob_from_wire(stream, key, SERVICE, peer, |status| self.status_error(status)).await
     }
 }
 

@@ -27,6 +27,8 @@
 //!   a malformed response is an [`fhirmesh_core::ErrorCategory::Internal`] error for the client.
 //!   Nothing here panics on wire data.
 
+mod binary;
+mod blob_stream;
 mod client;
 mod convert;
 mod events;
@@ -43,6 +45,7 @@ pub mod pb {
     tonic::include_proto!("fhirmesh.v1");
 }
 
+pub use binary::{GrpcBinaryAdapter, GrpcBinaryClient, binary_service_server};
 pub use client::GrpcResourceClient;
 pub use convert::WireError;
 pub use events::{decode_resource_changed, encode_resource_changed};

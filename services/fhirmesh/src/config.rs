@@ -44,11 +44,18 @@ pub struct BinarySection {
     pub inline_max_bytes: u64,
     /// Largest raw content accepted (413 beyond); at most 2147483647.
     pub max_bytes: u64,
+    /// `--target binary`: where the Binary content gRPC API is served (the gateway's
+    /// `gateway.binary_endpoint`).
+    pub grpc_listen: String,
 }
 
 impl Default for BinarySection {
     fn default() -> Self {
-        BinarySection { inline_max_bytes: 256 * 1024, max_bytes: 1024 * 1024 * 1024 }
+        BinarySection {
+            inline_max_bytes: 256 * 1024,
+            max_bytes: 1024 * 1024 * 1024,
+            grpc_listen: "127.0.0.1:50054".into(),
+        }
     }
 }
 
@@ -447,6 +454,9 @@ pub struct GatewaySection {
     /// gRPC endpoint of the exporter (`--target gateway`); without one a mesh gateway does not
     /// serve `$export`.
     pub export_endpoint: Option<String>,
+    /// gRPC endpoint of the binary service (`--target gateway`); without one a mesh gateway
+    /// stores every raw Binary inline (within `server.max_body_bytes`).
+    pub binary_endpoint: Option<String>,
 }
 
 /// Rest-hook Subscriptions: which endpoints may be called, limits, retries.
@@ -542,7 +552,11 @@ impl Default for ResourceSection {
 
 impl Default for GatewaySection {
     fn default() -> Self {
-        GatewaySection { resource_endpoint: "http://127.0.0.1:50051".into(), export_endpoint: None }
+        GatewaySection {
+            resource_endpoint: "http://127.0.0.1:50051".into(),
+            export_endpoint: None,
+            binary_endpoint: None,
+        }
     }
 }
 
@@ -690,9 +704,11 @@ impl Config {
         fhirmesh_notify::EndpointPolicy::new(&self.notifier.allow_endpoints, self.notifier.allow_insecure_http)
             .map_err(|err| anyhow::anyhow!("notifier.allow_endpoints: {err}"))?;
         let export_endpoint = self.gateway.export_endpoint.as_ref();
+        let binary_endpoint = self.gateway.binary_endpoint.as_ref();
         for (name, endpoint) in [
             ("gateway.resource_endpoint", Some(&self.gateway.resource_endpoint)),
             ("gateway.export_endpoint", export_endpoint),
+            ("gateway.binary_endpoint", binary_endpoint),
             ("notifier.resource_endpoint", Some(&self.notifier.resource_endpoint)),
         ] {
             let Some(endpoint) = endpoint else { continue };
@@ -747,6 +763,7 @@ impl Config {
             bail!("export.segments must be 0 or 1 on SQLite (it reads exports by type), got {}", self.export.segments);
         }
         parse_addr("export.grpc_listen", &self.export.grpc_listen)?;
+        parse_addr("binary.grpc_listen", &self.binary.grpc_listen)?;
         Ok(())
     }
 
@@ -762,6 +779,11 @@ impl Config {
     pub fn exporter_addr(&self) -> SocketAddr {
         parse_addr("export.grpc_listen", &self.export.grpc_listen)
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50053)))
+    }
+
+    pub fn binary_addr(&self) -> SocketAddr {
+        parse_addr("binary.grpc_listen", &self.binary.grpc_listen)
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50054)))
     }
 
     /// The chunks per export job (`export.segments`, 0 resolved by store).

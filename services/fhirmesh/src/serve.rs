@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use fhirmesh_authn::{Algorithm, JwksSource, JwtConfig, Verifier};
 use fhirmesh_bus::InProcessBus;
 use fhirmesh_core::auth::{AccessPolicy, RbacRules, SmartOptions};
+use fhirmesh_core::binary::Binaries;
 use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
@@ -44,14 +45,17 @@ pub enum Target {
     /// gateway.export_endpoint) and export workers, on the configured store, job store and blob
     /// store. Replicas share the jobs.
     Exporter,
+    /// The binary service: Binary content on the blob store over gRPC (binary.grpc_listen, the
+    /// gateway's gateway.binary_endpoint). Stateless; replicas share the bucket.
+    Binary,
 }
 
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
 pub struct Running {
     /// Bound address of the FHIR HTTP API, when this process serves it.
     pub http_addr: Option<SocketAddr>,
-    /// Bound address of the gRPC service of `--target resource` (the resource service) or
-    /// `--target exporter` (the export service).
+    /// Bound address of the gRPC service of `--target resource` (the resource service),
+    /// `--target exporter` (the export service) or `--target binary` (the binary service).
     pub grpc_addr: Option<SocketAddr>,
     /// Bound address of the notifier's health and metrics endpoints (`--target notifier`).
     pub notifier_addr: Option<SocketAddr>,
@@ -300,7 +304,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 }
                 if target == Target::All {
                     let blobs = crate::stores::open_blobs(config, &aws).await?;
-                    binaries_api = Some(binary_api(config, blobs.clone()));
+                    binaries_api = Some(binary_api(config, Arc::new(Binaries::new(blobs.clone()))));
                     if let Some(source) = &stores.export
                         && config.export.enabled
                     {
@@ -354,6 +358,15 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             tasks.push(tokio::spawn(fhirmesh_exporter::serve_grpc(listener, service, Running::stopped(&rx))));
             None
         }
+        Target::Binary => {
+            let aws = crate::stores::Aws::new(&config.aws);
+            let blobs = crate::stores::open_blobs(config, &aws).await?;
+            let listener = bind(config.binary_addr(), "the binary gRPC service").await?;
+            grpc_addr = Some(listener.local_addr()?);
+            let service = Arc::new(Binaries::new(blobs));
+            tasks.push(tokio::spawn(fhirmesh_binary::serve_grpc(listener, service, Running::stopped(&rx))));
+            None
+        }
         Target::Gateway => {
             if config.auth.mode == AuthMode::None && !config.auth.insecure_allow_none {
                 bail!(
@@ -367,6 +380,11 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 let client = fhirmesh_proto::GrpcExportClient::connect(endpoint.clone())
                     .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
                 exports_api = Some(ExportApi(Arc::new(client)));
+            }
+            if let Some(endpoint) = &config.gateway.binary_endpoint {
+                let client = fhirmesh_proto::GrpcBinaryClient::connect(endpoint.clone())
+                    .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
+                binaries_api = Some(binary_api(config, Arc::new(client)));
             }
             None
         }
@@ -408,13 +426,9 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
 }
 
-/// The Binary content service of `[binary]` on `blobs`.
-fn binary_api(config: &Config, blobs: fhirmesh_core::blob::DynBlobStore) -> BinaryApi {
-    BinaryApi {
-        service: Arc::new(fhirmesh_core::binary::Binaries::new(blobs)),
-        inline_max_bytes: config.binary.inline_max_bytes,
-        max_bytes: config.binary.max_bytes,
-    }
+/// `service` with the sizes of `[binary]`, for the gateway.
+fn binary_api(config: &Config, service: fhirmesh_core::binary::DynBinaryService) -> BinaryApi {
+    BinaryApi { service, inline_max_bytes: config.binary.inline_max_bytes, max_bytes: config.binary.max_bytes }
 }
 
 /// The export service of `[export]` over `jobs`, and its workers.
@@ -516,7 +530,11 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
             }
         }
         if let Some(addr) = running.grpc_addr {
-            let what = if target == Target::Exporter { "export" } else { "resource" };
+            let what = match target {
+                Target::Exporter => "export",
+                Target::Binary => "binary",
+                _ => "resource",
+            };
             tracing::info!(%addr, service = what, "grpc service listening");
             println!("fhirmesh: gRPC {what} service listening on {addr}");
         }

@@ -18,18 +18,6 @@ const PATIENTS: usize = 48;
 const OBSERVATIONS_PER_PATIENT: usize = 3;
 const SEGMENTS: usize = 6;
 
-fn provision(env: &[(String, String)]) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhirmesh"))
-        .arg("provision")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("fhirmesh provision runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "provision failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("DynamoDB export job table"), "{stdout}");
-}
-
 async fn exporter(env: &[(String, String)], workers: usize) -> Process {
     let mut env = env.to_vec();
     env.extend([
@@ -120,10 +108,11 @@ async fn a_killed_exporter_s_chunk_is_taken_over_and_the_export_is_exact() {
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
-    provision(&env);
+    let provisioned = support::provision(&env);
+    assert!(provisioned.contains("DynamoDB export job table"), "{provisioned}");
     let resource = support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], None, &env).await;
     let api = exporter(&env, 0).await;
-    let gateway = gateway(&env, &resource, &api).await;
+    let gateway = export_gateway(&env, &resource, &api).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
 
@@ -264,15 +253,12 @@ async fn presigning_exporter_and_gateway(env: &[(String, String)], resource: &Pr
     let mut env = env.to_vec();
     env.push(("FHIRMESH_EXPORT__PRESIGNED_DOWNLOAD_SECONDS".to_owned(), "300".to_owned()));
     let exporter = exporter(&env, 0).await;
-    let gateway = gateway(&env, resource, &exporter).await;
+    let gateway = export_gateway(&env, resource, &exporter).await;
     (exporter, gateway)
 }
 
 /// A gateway on `resource` that calls `exporter` for `$export`.
-async fn gateway(env: &[(String, String)], resource: &Process, exporter: &Process) -> Process {
-    let mut env = env.to_vec();
-    env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("http://{}", exporter.address)));
-    let resource_endpoint = format!("http://{}", resource.address);
-    let args = ["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &resource_endpoint];
-    support::spawn_with_env(&args, None, &env).await
+async fn export_gateway(env: &[(String, String)], resource: &Process, exporter: &Process) -> Process {
+    support::gateway(env, resource, &[("FHIRMESH_GATEWAY__EXPORT_ENDPOINT", format!("http://{}", exporter.address))])
+        .await
 }

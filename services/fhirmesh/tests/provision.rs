@@ -3,20 +3,13 @@
 //! with the consumers' SQS queues and dead-letter queues, and the S3 bucket — and a second run
 //! finds them all and changes nothing.
 
-use std::process::Command;
+mod support;
 
 use fhirmesh_testinfra::{aws_endpoint, unique_name};
 
 fn provision(env: &[(&str, String)]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_fhirmesh"))
-        .arg("provision")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("fhirmesh provision runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "provision failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
-    stdout
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    support::provision(&env)
 }
 
 #[test]

@@ -16,6 +16,28 @@ pub struct Process {
     pub address: String,
 }
 
+/// Runs `fhirmesh provision` with `env` (tables, bus, bucket); its stdout.
+pub fn provision(env: &[(String, String)]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhirmesh"))
+        .arg("provision")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("fhirmesh provision runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "provision failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+/// A gateway on `resource` (`extra`: more environment, e.g. the exporter's endpoint).
+pub async fn gateway(env: &[(String, String)], resource: &Process, extra: &[(&str, String)]) -> Process {
+    let mut env = env.to_vec();
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    let resource_endpoint = format!("http://{}", resource.address);
+    let args = ["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &resource_endpoint];
+    spawn_with_env(&args, None, &env).await
+}
+
 /// Starts `fhirmesh serve <args>` and waits for its "listening on" (or "indexer running on") line.
 pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
     spawn_with_env(args, data_dir, &[]).await

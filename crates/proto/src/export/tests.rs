@@ -3,8 +3,12 @@
 
 use std::sync::Mutex;
 
+use bytes::Bytes;
+use futures::StreamExt;
+
 use fhirmesh_core::ErrorCategory;
 use fhirmesh_core::auth::{Access, AccessPolicy, Principal};
+use fhirmesh_core::blob::BlobInfo;
 use fhirmesh_core::model::TenantId;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
