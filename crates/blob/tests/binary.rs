@@ -48,9 +48,9 @@ async fn uploads_stream_in_and_back_with_size_and_hash() {
     let (content, upload) = body(3 * 1024 * 1024 + 7);
     let stored = binaries.upload(&ctx("t1"), "application/pdf", upload, 8 * 1024 * 1024).await.unwrap();
     assert!(stored.key.starts_with("binary/") && stored.key.len() > 20, "{}", stored.key);
-    assert_eq!(stored.size, content.len() as u64);
+    assert_eq!(stored.size, Some(content.len() as u64));
     let expected_hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&content));
-    assert_eq!(stored.sha256, expected_hash);
+    assert_eq!(stored.sha256, Some(expected_hash));
 
     let blob = binaries.download(&ctx("t1"), &stored).await.unwrap();
     assert_eq!(blob.info.content_type, "application/pdf");
@@ -108,7 +108,18 @@ async fn only_callers_that_may_write_binaries_upload() {
     assert_eq!(error.category, ErrorCategory::Forbidden);
     assert_eq!(stored_under(&blobs, "t1").await, 0);
 
-    let pointer = ContentRef { key: "binary/nothing-here".into(), size: 1, sha256: String::new() };
+    let pointer = ContentRef { key: "binary/nothing-here".into(), size: None, sha256: None };
     let missing = binaries.download(&ctx, &pointer).await.expect_err("no such content");
     assert_eq!(missing.category, ErrorCategory::Gone);
+    let presign = binaries.presign_upload(&ctx, "application/pdf", std::time::Duration::from_secs(60)).await;
+    assert_eq!(presign.expect_err("read-only caller").category, ErrorCategory::Forbidden);
+}
+
+#[tokio::test]
+async fn local_files_cannot_be_presigned() {
+    let (binaries, _blobs, _dir) = binaries().await;
+    let expiry = std::time::Duration::from_secs(60);
+    assert_eq!(binaries.presign_upload(&ctx("t1"), "application/pdf", expiry).await, Ok(None));
+    let pointer = ContentRef { key: "binary/abc".into(), size: None, sha256: None };
+    assert_eq!(binaries.presign_download(&ctx("t1"), &pointer, expiry).await, Ok(None));
 }

@@ -17,6 +17,11 @@
 //! Reading the Binary with a non-FHIR `Accept` streams the content back; the JSON form shows the
 //! pointer (size and hash included), and the content is fetched from the Binary's own URL.
 //!
+//! **Presigned mode** (S3, as FHIR Works on AWS did): a FHIR JSON create or update of a Binary
+//! without content allocates content for the client to upload directly to S3
+//! ([`BinaryService::presign_upload`]); its pointer has no size or hash (the server never sees the
+//! bytes), and reads hand out presigned download URLs ([`BinaryService::presign_download`]).
+//!
 //! **Who may point where** ([`check_write`]): a write may carry a pointer only to the content the
 //! gateway uploaded for that very request ([`RequestContext::binary_upload`]) or to the content
 //! the Binary's current version already points to (an update that changes only `contentType` or
@@ -26,6 +31,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -35,7 +41,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Interaction;
-use crate::blob::{Blob, BlobError, BlobKey, DynBlobStore, PutBody};
+use crate::blob::{Blob, BlobError, BlobKey, DynBlobStore, PresignedUrl, PutBody};
 use crate::error::{ErrorCategory, FhirError, FhirResult};
 use crate::model::ResourceVersion;
 use crate::service::RequestContext;
@@ -47,14 +53,15 @@ pub const MAX_CONTENT_BYTES: u64 = i32::MAX as u64;
 /// Where content lives under the tenant's blob prefix.
 const KEY_PREFIX: &str = "binary/";
 
-/// Where a Binary's content is: a blob key path in the Binary's tenant, its size and SHA-256.
+/// Where a Binary's content is: a blob key path in the Binary's tenant, its size and SHA-256
+/// (unknown for content a client uploads to a presigned URL).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContentRef {
     /// `binary/{uuid}`: the blob key path (the tenant is the Binary's).
     pub key: String,
-    pub size: u64,
+    pub size: Option<u64>,
     /// Base64 SHA-256 of the content.
-    pub sha256: String,
+    pub sha256: Option<String>,
 }
 
 impl ContentRef {
@@ -85,24 +92,29 @@ impl ContentRef {
         if !key.starts_with(KEY_PREFIX) || BlobKey::new(&Default::default(), key).is_err() {
             return Err(malformed("has a key that is not a binary content key"));
         }
-        let size = part("size", "valueUnsignedInt").and_then(Value::as_u64).ok_or_else(|| malformed("has no size"))?;
-        let sha256 =
-            part("sha256", "valueBase64Binary").and_then(Value::as_str).ok_or_else(|| malformed("has no sha256"))?;
-        Ok(Some(ContentRef { key: key.to_owned(), size, sha256: sha256.to_owned() }))
+        let size = match part("size", "valueUnsignedInt") {
+            None => None,
+            Some(size) => Some(size.as_u64().ok_or_else(|| malformed("has a size that is not a number"))?),
+        };
+        let sha256 = match part("sha256", "valueBase64Binary") {
+            None => None,
+            Some(hash) => Some(hash.as_str().ok_or_else(|| malformed("has a sha256 that is not a string"))?.to_owned()),
+        };
+        Ok(Some(ContentRef { key: key.to_owned(), size, sha256 }))
     }
 
     /// Puts the pointer on a Binary resource (replacing any `data`).
     pub fn attach(&self, resource: &mut Value) {
         if let Value::Object(map) = resource {
             map.remove("data");
-            map.insert(
-                "_data".into(),
-                json!({"extension": [{"url": CONTENT_EXTENSION, "extension": [
-                    {"url": "key", "valueString": self.key},
-                    {"url": "size", "valueUnsignedInt": self.size},
-                    {"url": "sha256", "valueBase64Binary": self.sha256},
-                ]}]}),
-            );
+            let mut parts = vec![json!({"url": "key", "valueString": self.key})];
+            if let Some(size) = self.size {
+                parts.push(json!({"url": "size", "valueUnsignedInt": size}));
+            }
+            if let Some(sha256) = &self.sha256 {
+                parts.push(json!({"url": "sha256", "valueBase64Binary": sha256}));
+            }
+            map.insert("_data".into(), json!({"extension": [{"url": CONTENT_EXTENSION, "extension": parts}]}));
         }
     }
 
@@ -156,6 +168,23 @@ pub trait BinaryService: Send + Sync + 'static {
     async fn download(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<Blob>;
     /// Removes content no resource points to (an upload whose write failed).
     async fn discard(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<()>;
+    /// New content the caller uploads itself, with `content_type`, to the returned URL (valid
+    /// `expires_in`); `None` when the blob store cannot presign. Same permission as
+    /// [`BinaryService::upload`].
+    async fn presign_upload(
+        &self,
+        ctx: &RequestContext,
+        content_type: &str,
+        expires_in: Duration,
+    ) -> FhirResult<Option<(ContentRef, PresignedUrl)>>;
+    /// A URL to download the content directly, valid `expires_in`; `None` when the blob store
+    /// cannot presign.
+    async fn presign_download(
+        &self,
+        ctx: &RequestContext,
+        content: &ContentRef,
+        expires_in: Duration,
+    ) -> FhirResult<Option<PresignedUrl>>;
 }
 
 pub type DynBinaryService = Arc<dyn BinaryService>;
@@ -180,12 +209,8 @@ impl BinaryService for Binaries {
         body: PutBody,
         max_bytes: u64,
     ) -> FhirResult<ContentRef> {
-        let binary = ResourceType::parse("Binary");
-        if ctx.access.check(Interaction::Create, binary).is_err() {
-            ctx.access.check(Interaction::Update, binary)?;
-        }
-        let key = format!("{KEY_PREFIX}{}", uuid::Uuid::new_v4().simple());
-        let blob_key = BlobKey::new(&ctx.tenant, &key).map_err(|e| FhirError::internal(e.to_string()))?;
+        may_write(ctx)?;
+        let (key, blob_key) = new_key(ctx)?;
         let counted = Arc::new(AtomicU64::new(0));
         let over = Arc::new(AtomicBool::new(false));
         let hasher = Arc::new(Mutex::new(Sha256::new()));
@@ -207,7 +232,7 @@ impl BinaryService for Binaries {
             Ok(info) => {
                 let digest = std::mem::take(&mut *hasher.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
                 let sha256 = base64::engine::general_purpose::STANDARD.encode(digest.finalize());
-                Ok(ContentRef { key, size: info.size, sha256 })
+                Ok(ContentRef { key, size: Some(info.size), sha256: Some(sha256) })
             }
             Err(_) if over.load(Ordering::Relaxed) => Err(FhirError::new(
                 ErrorCategory::TooLarge,
@@ -221,13 +246,53 @@ impl BinaryService for Binaries {
     async fn download(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<Blob> {
         match self.blobs.get(&content.blob_key(ctx)?).await? {
             Some(blob) => Ok(blob),
-            None => Err(FhirError::new(ErrorCategory::Gone, "the Binary's content is no longer stored")),
+            None => Err(FhirError::new(
+                ErrorCategory::Gone,
+                "the Binary's content is not stored (removed, or never uploaded to its presigned URL)",
+            )),
         }
     }
 
     async fn discard(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<()> {
         Ok(self.blobs.delete(&content.blob_key(ctx)?).await?)
     }
+
+    async fn presign_upload(
+        &self,
+        ctx: &RequestContext,
+        content_type: &str,
+        expires_in: Duration,
+    ) -> FhirResult<Option<(ContentRef, PresignedUrl)>> {
+        may_write(ctx)?;
+        let (key, blob_key) = new_key(ctx)?;
+        let url = self.blobs.presign_put(&blob_key, content_type, expires_in).await?;
+        Ok(url.map(|url| (ContentRef { key, size: None, sha256: None }, url)))
+    }
+
+    async fn presign_download(
+        &self,
+        ctx: &RequestContext,
+        content: &ContentRef,
+        expires_in: Duration,
+    ) -> FhirResult<Option<PresignedUrl>> {
+        Ok(self.blobs.presign_get(&content.blob_key(ctx)?, expires_in).await?)
+    }
+}
+
+/// Refuses a caller that may neither create nor update Binaries (before any content is taken).
+fn may_write(ctx: &RequestContext) -> FhirResult<()> {
+    let binary = ResourceType::parse("Binary");
+    if ctx.access.check(Interaction::Create, binary).is_err() {
+        ctx.access.check(Interaction::Update, binary)?;
+    }
+    Ok(())
+}
+
+/// A fresh content key path and its blob key in the caller's tenant.
+fn new_key(ctx: &RequestContext) -> FhirResult<(String, BlobKey)> {
+    let key = format!("{KEY_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let blob_key = BlobKey::new(&ctx.tenant, &key).map_err(|e| FhirError::internal(e.to_string()))?;
+    Ok((key, blob_key))
 }
 
 #[cfg(test)]

@@ -5,18 +5,19 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhirmesh_core::binary::{BinaryService, ContentRef, DynBinaryService};
-use fhirmesh_core::blob::{Blob, BlobKey, PutBody};
+use fhirmesh_core::blob::{Blob, BlobKey, PresignMethod, PresignedUrl, PutBody};
 use fhirmesh_core::{FhirError, FhirResult, RequestContext};
 use futures::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blob_stream::{BlobStream, blob_from_wire, blob_to_wire, pieces};
-use crate::convert::{WireError, context_from_wire, context_to_wire, required};
+use crate::convert::{WireError, context_from_wire, context_to_wire, required, timestamp_from_wire, timestamp_to_wire};
 use crate::pb;
 use crate::pb::binary_service_client::BinaryServiceClient;
 use crate::pb::binary_service_server::{BinaryService as BinaryServiceRpc, BinaryServiceServer};
@@ -37,6 +38,39 @@ pub fn binary_service_server(svc: DynBinaryService) -> BinaryServiceServer<GrpcB
 
 fn content_to_wire(content: &ContentRef) -> pb::BinaryContent {
     pb::BinaryContent { key: content.key.clone(), size: content.size, sha256: content.sha256.clone() }
+}
+
+fn presigned_to_wire(content: &ContentRef, url: Option<PresignedUrl>) -> pb::BinaryPresignResponse {
+    let mut response = pb::BinaryPresignResponse { content: Some(content_to_wire(content)), ..Default::default() };
+    if let Some(url) = url {
+        response.url = Some(url.url);
+        response.headers = url.headers.into_iter().map(|(name, value)| pb::Header { name, value }).collect();
+        response.expires_at = Some(timestamp_to_wire(url.expires_at));
+    }
+    response
+}
+
+fn presigned_from_wire(
+    response: pb::BinaryPresignResponse,
+    method: PresignMethod,
+) -> Result<(ContentRef, Option<PresignedUrl>), WireError> {
+    let content = content_from_wire(response.content)?;
+    let Some(url) = response.url else { return Ok((content, None)) };
+    let expires_at = timestamp_from_wire(response.expires_at, "expires_at")?;
+    let headers = response.headers.into_iter().map(|h| (h.name, h.value)).collect();
+    Ok((content, Some(PresignedUrl { url, method, expires_at, headers })))
+}
+
+/// A presign expiry on the wire: whole seconds, at least one.
+fn expiry_from_wire(seconds: u32) -> Result<Duration, WireError> {
+    if seconds == 0 {
+        return Err(WireError::Invalid { field: "expires_in_seconds", reason: "must be at least 1".to_owned() });
+    }
+    Ok(Duration::from_secs(u64::from(seconds)))
+}
+
+fn expiry_to_wire(expires_in: Duration) -> u32 {
+    u32::try_from(expires_in.as_secs()).unwrap_or(u32::MAX).max(1)
 }
 
 fn content_from_wire(content: Option<pb::BinaryContent>) -> Result<ContentRef, WireError> {
@@ -99,6 +133,32 @@ impl BinaryServiceRpc for GrpcBinaryAdapter {
         let content = decode(content_from_wire(request.content))?;
         let discarded = self.0.discard(&ctx, &content).await;
         discarded.map(|()| Response::new(pb::BinaryDiscardResponse {})).map_err(|e| fhir_error_to_status(&e))
+    }
+
+    async fn presign_upload(
+        &self,
+        request: Request<pb::BinaryPresignUploadRequest>,
+    ) -> Result<Response<pb::BinaryPresignResponse>, Status> {
+        let request = request.into_inner();
+        let ctx = decode(context_from_wire(request.context))?;
+        let expires_in = decode(expiry_from_wire(request.expires_in_seconds))?;
+        let presigned = self.0.presign_upload(&ctx, &request.content_type, expires_in).await;
+        match presigned.map_err(|e| fhir_error_to_status(&e))? {
+            Some((content, url)) => Ok(Response::new(presigned_to_wire(&content, Some(url)))),
+            None => Ok(Response::new(pb::BinaryPresignResponse::default())),
+        }
+    }
+
+    async fn presign_download(
+        &self,
+        request: Request<pb::BinaryPresignDownloadRequest>,
+    ) -> Result<Response<pb::BinaryPresignResponse>, Status> {
+        let request = request.into_inner();
+        let ctx = decode(context_from_wire(request.context))?;
+        let content = decode(content_from_wire(request.content))?;
+        let expires_in = decode(expiry_from_wire(request.expires_in_seconds))?;
+        let url = self.0.presign_download(&ctx, &content, expires_in).await.map_err(|e| fhir_error_to_status(&e))?;
+        Ok(Response::new(presigned_to_wire(&content, url)))
     }
 }
 
@@ -194,6 +254,45 @@ impl BinaryService for GrpcBinaryClient {
         let request = Self::content_request(ctx, content);
         self.client.clone().discard(request).await.map_err(|s| self.status_error(&s))?;
         Ok(())
+    }
+
+    async fn presign_upload(
+        &self,
+        ctx: &RequestContext,
+        content_type: &str,
+        expires_in: Duration,
+    ) -> FhirResult<Option<(ContentRef, PresignedUrl)>> {
+        let request = pb::BinaryPresignUploadRequest {
+            context: Some(context_to_wire(ctx)),
+            content_type: content_type.to_owned(),
+            expires_in_seconds: expiry_to_wire(expires_in),
+        };
+        let response = self.client.clone().presign_upload(request).await.map_err(|s| self.status_error(&s))?;
+        let response = response.into_inner();
+        if response.content.is_none() {
+            return Ok(None);
+        }
+        match presigned_from_wire(response, PresignMethod::Put).map_err(|e| e.into_internal(SERVICE))? {
+            (content, Some(url)) => Ok(Some((content, url))),
+            (_, None) => Ok(None),
+        }
+    }
+
+    async fn presign_download(
+        &self,
+        ctx: &RequestContext,
+        content: &ContentRef,
+        expires_in: Duration,
+    ) -> FhirResult<Option<PresignedUrl>> {
+        let request = pb::BinaryPresignDownloadRequest {
+            context: Some(context_to_wire(ctx)),
+            content: Some(content_to_wire(content)),
+            expires_in_seconds: expiry_to_wire(expires_in),
+        };
+        let response = self.client.clone().presign_download(request).await.map_err(|s| self.status_error(&s))?;
+        let (_, url) =
+            presigned_from_wire(response.into_inner(), PresignMethod::Get).map_err(|e| e.into_internal(SERVICE))?;
+        Ok(url)
     }
 }
 

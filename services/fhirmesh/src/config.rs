@@ -47,6 +47,10 @@ pub struct BinarySection {
     /// `--target binary`: where the Binary content gRPC API is served (the gateway's
     /// `gateway.binary_endpoint`).
     pub grpc_listen: String,
+    /// 0: off. More: presigned mode (needs `blob.backend = "s3"`), as FHIR Works on AWS had it —
+    /// a FHIR JSON create or update of a Binary without content answers a `presignedPutUrl` to
+    /// upload the content to, reads answer a `presignedGetUrl`; both valid this many seconds.
+    pub presigned_url_seconds: u64,
 }
 
 impl Default for BinarySection {
@@ -55,6 +59,7 @@ impl Default for BinarySection {
             inline_max_bytes: 256 * 1024,
             max_bytes: 1024 * 1024 * 1024,
             grpc_listen: "127.0.0.1:50054".into(),
+            presigned_url_seconds: 0,
         }
     }
 }
@@ -746,16 +751,8 @@ impl Config {
                 self.binary.max_bytes
             );
         }
-        if self.export.presigned_download_seconds > 0 {
-            if self.blob.backend != BlobBackend::S3 {
-                bail!(
-                    "export.presigned_download_seconds needs blob.backend = \"s3\" (local files cannot be presigned)"
-                );
-            }
-            let expiry = std::time::Duration::from_secs(self.export.presigned_download_seconds);
-            fhirmesh_core::blob::check_presign_expiry(expiry)
-                .map_err(|e| anyhow::anyhow!("export.presigned_download_seconds: {e}"))?;
-        }
+        self.check_presign("export.presigned_download_seconds", self.export.presigned_download_seconds)?;
+        self.check_presign("binary.presigned_url_seconds", self.binary.presigned_url_seconds)?;
         if self.export.segments > 1_000 {
             bail!("export.segments must be at most 1000, got {}", self.export.segments);
         }
@@ -779,6 +776,18 @@ impl Config {
     pub fn exporter_addr(&self) -> SocketAddr {
         parse_addr("export.grpc_listen", &self.export.grpc_listen)
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50053)))
+    }
+
+    /// A presigned-URL validity `name` of `seconds` (0: off): S3 only, within S3's limit.
+    fn check_presign(&self, name: &str, seconds: u64) -> anyhow::Result<()> {
+        if seconds == 0 {
+            return Ok(());
+        }
+        if self.blob.backend != BlobBackend::S3 {
+            bail!("{name} needs blob.backend = \"s3\" (local files cannot be presigned)");
+        }
+        fhirmesh_core::blob::check_presign_expiry(std::time::Duration::from_secs(seconds))
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))
     }
 
     pub fn binary_addr(&self) -> SocketAddr {
@@ -857,16 +866,23 @@ mod tests {
     }
 
     #[test]
-    fn presigned_export_downloads_need_s3_and_a_bounded_expiry() {
-        let mut config = Config::default();
-        config.export.presigned_download_seconds = 600;
-        let err = config.validate().expect_err("local files cannot be presigned");
-        assert!(err.to_string().contains("export.presigned_download_seconds"), "{err}");
-        config.blob.backend = BlobBackend::S3;
-        config.validate().expect("S3 presigns");
-        config.export.presigned_download_seconds = 604_801;
-        let err = config.validate().expect_err("beyond a week");
-        assert!(err.to_string().contains("export.presigned_download_seconds"), "{err}");
+    fn presigned_urls_need_s3_and_a_bounded_expiry() {
+        type Set = fn(&mut Config, u64);
+        let settings: [(&str, Set); 2] = [
+            ("export.presigned_download_seconds", |c, s| c.export.presigned_download_seconds = s),
+            ("binary.presigned_url_seconds", |c, s| c.binary.presigned_url_seconds = s),
+        ];
+        for (name, set) in settings {
+            let mut config = Config::default();
+            set(&mut config, 600);
+            let err = config.validate().expect_err("local files cannot be presigned");
+            assert!(err.to_string().contains(name), "{err}");
+            config.blob.backend = BlobBackend::S3;
+            config.validate().expect("S3 presigns");
+            set(&mut config, 604_801);
+            let err = config.validate().expect_err("beyond a week");
+            assert!(err.to_string().contains(name), "{err}");
+        }
     }
 
     #[test]

@@ -428,7 +428,13 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
 
 /// `service` with the sizes of `[binary]`, for the gateway.
 fn binary_api(config: &Config, service: fhirmesh_core::binary::DynBinaryService) -> BinaryApi {
-    BinaryApi { service, inline_max_bytes: config.binary.inline_max_bytes, max_bytes: config.binary.max_bytes }
+    BinaryApi {
+        service,
+        inline_max_bytes: config.binary.inline_max_bytes,
+        max_bytes: config.binary.max_bytes,
+        presign_expiry: (config.binary.presigned_url_seconds > 0)
+            .then(|| Duration::from_secs(config.binary.presigned_url_seconds)),
+    }
 }
 
 /// The export service of `[export]` over `jobs`, and its workers.

@@ -34,30 +34,39 @@ async fn get_raw(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Res
     client.get(format!("{base}/Binary/{id}")).header("accept", "*/*").send().await.expect("sent")
 }
 
-async fn binary_service(env: &[(String, String)]) -> Process {
-    let mut env = env.to_vec();
-    env.push(("FHIRMESH_BINARY__GRPC_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
-    support::spawn_with_env(&["--target", "binary"], None, &env).await
+/// A resource service (DynamoDB), a binary service (S3 in a fresh bucket) and a gateway on both,
+/// each its own process, all configured with `setting` besides.
+struct Mesh {
+    resource: Process,
+    binary: Process,
+    gateway: Process,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_content_goes_through_the_binary_service_to_s3() {
+async fn mesh(setting: (&str, &str)) -> Mesh {
     let mut env = mesh_env(&Shape::NatsFromChangeLog);
     env.extend(
         [
             ("FHIRMESH_BLOB__BACKEND", "s3".to_owned()),
             ("FHIRMESH_BLOB__BUCKET", unique_name("binary")),
             ("FHIRMESH_AWS__ENDPOINT_URL", aws_endpoint()),
-            ("FHIRMESH_BINARY__INLINE_MAX_BYTES", "1024".to_owned()),
+            (setting.0, setting.1.to_owned()),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
     let provisioned = support::provision(&env);
     assert!(provisioned.contains("S3 bucket"), "{provisioned}");
     let resource = support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], None, &env).await;
-    let binary = binary_service(&env).await;
+    let mut binary_env = env.clone();
+    binary_env.push(("FHIRMESH_BINARY__GRPC_LISTEN".to_owned(), "127.0.0.1:0".to_owned()));
+    let binary = support::spawn_with_env(&["--target", "binary"], None, &binary_env).await;
     let endpoint = format!("http://{}", binary.address);
     let gateway = support::gateway(&env, &resource, &[("FHIRMESH_GATEWAY__BINARY_ENDPOINT", endpoint)]).await;
+    Mesh { resource, binary, gateway }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_content_goes_through_the_binary_service_to_s3() {
+    let Mesh { resource, binary, gateway } = mesh(("FHIRMESH_BINARY__INLINE_MAX_BYTES", "1024")).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
 
@@ -113,6 +122,62 @@ async fn raw_content_goes_through_the_binary_service_to_s3() {
     assert_eq!(status, 503, "{outcome}");
 
     for process in [gateway, resource] {
+        process.kill_9().await;
+    }
+}
+
+/// Presigned mode (as FHIR Works on AWS had it): a FHIR JSON create of a Binary without content
+/// answers a presigned S3 PUT URL, the client uploads there itself, and reads answer a presigned
+/// GET URL; the raw read through the gateway serves the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_mode_hands_out_s3_urls_for_upload_and_download() {
+    let Mesh { resource, binary, gateway } = mesh(("FHIRMESH_BINARY__PRESIGNED_URL_SECONDS", "300")).await;
+    let base = gateway.address.clone();
+    let client = reqwest::Client::new();
+    let send_json = |request: reqwest::RequestBuilder, body: Value| async move {
+        let response = request.header("content-type", "application/fhir+json").body(body.to_string()).send().await;
+        let response = response.expect("sent");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.expect("json"))
+    };
+
+    let metadata = json!({"resourceType": "Binary", "contentType": "application/pdf"});
+    let (status, created) = send_json(client.post(format!("{base}/Binary")), metadata).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().expect("id").to_owned();
+    let put_url = created["presignedPutUrl"].as_str().expect("a presigned upload URL").to_owned();
+    assert!(put_url.starts_with(&aws_endpoint()) && put_url.contains("X-Amz-Expires=300"), "{put_url}");
+    assert_eq!(created["_data"]["extension"][0]["url"], CONTENT_EXTENSION, "{created}");
+
+    // Before the upload there is nothing to read.
+    assert_eq!(get_raw(&client, &base, &id).await.status(), 410);
+    let bytes = content(6 * 1024 * 1024 + 1);
+    let upload = client.put(&put_url).header("content-type", "application/pdf").body(bytes.clone()).send().await;
+    assert_eq!(upload.expect("uploaded").status(), 200);
+
+    let read = client.get(format!("{base}/Binary/{id}")).header("accept", "application/fhir+json").send().await;
+    let response = read.expect("read");
+    assert_eq!(response.status(), 200);
+    let read: Value = response.json().await.expect("json");
+    let get_url = read["presignedGetUrl"].as_str().expect("a presigned download URL");
+    assert!(get_url.contains("X-Amz-Signature="), "{get_url}");
+    let direct = client.get(get_url).send().await.expect("direct download");
+    assert_eq!(direct.status(), 200);
+    assert!(direct.bytes().await.expect("body").as_ref() == bytes.as_slice(), "from S3, byte-identical");
+    let through = get_raw(&client, &base, &id).await;
+    assert_eq!(through.status(), 200);
+    assert!(through.bytes().await.expect("body").as_ref() == bytes.as_slice(), "through the gateway");
+
+    // Content in the JSON stays inline, with no URL to upload to.
+    let inline = json!({"resourceType": "Binary", "contentType": "text/plain", "data": "aGk="});
+    let (status, created) = send_json(client.post(format!("{base}/Binary")), inline).await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created.get("presignedPutUrl").is_none() && created["data"] == "aGk=", "{created}");
+    // A Binary without contentType is refused: the upload needs one.
+    let (status, outcome) = send_json(client.post(format!("{base}/Binary")), json!({"resourceType": "Binary"})).await;
+    assert_eq!(status, 400, "{outcome}");
+
+    for process in [gateway, binary, resource] {
         process.kill_9().await;
     }
 }

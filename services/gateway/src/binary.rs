@@ -78,6 +78,17 @@ pub(crate) async fn negotiate(State(gw): State<SharedGateway>, request: Request,
         return to_raw(&gw, &ctx, next.run(Request::from_parts(parts, body)).await).await;
     }
     let write = (method == Method::POST && segments.len() == 1) || (method == Method::PUT && segments.len() == 2);
+    if let Some((api, expires_in)) = gw.config.binaries.as_ref().and_then(|api| Some((api, api.presign_expiry?))) {
+        if read {
+            let (parts, body) = request.into_parts();
+            let ctx = Caller::new(&gw, &parts).ctx;
+            let response = next.run(Request::from_parts(parts, body)).await;
+            return with_presigned_download(api, &ctx, expires_in, response).await;
+        }
+        if write && !is_raw_body(request.headers()) {
+            return presigned_upload(&gw, api, expires_in, request, next).await;
+        }
+    }
     if write && is_raw_body(request.headers()) {
         let id = segments.get(1).map(|id| (*id).to_owned());
         let (mut parts, body) = request.into_parts();
@@ -112,6 +123,102 @@ pub(crate) async fn negotiate(State(gw): State<SharedGateway>, request: Request,
         return response;
     }
     next.run(request).await
+}
+
+/// Presigned mode, a read of a Binary whose content is stored: the answer gains
+/// `presignedGetUrl` (as FHIR Works on AWS answered), valid `expires_in`.
+async fn with_presigned_download(
+    api: &BinaryApi,
+    ctx: &RequestContext,
+    expires_in: std::time::Duration,
+    response: Response,
+) -> Response {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let presigned = async {
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|e| FhirError::internal(format!("reading the Binary: {e}")))?;
+        let mut resource: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| FhirError::internal(format!("stored Binary is not JSON: {e}")))?;
+        if let Some(pointer) = ContentRef::of(&resource)?
+            && let Some(url) = api.service.presign_download(ctx, &pointer, expires_in).await?
+        {
+            resource["presignedGetUrl"] = json!(url.url);
+        }
+        to_json(&resource)
+    }
+    .await;
+    match presigned {
+        Ok(json) => json_answer(parts, json),
+        Err(error) => error_response(&error, false),
+    }
+}
+
+/// Presigned mode, a FHIR JSON create or update of a Binary without content: content is allocated
+/// for the client to upload to S3 itself, the Binary points to it, and the answer gains
+/// `presignedPutUrl` (send the Binary's `contentType` as `Content-Type` with the upload). Anything
+/// else passes as it is.
+async fn presigned_upload(
+    gw: &SharedGateway,
+    api: &BinaryApi,
+    expires_in: std::time::Duration,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let bytes = match read_body_up_to(gw.config.max_body_bytes, &parts.headers, body).await {
+        Ok(bytes) => bytes,
+        Err(error) => return error_response(&error, false),
+    };
+    let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+    let without_content = parsed.as_ref().is_some_and(|resource| {
+        resource["resourceType"] == "Binary" && resource.get("data").is_none() && resource.get("_data").is_none()
+    });
+    let (Some(mut resource), true) = (parsed, without_content) else {
+        return next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    };
+    let Some(content_type) = resource["contentType"].as_str().map(str::to_owned) else {
+        let error = FhirError::invalid("a Binary needs a contentType (the type its content is uploaded with)")
+            .at("Binary.contentType");
+        return error_response(&error, false);
+    };
+    let ctx = Caller::new(gw, &parts).ctx;
+    let (content, url) = match api.service.presign_upload(&ctx, &content_type, expires_in).await {
+        Ok(Some(presigned)) => presigned,
+        Ok(None) => return next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Err(error) => return error_response(&error, false),
+    };
+    content.attach(&mut resource);
+    let json = match to_json(&resource) {
+        Ok(json) => json,
+        Err(error) => return error_response(&error, false),
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.extensions.insert(Uploaded(content.key.clone()));
+    let response = next.run(Request::from_parts(parts, Body::from(json))).await;
+    if !response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let answered =
+        axum::body::to_bytes(body, usize::MAX).await.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let mut answered = answered.unwrap_or_else(|| json!({}));
+    if answered.is_object() {
+        answered["presignedPutUrl"] = json!(url.url);
+    }
+    match to_json(&answered) {
+        Ok(json) => json_answer(parts, json),
+        Err(error) => error_response(&error, false),
+    }
+}
+
+/// `parts` of a FHIR JSON answer with `json` as its body.
+fn json_answer(mut parts: http::response::Parts, json: Vec<u8>) -> Response {
+    parts.headers.remove(CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(json))
 }
 
 /// Marks a raw write whose content the middleware stored: the request context carries its key,

@@ -68,6 +68,9 @@ pub struct BinaryApi {
     pub inline_max_bytes: u64,
     /// Largest raw content accepted (413 beyond).
     pub max_bytes: u64,
+    /// Presigned mode (S3): a FHIR JSON write of a Binary without content answers a
+    /// `presignedPutUrl` to upload it to, reads answer a `presignedGetUrl`; valid this long.
+    pub presign_expiry: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for BinaryApi {
@@ -75,6 +78,7 @@ impl std::fmt::Debug for BinaryApi {
         f.debug_struct("BinaryApi")
             .field("inline_max_bytes", &self.inline_max_bytes)
             .field("max_bytes", &self.max_bytes)
+            .field("presign_expiry", &self.presign_expiry)
             .finish_non_exhaustive()
     }
 }

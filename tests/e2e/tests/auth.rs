@@ -555,6 +555,188 @@ async fn a_patient_token_sees_only_its_compartment() {
     server.stop().await;
 }
 
+/// A Binary is in no compartment: a patient token reaches it through its `securityContext`, the
+/// resource standing in for its sensitivity (the patient, or a resource in the patient's
+/// compartment), for reads, raw reads and writes.
+#[tokio::test]
+async fn a_patient_token_reaches_binaries_through_their_security_context() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let system = token(json!({"scope": "system/*.*"}));
+    let put = |path: String, body: Value| {
+        let (server, system) = (&server, system.clone());
+        async move {
+            let (status, answer) = send(server, "PUT", &path, Some(&system), Some(&body)).await;
+            assert_eq!(status, 201, "{path}: {answer}");
+        }
+    };
+    for patient in ["p1", "p2"] {
+        put(format!("Patient/{patient}"), json!({"resourceType": "Patient", "id": patient})).await;
+        put(
+            format!("DocumentReference/d{patient}"),
+            json!({"resourceType": "DocumentReference", "id": format!("d{patient}"), "status": "current",
+                   "subject": {"reference": format!("Patient/{patient}")},
+                   "content": [{"attachment": {"contentType": "text/plain"}}]}),
+        )
+        .await;
+    }
+    let binary = |id: &str, context: Option<&str>| {
+        let mut binary = json!({"resourceType": "Binary", "id": id, "contentType": "text/plain", "data": "aGk="});
+        if let Some(reference) = context {
+            binary["securityContext"] = json!({"reference": reference});
+        }
+        binary
+    };
+    for (id, context) in [
+        ("b-p1", Some("Patient/p1")),
+        ("b-p2", Some("Patient/p2")),
+        ("b-doc1", Some("DocumentReference/dp1")),
+        ("b-doc2", Some("DocumentReference/dp2")),
+        ("b-missing", Some("DocumentReference/nowhere")),
+        ("b-none", None),
+    ] {
+        put(format!("Binary/{id}"), binary(id, context)).await;
+    }
+
+    let own = token(json!({"scope": "launch/patient patient/Binary.cr", "patient": "p1"}));
+    for (path, expected) in [
+        ("Binary/b-p1?_format=json", 200),
+        ("Binary/b-doc1?_format=json", 200),
+        ("Binary/b-doc1/_history/1?_format=json", 200),
+        ("Binary/b-p2?_format=json", 404),
+        ("Binary/b-doc2?_format=json", 404),
+        ("Binary/b-doc2/_history/1?_format=json", 404),
+        ("Binary/b-missing?_format=json", 404),
+        ("Binary/b-none?_format=json", 404),
+    ] {
+        let (status, body) = send(&server, "GET", path, Some(&own), None).await;
+        assert_eq!(status, expected, "GET {path}: {body}");
+    }
+    // The raw content follows the same rule.
+    for (id, expected) in [("b-doc1", 200), ("b-doc2", 404)] {
+        let response = server
+            .client
+            .get(server.url(&format!("Binary/{id}")))
+            .bearer_auth(&own)
+            .header("accept", "*/*")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), expected, "raw {id}");
+        if expected == 200 {
+            assert_eq!(response.bytes().await.expect("body").as_ref(), b"hi");
+        }
+    }
+    // A raw upload lands only in the token's own patient's context.
+    for (context, expected) in [("Patient/p1", 201), ("Patient/p2", 403)] {
+        let response = server
+            .client
+            .post(server.url("Binary"))
+            .bearer_auth(&own)
+            .header("content-type", "application/pdf")
+            .header("x-security-context", context)
+            .body(b"%PDF".to_vec())
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), expected, "upload with {context}");
+    }
+    server.stop().await;
+}
+
+/// Kicks off `path` with `token`: the status URL, or the refusal's status.
+async fn kick_off_export(server: &TestServer, path: &str, token: &str, body: Option<&Value>) -> Result<String, u16> {
+    let url = server.url(path);
+    let request = match body {
+        Some(body) => server.client.post(url).header("content-type", "application/fhir+json").body(body.to_string()),
+        None => server.client.get(url),
+    };
+    let response = request.bearer_auth(token).header("prefer", "respond-async").send().await.expect("sent");
+    if response.status() != 202 {
+        return Err(response.status().as_u16());
+    }
+    Ok(response.headers()["content-location"].to_str().expect("ascii").to_owned())
+}
+
+/// The `Type/id`s an export holds, once it completes (bounded wait), fetched with `token`.
+async fn exported_ids(server: &TestServer, status_url: &str, token: &str) -> Vec<String> {
+    let mut manifest = None;
+    for _ in 0..200 {
+        let response = server.client.get(status_url).bearer_auth(token).send().await.expect("status");
+        if response.status() == 200 {
+            manifest = Some(response.json::<Value>().await.expect("manifest"));
+            break;
+        }
+        assert_eq!(response.status(), 202);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let manifest = manifest.expect("the export completes within 10 s");
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let mut ids = Vec::new();
+    for file in manifest["output"].as_array().expect("output") {
+        let url = file["url"].as_str().expect("url");
+        let text = server.client.get(url).bearer_auth(token).send().await.expect("file").text().await.expect("ndjson");
+        for line in text.lines() {
+            let resource: Value = serde_json::from_str(line).expect("a resource per line");
+            ids.push(format!(
+                "{}/{}",
+                resource["resourceType"].as_str().expect("type"),
+                resource["id"].as_str().expect("id")
+            ));
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// `$export` follows the token: system exports need unrestricted search on what they export; a
+/// patient token exports its own patient's compartment at Patient level, and nothing else.
+#[tokio::test]
+async fn exports_follow_the_token_s_scopes() {
+    let (server, _keys) = server(AuthorizationModel::Smart, false).await;
+    let system = token(json!({"scope": "system/*.*"}));
+    for (path, body) in [
+        ("Patient/p1", json!({"resourceType": "Patient", "id": "p1"})),
+        ("Patient/p2", json!({"resourceType": "Patient", "id": "p2"})),
+        (
+            "Observation/o1",
+            json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}}),
+        ),
+        (
+            "Observation/o2",
+            json!({"resourceType": "Observation", "id": "o2", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/p2"}}),
+        ),
+        ("Medication/m1", json!({"resourceType": "Medication", "id": "m1"})),
+    ] {
+        let (status, answer) = send(&server, "PUT", path, Some(&system), Some(&body)).await;
+        assert_eq!(status, 201, "{path}: {answer}");
+    }
+
+    let everything = ["Medication/m1", "Observation/o1", "Observation/o2", "Patient/p1", "Patient/p2"];
+    let status_url = kick_off_export(&server, "$export", &system, None).await.expect("system export");
+    assert_eq!(exported_ids(&server, &status_url, &system).await, everything);
+
+    // A system token for Patient only: no system export (that needs a scope on every type), and
+    // at Patient level only Patients.
+    let patients_only = token(json!({"scope": "system/Patient.rs"}));
+    assert_eq!(kick_off_export(&server, "$export", &patients_only, None).await, Err(403));
+    assert_eq!(kick_off_export(&server, "Patient/$export?_type=Observation", &patients_only, None).await, Err(403));
+    let status_url = kick_off_export(&server, "Patient/$export", &patients_only, None).await.expect("Patient export");
+    assert_eq!(exported_ids(&server, &status_url, &patients_only).await, ["Patient/p1", "Patient/p2"]);
+
+    // A patient token: its own compartment at Patient level, nothing at system or Group level.
+    let own = token(json!({"scope": "launch/patient patient/*.rs", "patient": "p1"}));
+    assert_eq!(kick_off_export(&server, "$export", &own, None).await, Err(403));
+    assert_eq!(kick_off_export(&server, "Group/g1/$export", &own, None).await, Err(403));
+    let others = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/p2"}}]});
+    assert_eq!(kick_off_export(&server, "Patient/$export", &own, Some(&others)).await, Err(403));
+    let status_url = kick_off_export(&server, "Patient/$export", &own, None).await.expect("own compartment");
+    assert_eq!(exported_ids(&server, &status_url, &own).await, ["Observation/o1", "Patient/p1"]);
+    server.stop().await;
+}
+
 /// SMART v2 fine-grained scopes (`?category=…`): searches are narrowed, reads of anything else look
 /// like misses, and writes must match.
 #[tokio::test]

@@ -10,7 +10,11 @@ fn binary() -> ResourceType {
 }
 
 fn pointer(key: &str) -> ContentRef {
-    ContentRef { key: key.to_owned(), size: 5_000_000, sha256: "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into() }
+    ContentRef {
+        key: key.to_owned(),
+        size: Some(5_000_000),
+        sha256: Some("47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()),
+    }
 }
 
 fn binary_with(content: &ContentRef) -> Value {
@@ -46,6 +50,14 @@ fn a_pointer_replaces_data_and_reads_back() {
 }
 
 #[test]
+fn a_presigned_pointer_has_neither_size_nor_hash() {
+    let content = ContentRef { key: "binary/feed".into(), size: None, sha256: None };
+    let resource = binary_with(&content);
+    assert_eq!(resource["_data"]["extension"][0]["extension"].as_array().map(Vec::len), Some(1), "{resource}");
+    assert_eq!(ContentRef::of(&resource), Ok(Some(content)));
+}
+
+#[test]
 fn malformed_pointers_are_400s_at_the_extension() {
     let good = binary_with(&pointer("binary/0123"));
     let mut with_data = good.clone();
@@ -54,19 +66,19 @@ fn malformed_pointers_are_400s_at_the_extension() {
     outside["_data"]["extension"][0]["extension"][0]["valueString"] = json!("export/job/Patient-1.ndjson");
     let mut escaping = good.clone();
     escaping["_data"]["extension"][0]["extension"][0]["valueString"] = json!("binary/../other");
-    let mut no_size = good.clone();
-    no_size["_data"]["extension"][0]["extension"].as_array_mut().expect("parts").remove(1);
+    let mut no_key = good.clone();
+    no_key["_data"]["extension"][0]["extension"].as_array_mut().expect("parts").remove(0);
     let mut bad_size = good.clone();
     bad_size["_data"]["extension"][0]["extension"][1]["valueUnsignedInt"] = json!("big");
-    let mut no_hash = good.clone();
-    no_hash["_data"]["extension"][0]["extension"].as_array_mut().expect("parts").remove(2);
+    let mut bad_hash = good.clone();
+    bad_hash["_data"]["extension"][0]["extension"][2]["valueBase64Binary"] = json!(7);
     for (name, resource) in [
         ("with data", with_data),
         ("outside binary/", outside),
         ("escaping", escaping),
-        ("no size", no_size),
+        ("no key", no_key),
         ("bad size", bad_size),
-        ("no hash", no_hash),
+        ("bad hash", bad_hash),
     ] {
         let error = ContentRef::of(&resource).expect_err(name);
         assert_eq!(error.category, ErrorCategory::Invalid, "{name}");
@@ -97,7 +109,7 @@ fn only_this_request_s_upload_or_the_current_pointer_may_be_written() {
     assert_eq!(check_write(&plain_ctx, binary(), Some(&renamed), Some(&current)), Ok(()));
     // A changed size or hash is not the current pointer.
     let mut resized = uploaded.clone();
-    resized.size += 1;
+    resized.size = Some(1);
     assert!(check_write(&plain_ctx, binary(), Some(&binary_with(&resized)), Some(&current)).is_err());
     // Pointing an existing Binary at other content.
     let elsewhere = binary_with(&pointer("binary/cccc"));

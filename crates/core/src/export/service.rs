@@ -8,7 +8,9 @@
 //! - **Access**: a kick-off needs `operation` permission on the base (system), on Patient or on
 //!   Group, and type-level search permission without restriction on every type exported: with
 //!   `_type`, each named type must be permitted (else 403); without, the export covers the types
-//!   the caller may search. A job is visible only to its owner (the token's `client_id`, else its
+//!   the caller may search. A caller limited to one patient's compartment (SMART `patient/`
+//!   scopes) exports only at Patient level and only that patient (a `patient` parameter naming
+//!   anyone else is a 403), with the types it may search there. A job is visible only to its owner (the token's `client_id`, else its
 //!   `sub`): others get 404, as for a job that does not exist.
 //! - **Group**: the group's active members as of the kick-off (`inactive` not true, `period`
 //!   covering `transactionTime`); only `Patient` members count.
@@ -193,13 +195,27 @@ impl Exports {
         Ok((as_of, at))
     }
 
-    /// The types the caller may export: all when `_type` is absent, else checked.
-    fn permitted_types(ctx: &RequestContext) -> Vec<ResourceType> {
+    /// The types the caller may export (all of them when `_type` is absent): those it may search
+    /// without limit, and, for a caller limited to `patient`'s compartment, those it may search
+    /// within it.
+    fn permitted_types(ctx: &RequestContext, patient: Option<&str>) -> Vec<ResourceType> {
         ResourceType::all()
             .iter()
             .copied()
-            .filter(|t| matches!(ctx.access.check(Interaction::SearchType, Some(*t)), Ok(Permit::All)))
+            .filter(|t| match ctx.access.check(Interaction::SearchType, Some(*t)) {
+                Ok(Permit::All) => true,
+                Ok(Permit::PatientCompartment { patient: limit }) => Some(limit.as_str()) == patient,
+                _ => false,
+            })
             .collect()
+    }
+
+    /// The patient a caller's searches are limited to (SMART `patient/` scopes), if any type is.
+    fn patient_limit(ctx: &RequestContext) -> Option<String> {
+        ResourceType::all().iter().find_map(|t| match ctx.access.check(Interaction::SearchType, Some(*t)) {
+            Ok(Permit::PatientCompartment { patient }) => Some(patient),
+            _ => None,
+        })
     }
 
     /// The active Patient members of a group at `at`.
@@ -294,9 +310,25 @@ impl ExportService for Exports {
             ExportLevel::Group { .. } => ResourceType::parse("Group"),
         };
         ctx.access.check(Interaction::Operation, on)?;
-        let permitted = Exports::permitted_types(ctx);
+        let patient_limit = Exports::patient_limit(ctx);
+        if patient_limit.is_some() && kick_off.level != ExportLevel::Patient {
+            return Err(FhirError::forbidden(
+                "the access token is limited to one patient: export that patient's compartment with \
+                 [base]/Patient/$export",
+            ));
+        }
+        let permitted = Exports::permitted_types(ctx, patient_limit.as_deref());
         let mut ignored = Vec::new();
         let mut request = validate(&kick_off, &permitted, &mut ignored)?;
+        if let Some(patient) = patient_limit {
+            if let Some(other) = request.patients.iter().find(|p| **p != patient) {
+                return Err(FhirError::forbidden(format!(
+                    "the access token is limited to Patient/{patient}; it cannot export Patient/{}",
+                    fhirmesh_fhir::outcome::clip(other)
+                )));
+            }
+            request.patients = vec![patient];
+        }
         for name in &request.types {
             let resource_type = ResourceType::parse(name).ok_or_else(|| FhirError::internal("validated type"))?;
             if !permitted.contains(&resource_type) {

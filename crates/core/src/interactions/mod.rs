@@ -174,11 +174,17 @@ fn matches_params(resource_type: ResourceType, resource: &serde_json::Value, par
 }
 
 /// Is `resource` in Patient `patient`'s compartment (R4 CompartmentDefinition `patient`): the
-/// Patient itself, or a resource whose compartment parameters reference `Patient/{patient}`?
+/// Patient itself, or a resource whose compartment parameters reference `Patient/{patient}`? A
+/// Binary, in no compartment, counts as in it when its `securityContext` (the resource standing
+/// in for its sensitivity) is that Patient; other proxies are resolved by
+/// [`covers_through_security_context`].
 pub(crate) fn in_patient_compartment(resource_type: ResourceType, resource: &serde_json::Value, patient: &str) -> bool {
     use fhirmesh_fhir::search::compartments::compartment_params;
     use fhirmesh_fhir::search::extract::extract_param;
     use fhirmesh_fhir::search::{IndexValue, registry};
+    if resource_type.as_str() == "Binary" {
+        return security_context(resource).is_some_and(|(kind, id)| kind == "Patient" && id == patient);
+    }
     let patient_type = ResourceType::parse("Patient");
     if Some(resource_type) == patient_type && resource.get("id").and_then(serde_json::Value::as_str) == Some(patient) {
         return true;
@@ -192,6 +198,47 @@ pub(crate) fn in_patient_compartment(resource_type: ResourceType, resource: &ser
             matches!(value, IndexValue::Reference { target_type: Some(t), id: Some(id), .. }
                 if t == patient_type && id == patient)
         })
+}
+
+/// The `Type/id` a Binary's `securityContext` references (relative, or the last two segments of
+/// an absolute URL).
+fn security_context(resource: &serde_json::Value) -> Option<(String, String)> {
+    let reference = resource.get("securityContext")?.get("reference")?.as_str()?;
+    let reference = reference.split(['?', '#']).next().unwrap_or_default();
+    let mut segments = reference.rsplit('/');
+    let id = segments.next()?;
+    let kind = segments.next()?;
+    (!id.is_empty() && ResourceType::parse(kind).is_some()).then(|| (kind.to_owned(), id.to_owned()))
+}
+
+/// Whether a Binary a patient-limited `reach` does not cover directly is within it through its
+/// `securityContext`: the referenced resource (read from the store, current version) is in the
+/// patient's compartment (R4 Binary.securityContext: access to the Binary follows the resource
+/// that stands in for it). Only for reads of one Binary (read, vread).
+pub(crate) async fn covers_through_security_context(
+    svc: &FhirResources,
+    ctx: &RequestContext,
+    reach: &Reach,
+    version: &ResourceVersion,
+) -> FhirResult<bool> {
+    if reach.covers(version) {
+        return Ok(true);
+    }
+    if !matches!(reach, Reach::Patient(_)) || version.resource_type.as_str() != "Binary" {
+        return Ok(false);
+    }
+    let proxy = version
+        .body
+        .as_deref()
+        .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+        .and_then(|resource| security_context(&resource));
+    let Some((kind, id)) = proxy else { return Ok(false) };
+    let (Some(kind), Ok(id)) = (ResourceType::parse(&kind), LogicalId::parse(&id)) else { return Ok(false) };
+    if kind.as_str() == "Binary" {
+        return Ok(false);
+    }
+    let Some(proxy) = svc.store.read(&ctx.tenant, kind, &id).await? else { return Ok(false) };
+    Ok(!proxy.is_deleted() && reach.covers(&proxy))
 }
 
 /// Checks that the caller may perform `interaction` on `resource_type` (`None`: system level) and

@@ -15,12 +15,13 @@ pub(super) async fn read(
     id: LogicalId,
 ) -> FhirResult<ResourceVersion> {
     let reach = super::authorize_reach(ctx, Interaction::Read, Some(resource_type))?;
-    match svc.store.read(&ctx.tenant, resource_type, &id).await? {
-        None => Err(not_found(resource_type, &id)),
-        Some(version) if !reach.covers(&version) => Err(super::out_of_reach(resource_type, &id)),
-        Some(version) if version.is_deleted() => Err(gone(&version)),
-        Some(version) => Ok(version),
+    let Some(version) = svc.store.read(&ctx.tenant, resource_type, &id).await? else {
+        return Err(not_found(resource_type, &id));
+    };
+    if !super::covers_through_security_context(svc, ctx, &reach, &version).await? {
+        return Err(super::out_of_reach(resource_type, &id));
     }
+    if version.is_deleted() { Err(gone(&version)) } else { Ok(version) }
 }
 
 pub(super) fn not_found(resource_type: ResourceType, id: &LogicalId) -> FhirError {

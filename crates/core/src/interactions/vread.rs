@@ -17,10 +17,11 @@ pub(super) async fn vread(
     version_id: u64,
 ) -> FhirResult<ResourceVersion> {
     let reach = super::authorize_reach(ctx, Interaction::Vread, Some(resource_type))?;
-    match svc.store.vread(&ctx.tenant, resource_type, &id, version_id).await? {
-        None => Err(FhirError::not_found(format!("{resource_type}/{id} has no version {version_id}"))),
-        Some(version) if !reach.covers(&version) => Err(super::out_of_reach(resource_type, &id)),
-        Some(version) if version.is_deleted() => Err(gone(&version)),
-        Some(version) => Ok(version),
+    let Some(version) = svc.store.vread(&ctx.tenant, resource_type, &id, version_id).await? else {
+        return Err(FhirError::not_found(format!("{resource_type}/{id} has no version {version_id}")));
+    };
+    if !super::covers_through_security_context(svc, ctx, &reach, &version).await? {
+        return Err(super::out_of_reach(resource_type, &id));
     }
+    if version.is_deleted() { Err(gone(&version)) } else { Ok(version) }
 }

@@ -66,8 +66,8 @@ async fn content_streams_up_and_down_byte_for_byte() {
     let bytes = content(5 * 1024 * 1024 + 11);
     let stored = fx.client.upload(&ctx("t1"), "application/pdf", body(&bytes, 3 * 1024 * 1024, false), 10 << 20).await;
     let stored = stored.expect("uploaded");
-    assert_eq!(stored.size, bytes.len() as u64);
-    assert!(stored.key.starts_with("binary/") && !stored.sha256.is_empty(), "{stored:?}");
+    assert_eq!(stored.size, Some(bytes.len() as u64));
+    assert!(stored.key.starts_with("binary/") && stored.sha256.is_some(), "{stored:?}");
     assert_eq!(fx.stored("t1").await, 1);
 
     let blob = fx.client.download(&ctx("t1"), &stored).await.expect("download");
@@ -86,7 +86,12 @@ async fn content_streams_up_and_down_byte_for_byte() {
 
     // Empty content is content too.
     let empty = fx.client.upload(&ctx("t1"), "text/plain", body(&[], 1, false), 10).await.expect("empty");
-    assert_eq!(empty.size, 0);
+    assert_eq!(empty.size, Some(0));
+
+    // Local files cannot be presigned: no URL, over the wire too.
+    let expiry = Duration::from_secs(60);
+    assert_eq!(fx.client.presign_upload(&ctx("t1"), "application/pdf", expiry).await, Ok(None));
+    assert_eq!(fx.client.presign_download(&ctx("t1"), &stored, expiry).await, Ok(None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
