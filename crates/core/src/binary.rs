@@ -15,7 +15,8 @@
 //! ```
 //!
 //! Reading the Binary with a non-FHIR `Accept` streams the content back; the JSON form shows the
-//! pointer (size and hash included), and the content is fetched from the Binary's own URL.
+//! pointer (size and hash included), to which the gateway adds a `url` part on reads: the
+//! version's raw URL, where the content is fetched.
 //!
 //! **Presigned mode** (S3, as FHIR Works on AWS did): a FHIR JSON create or update of a Binary
 //! without content allocates content for the client to upload directly to S3

@@ -24,7 +24,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use base64::Engine;
-use fhirmesh_core::binary::ContentRef;
+use fhirmesh_core::binary::{CONTENT_EXTENSION, ContentRef};
 use fhirmesh_core::blob::put_body;
 use fhirmesh_core::{ErrorCategory, FhirError, RequestContext};
 use futures::TryStreamExt;
@@ -78,16 +78,17 @@ pub(crate) async fn negotiate(State(gw): State<SharedGateway>, request: Request,
         return to_raw(&gw, &ctx, next.run(Request::from_parts(parts, body)).await).await;
     }
     let write = (method == Method::POST && segments.len() == 1) || (method == Method::PUT && segments.len() == 2);
-    if let Some((api, expires_in)) = gw.config.binaries.as_ref().and_then(|api| Some((api, api.presign_expiry?))) {
-        if read {
-            let (parts, body) = request.into_parts();
-            let ctx = Caller::new(&gw, &parts).ctx;
-            let response = next.run(Request::from_parts(parts, body)).await;
-            return with_presigned_download(api, &ctx, expires_in, response).await;
-        }
-        if write && !is_raw_body(request.headers()) {
-            return presigned_upload(&gw, api, expires_in, request, next).await;
-        }
+    if read {
+        let (parts, body) = request.into_parts();
+        let caller = Caller::new(&gw, &parts);
+        let response = next.run(Request::from_parts(parts, body)).await;
+        return with_content_links(&gw, &caller, response).await;
+    }
+    if let Some((api, expires_in)) = gw.config.binaries.as_ref().and_then(|api| Some((api, api.presign_expiry?)))
+        && write
+        && !is_raw_body(request.headers())
+    {
+        return presigned_upload(&gw, api, expires_in, request, next).await;
     }
     if write && is_raw_body(request.headers()) {
         let id = segments.get(1).map(|id| (*id).to_owned());
@@ -125,34 +126,46 @@ pub(crate) async fn negotiate(State(gw): State<SharedGateway>, request: Request,
     next.run(request).await
 }
 
-/// Presigned mode, a read of a Binary whose content is stored: the answer gains
-/// `presignedGetUrl` (as FHIR Works on AWS answered), valid `expires_in`.
-async fn with_presigned_download(
-    api: &BinaryApi,
-    ctx: &RequestContext,
-    expires_in: std::time::Duration,
-    response: Response,
-) -> Response {
+/// A FHIR read of a Binary whose content is stored: the pointer gains a `url` part, where the
+/// content is fetched (the version's raw URL, with a non-FHIR `Accept`), and in presigned mode the
+/// answer gains `presignedGetUrl` (as FHIR Works on AWS answered). Inline Binaries pass untouched.
+async fn with_content_links(gw: &SharedGateway, caller: &Caller, response: Response) -> Response {
     if response.status() != StatusCode::OK {
         return response;
     }
     let (parts, body) = response.into_parts();
-    let presigned = async {
-        let bytes = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .map_err(|e| FhirError::internal(format!("reading the Binary: {e}")))?;
-        let mut resource: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| FhirError::internal(format!("stored Binary is not JSON: {e}")))?;
-        if let Some(pointer) = ContentRef::of(&resource)?
-            && let Some(url) = api.service.presign_download(ctx, &pointer, expires_in).await?
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => return error_response(&FhirError::internal(format!("reading the Binary: {e}")), false),
+    };
+    let mut resource: Value = match serde_json::from_slice(&bytes) {
+        Ok(resource) => resource,
+        Err(_) => return Response::from_parts(parts, Body::from(bytes)),
+    };
+    let linked = async {
+        let Some(pointer) = ContentRef::of(&resource)? else { return Ok(None) };
+        let id = resource["id"].as_str().unwrap_or_default();
+        let version = resource["meta"]["versionId"].as_str().unwrap_or_default();
+        let url = format!("{}/Binary/{id}/_history/{version}", caller.base);
+        let extensions = resource["_data"]["extension"].as_array_mut().into_iter().flatten();
+        if let Some(parts) =
+            extensions.filter(|e| e["url"] == CONTENT_EXTENSION).find_map(|e| e["extension"].as_array_mut())
+        {
+            parts.retain(|part| part["url"] != "url");
+            parts.push(json!({"url": "url", "valueUrl": url}));
+        }
+        if let Some(api) = &gw.config.binaries
+            && let Some(expires_in) = api.presign_expiry
+            && let Some(url) = api.service.presign_download(&caller.ctx, &pointer, expires_in).await?
         {
             resource["presignedGetUrl"] = json!(url.url);
         }
-        to_json(&resource)
+        to_json(&resource).map(Some)
     }
     .await;
-    match presigned {
-        Ok(json) => json_answer(parts, json),
+    match linked {
+        Ok(Some(json)) => json_answer(parts, json),
+        Ok(None) => Response::from_parts(parts, Body::from(bytes)),
         Err(error) => error_response(&error, false),
     }
 }

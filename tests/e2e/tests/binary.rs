@@ -102,6 +102,12 @@ async fn raw_content_round_trips_byte_for_byte() {
     assert!(resource.get("data").is_none(), "{resource}");
     let (key, size, sha256) = pointer(&resource).expect("a content pointer");
     assert!(key.starts_with("binary/"), "{key}");
+    // With a link to the content: this version's raw URL.
+    let parts = resource["_data"]["extension"][0]["extension"].as_array().expect("parts");
+    let link = parts.iter().find(|p| p["url"] == "url").expect("a url part")["valueUrl"].as_str().expect("a URL");
+    assert_eq!(link, server.url(&format!("Binary/{id}/_history/1")));
+    let linked = server.client.get(link).header("accept", "*/*").send().await.expect("sent");
+    assert!(linked.bytes().await.expect("body").as_ref() == bytes.as_slice(), "the link serves the content");
     assert_eq!(size, bytes.len() as u64);
     assert_eq!(sha256, base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&bytes)));
 
