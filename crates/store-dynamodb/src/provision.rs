@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
-    ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
+    ScalarAttributeType, StreamSpecification, StreamViewType, TableDescription, TableStatus,
 };
 use fhirmesh_core::ports::StoreError;
 
@@ -21,11 +22,11 @@ pub struct Provisioned {
     pub stream_arn: Option<String>,
 }
 
-fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, StoreError> {
+pub(crate) fn attribute(name: &str, kind: ScalarAttributeType) -> Result<AttributeDefinition, StoreError> {
     AttributeDefinition::builder().attribute_name(name).attribute_type(kind).build().map_err(build_error)
 }
 
-fn key_element(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
+pub(crate) fn key_element(name: &str, kind: KeyType) -> Result<KeySchemaElement, StoreError> {
     KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(build_error)
 }
 
@@ -61,33 +62,13 @@ pub async fn provision(client: &Client, table: &str) -> Result<Provisioned, Stor
                 .stream_view_type(StreamViewType::NewImage)
                 .build()
                 .map_err(build_error)?,
-        )
-        .send()
-        .await;
-    let created = match create {
-        Ok(_) => true,
-        Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => false,
-        Err(err) => return Err(sdk_error(&format!("create table {table}"), err)),
-    };
-    // Wait (bounded) for ACTIVE.
-    for _ in 0..120 {
-        let described = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("describe table {table}"), e))?;
-        let Some(description) = described.table() else { break };
-        if description.table_status() == Some(&TableStatus::Active) {
-            let stream_arn = description.latest_stream_arn().map(str::to_owned);
-            if stream_arn.is_none() {
-                tracing::warn!(%table, "the table has no stream: the DynamoDB Streams relay cannot follow it");
-            }
-            return Ok(Provisioned { created, stream_arn });
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        );
+    let (created, description) = create_and_await(client, create, table, "table").await?;
+    let stream_arn = description.latest_stream_arn().map(str::to_owned);
+    if stream_arn.is_none() {
+        tracing::warn!(%table, "the table has no stream: the DynamoDB Streams relay cannot follow it");
     }
-    Err(StoreError::Unavailable(format!("table {table} did not become active within 60 s")))
+    Ok(Provisioned { created, stream_arn })
 }
 
 /// Creates the export job table `table` (`pk` S + `sk` S, on-demand billing, no index, no stream;
@@ -101,13 +82,23 @@ pub async fn provision_jobs(client: &Client, table: &str) -> Result<bool, StoreE
         .attribute_definitions(attribute(PK, ScalarAttributeType::S)?)
         .attribute_definitions(attribute(SK, ScalarAttributeType::S)?)
         .key_schema(key_element(PK, KeyType::Hash)?)
-        .key_schema(key_element(SK, KeyType::Range)?)
-        .send()
-        .await;
-    let created = match create {
+        .key_schema(key_element(SK, KeyType::Range)?);
+    Ok(create_and_await(client, create, table, "export job table").await?.0)
+}
+
+/// Sends `create` (a CreateTable of `table`) unless the table exists, then waits (at most 60 s)
+/// until it is active. Whether this call created it, and its description. `what` names the table
+/// in errors.
+pub(crate) async fn create_and_await(
+    client: &Client,
+    create: CreateTableFluentBuilder,
+    table: &str,
+    what: &str,
+) -> Result<(bool, TableDescription), StoreError> {
+    let created = match create.send().await {
         Ok(_) => true,
         Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => false,
-        Err(err) => return Err(sdk_error(&format!("create export job table {table}"), err)),
+        Err(err) => return Err(sdk_error(&format!("create {what} {table}"), err)),
     };
     for _ in 0..120 {
         let described = client
@@ -115,13 +106,15 @@ pub async fn provision_jobs(client: &Client, table: &str) -> Result<bool, StoreE
             .table_name(table)
             .send()
             .await
-            .map_err(|e| sdk_error(&format!("describe export job table {table}"), e))?;
-        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            return Ok(created);
+            .map_err(|e| sdk_error(&format!("describe {what} {table}"), e))?;
+        if let Some(description) = described.table()
+            && description.table_status() == Some(&TableStatus::Active)
+        {
+            return Ok((created, description.clone()));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(StoreError::Unavailable(format!("export job table {table} did not become active within 60 s")))
+    Err(StoreError::Unavailable(format!("{what} {table} did not become active within 60 s")))
 }
 
 /// The ARN of `table`'s stream, for the Streams relay.

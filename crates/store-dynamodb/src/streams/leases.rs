@@ -4,19 +4,18 @@
 //! ownership is conditional, so two relays never both believe they own a shard past a write.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::update_item::{UpdateItemError, UpdateItemOutput};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue, ScalarAttributeType,
-    TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
+    AttributeValue, BillingMode, KeyType, ReturnValue, ScalarAttributeType, TimeToLiveSpecification, TimeToLiveStatus,
 };
 use fhirmesh_core::ports::StoreError;
 
 use crate::error::sdk_error;
 use crate::items::Item;
+use crate::provision::{attribute, create_and_await, key_element};
 
 const SHARD: &str = "shard";
 /// The TTL attribute (epoch seconds): set on finished shards, whose items DynamoDB then deletes.
@@ -32,42 +31,15 @@ const MAX_SCAN_PAGES: usize = 1_000;
 /// finished shards expire two days after they finished). Returns whether this call created the
 /// table. One lease table serves one stream: its items are keyed by shard id alone.
 pub async fn provision_leases(client: &Client, lease_table: &str) -> Result<bool, StoreError> {
-    let build = |e: aws_sdk_dynamodb::error::BuildError| {
-        StoreError::Internal(format!("cannot build the create-table request of lease table {lease_table}: {e}"))
-    };
     let create = client
         .create_table()
         .table_name(lease_table)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name(SHARD)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(build)?,
-        )
-        .key_schema(KeySchemaElement::builder().attribute_name(SHARD).key_type(KeyType::Hash).build().map_err(build)?)
-        .send()
-        .await;
-    let created = match create {
-        Ok(_) => true,
-        Err(err) if err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()) => false,
-        Err(err) => return Err(sdk_error(&format!("create lease table {lease_table}"), err)),
-    };
-    for _ in 0..120 {
-        let described = client
-            .describe_table()
-            .table_name(lease_table)
-            .send()
-            .await
-            .map_err(|e| sdk_error(&format!("describe lease table {lease_table}"), e))?;
-        if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            enable_ttl(client, lease_table).await?;
-            return Ok(created);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(StoreError::Unavailable(format!("lease table {lease_table} did not become active within 60 s")))
+        .attribute_definitions(attribute(SHARD, ScalarAttributeType::S)?)
+        .key_schema(key_element(SHARD, KeyType::Hash)?);
+    let (created, _) = create_and_await(client, create, lease_table, "lease table").await?;
+    enable_ttl(client, lease_table).await?;
+    Ok(created)
 }
 
 /// Turns TTL on unless it is on (or turning on) already: enabling it twice is an error.
