@@ -235,7 +235,7 @@ pub async fn rebuild(
     let position = Indexer::new(new.building, changes.clone(), config.clone())
         .catch_up_reporting(|position| report(RebuildEvent::Applied(position)))
         .await?;
-    Indexer::new(new.served, changes, config).catch_up().await?;
+    Indexer::new(new.live, changes, config).catch_up().await?;
     generations.promote(new.generation).await.map_err(|e| e.to_string())?;
     report(RebuildEvent::Promoted { generation: new.generation });
     report(RebuildEvent::Retiring(options.retire_after));

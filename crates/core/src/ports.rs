@@ -312,8 +312,11 @@ pub struct NewGeneration {
     pub generation: u32,
     /// The new generation alone: applies to it and reports its own watermark.
     pub building: DynSearchIndex,
-    /// The served generation alone, likewise.
-    pub served: DynSearchIndex,
+    /// The live handle: applies to every generation live writes go to (the served one and the
+    /// new one) and raises the served one's watermark only once both hold the batch. Catching the
+    /// served generation up through it (rather than through a handle on the served generation
+    /// alone) keeps the new one holding everything the served watermark claims.
+    pub live: DynSearchIndex,
 }
 
 /// What a subscriber receives from the bus.

@@ -325,7 +325,7 @@ impl IndexGenerations for OpenSearchIndex {
         Ok(NewGeneration {
             generation,
             building: std::sync::Arc::new(self.pinned(generation)),
-            served: std::sync::Arc::new(self.pinned(state.read)),
+            live: std::sync::Arc::new(OpenSearchIndex { target: Target::Live, ..self.clone() }),
         })
     }
 

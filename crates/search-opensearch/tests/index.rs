@@ -323,3 +323,30 @@ async fn a_new_rebuild_abandons_an_unfinished_one() {
     assert_eq!(index.watermark().await, Ok(2));
     assert_eq!(index.stored_generations().await, Ok(vec![1, second.generation]));
 }
+
+/// The interleaving CI once hit: a resource created after the rebuild filled the new generation,
+/// and before the live indexer got to it, reaches the served generation through the rebuild's
+/// catch-up. Promoted, the new generation must hold it too, or its watermark over-promises.
+#[tokio::test]
+async fn the_catch_up_before_a_promote_reaches_the_new_generation_too() {
+    use fhirmesh_core::indexer::{Indexer, IndexerConfig};
+    use std::sync::Arc;
+
+    let index = index().await;
+    let log = Arc::new(MemoryLog::default());
+    log.create("first");
+    let live = Indexer::new(Arc::new(index.clone()), log.clone(), IndexerConfig::default());
+    assert_eq!(live.catch_up().await, Ok(1));
+
+    let generations = fhirmesh_core::ports::SearchIndex::generations(&index).expect("generations");
+    let new = generations.begin().await.expect("begin");
+    let filled = Indexer::new(new.building, log.clone(), IndexerConfig::default()).catch_up().await;
+    assert_eq!(filled, Ok(1));
+    log.create("late"); // the live indexer has not seen it yet
+    let caught_up = Indexer::new(new.live, log.clone(), IndexerConfig::default()).catch_up().await;
+    assert_eq!(caught_up, Ok(2));
+    generations.promote(new.generation).await.expect("promote");
+
+    assert_eq!(index.served_generation().await, Ok(new.generation));
+    assert_eq!(all_patients(&index).await, (2, 2), "the promoted generation holds what its watermark says");
+}
