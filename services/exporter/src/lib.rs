@@ -10,15 +10,17 @@ use anyhow::Context;
 use fhirmesh_core::export::DynExportService;
 use tokio::net::TcpListener;
 
-/// Serves `service` as gRPC `fhirmesh.v1.ExportService` on `listener` until `shutdown`.
+/// Serves `service` as gRPC `fhirmesh.v1.ExportService` on `listener` until `shutdown`, with the gRPC health
+/// service and request metrics ([`fhirmesh_ops::grpc`]).
 pub async fn serve_grpc(
     listener: TcpListener,
     service: DynExportService,
+    ops: &fhirmesh_ops::Ops,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    tonic::transport::Server::builder()
-        .add_service(fhirmesh_proto::export_service_server(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+    let server = fhirmesh_proto::export_service_server(service);
+    let name = fhirmesh_ops::grpc::name_of(&server);
+    fhirmesh_ops::grpc::serve(listener, tonic::service::Routes::new(server), &[name], ops, shutdown)
         .await
         .context("export gRPC server failed")
 }

@@ -32,6 +32,7 @@ pub struct Config {
     pub tenancy: TenancyConfig,
     pub audit: AuditConfig,
     pub log: LogConfig,
+    pub ops: OpsSection,
 }
 
 /// Raw `Binary` content.
@@ -491,8 +492,6 @@ pub struct NotifierSection {
     pub max_queued_per_subscription: usize,
     /// `--target notifier`: the resource service's gRPC endpoint.
     pub resource_endpoint: String,
-    /// `--target notifier`: where `/healthz`, `/readyz` and `/metrics` are served.
-    pub listen: String,
 }
 
 impl Default for NotifierSection {
@@ -509,7 +508,6 @@ impl Default for NotifierSection {
             timeout_ms: 10_000,
             max_queued_per_subscription: 1_000,
             resource_endpoint: "http://127.0.0.1:50051".into(),
-            listen: "127.0.0.1:9470".into(),
         }
     }
 }
@@ -519,6 +517,37 @@ impl Default for NotifierSection {
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "fhirmesh=debug,info" (RUST_LOG wins when set).
     pub level: String,
+    /// `text` (human, the default) or `json` (one object per line, for log pipelines).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What every service serves its operators, and how it stops.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsSection {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served by every target but the gateway and
+    /// `all` (which serve them on `server.listen`).
+    pub listen: String,
+    /// On SIGTERM: `/readyz` answers 503 at once, and the process goes on serving this long
+    /// before it stops accepting (time for a load balancer to take it out of rotation).
+    pub drain_delay_seconds: u64,
+    /// Then in-flight requests and event handling get this long to finish; past it the process
+    /// exits anyway (with status 1). Keep it below Kubernetes' terminationGracePeriodSeconds
+    /// minus the drain delay.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for OpsSection {
+    fn default() -> Self {
+        OpsSection { listen: "127.0.0.1:9470".into(), drain_delay_seconds: 0, shutdown_grace_seconds: 30 }
+    }
 }
 
 impl Default for ServerConfig {
@@ -567,7 +596,7 @@ impl Default for GatewaySection {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -721,7 +750,7 @@ impl Config {
                 bail!("{name} must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
             }
         }
-        parse_addr("notifier.listen", &self.notifier.listen)?;
+        parse_addr("ops.listen", &self.ops.listen)?;
         if self.notifier.max_queued_per_subscription == 0 {
             bail!("notifier.max_queued_per_subscription must be at least 1");
         }
@@ -764,9 +793,8 @@ impl Config {
         Ok(())
     }
 
-    pub fn notifier_addr(&self) -> SocketAddr {
-        parse_addr("notifier.listen", &self.notifier.listen)
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9470)))
+    pub fn ops_addr(&self) -> SocketAddr {
+        parse_addr("ops.listen", &self.ops.listen).unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9470)))
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

@@ -12,15 +12,16 @@ use fhirmesh_core::binary::Binaries;
 use fhirmesh_core::capabilities::{Capabilities, Security};
 use fhirmesh_core::ports::DynEventPublisher;
 use fhirmesh_core::{DynResourceService, ResourceConfig};
-use fhirmesh_gateway::{BinaryApi, ClaimNames, ExportApi, GatewayAuth, GatewayConfig, MetricsSource};
+use fhirmesh_gateway::{BinaryApi, ClaimNames, ExportApi, GatewayAuth, GatewayConfig};
 use fhirmesh_notify::NotifierMetrics;
 use fhirmesh_notify::runner::ChangeSource;
+use fhirmesh_ops::Ops;
 use fhirmesh_proto::GrpcResourceClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config, RelaySource};
+use crate::config::{AuthConfig, AuthMode, AuthorizationModel, Config, RelaySource, StorageBackend};
 
 /// Which part of the mesh this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,8 +39,7 @@ pub enum Target {
     /// The relay: publishes the store's committed changes, in order, to the configured bus.
     Relay,
     /// The notifier: the `notifier` durable consumer on the configured bus (shared by every
-    /// replica), calling the resource service over gRPC (notifier.resource_endpoint) and serving
-    /// `/healthz`, `/readyz` and `/metrics` on notifier.listen.
+    /// replica), calling the resource service over gRPC (notifier.resource_endpoint).
     Notifier,
     /// The exporter: the Bulk Data export API over gRPC (export.grpc_listen, the gateway's
     /// gateway.export_endpoint) and export workers, on the configured store, job store and blob
@@ -50,6 +50,28 @@ pub enum Target {
     Binary,
 }
 
+impl Target {
+    /// The name given to `--target`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::All => "all",
+            Target::Gateway => "gateway",
+            Target::Resource => "resource",
+            Target::Indexer => "indexer",
+            Target::Relay => "relay",
+            Target::Notifier => "notifier",
+            Target::Exporter => "exporter",
+            Target::Binary => "binary",
+        }
+    }
+
+    /// Serves the FHIR API, and `/healthz`, `/readyz`, `/metrics` on its port; every other target
+    /// serves those on `ops.listen`.
+    fn serves_http(self) -> bool {
+        matches!(self, Target::All | Target::Gateway)
+    }
+}
+
 /// Services started by [`start`]; [`Running::stop`] shuts them down gracefully.
 pub struct Running {
     /// Bound address of the FHIR HTTP API, when this process serves it.
@@ -57,8 +79,11 @@ pub struct Running {
     /// Bound address of the gRPC service of `--target resource` (the resource service),
     /// `--target exporter` (the export service) or `--target binary` (the binary service).
     pub grpc_addr: Option<SocketAddr>,
-    /// Bound address of the notifier's health and metrics endpoints (`--target notifier`).
-    pub notifier_addr: Option<SocketAddr>,
+    /// Bound address of `/healthz`, `/readyz` and `/metrics` (`ops.listen`) of every target but
+    /// `all` and `gateway` (which serve them on the HTTP API's).
+    pub ops_addr: Option<SocketAddr>,
+    /// Readiness checks and metrics of this process; [`Ops::drain`] turns readiness off.
+    pub ops: Ops,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -124,7 +149,7 @@ fn resource_config(config: &Config) -> ResourceConfig {
 
 async fn gateway_config(
     config: &Config,
-    metrics_sources: Vec<MetricsSource>,
+    ops: Ops,
     exports: Option<ExportApi>,
     binaries: Option<BinaryApi>,
 ) -> anyhow::Result<GatewayConfig> {
@@ -180,7 +205,7 @@ async fn gateway_config(
         smart_configuration,
         multi_tenant: config.tenancy.enabled,
         audit_events: config.audit.store_events,
-        metrics_sources,
+        ops,
         exports,
         binaries,
     })
@@ -232,8 +257,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     let mut http_addr = None;
     let mut grpc_addr = None;
-    let mut notifier_addr = None;
-    let mut metrics_sources = Vec::new();
+    let mut ops_addr = None;
+    let ops = Ops::new(target.name());
     let mut exports_api = None;
     let mut binaries_api = None;
 
@@ -241,6 +266,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
             let aws = crate::stores::Aws::new(&config.aws);
             let stores = crate::stores::open(config, &aws).await?;
+            check_store(&ops, &stores.changes);
             let bus = match target {
                 Target::All | Target::Relay | Target::Indexer => crate::buses::open(config, &aws).await?,
                 _ => None,
@@ -280,7 +306,12 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 None
             } else {
                 let index = crate::stores::open_index(config).await?;
+                check_index(&ops, &index);
                 if matches!(target, Target::All | Target::Indexer) {
+                    // SQLite's latest sequence is known to the process that writes it only.
+                    if target == Target::Indexer && config.storage.backend == StorageBackend::Dynamodb {
+                        register_index_lag(&ops, &stores.changes, &index);
+                    }
                     let indexer =
                         fhirmesh_indexer::spawn(index.clone(), stores.changes.clone(), events, Running::stopped(&rx));
                     tasks.push(tokio::spawn(async move { indexer.await.context("indexer task failed") }));
@@ -298,17 +329,18 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 {
                     let metrics = NotifierMetrics::new();
                     let source = ChangeSource::ChangeLog(stores.changes.clone());
-                    let rendered = metrics.clone();
-                    metrics_sources.push(MetricsSource(Arc::new(move |out: &mut String| rendered.render(out))));
+                    register_notifier(&ops, &metrics);
                     tasks.push(spawn_notifier(config, service.clone(), source, metrics, &rx)?);
                 }
                 if target == Target::All {
                     let blobs = crate::stores::open_blobs(config, &aws).await?;
+                    check_blobs(&ops, &blobs);
                     binaries_api = Some(binary_api(config, Arc::new(Binaries::new(blobs.clone()))));
                     if let Some(source) = &stores.export
                         && config.export.enabled
                     {
                         let jobs = crate::stores::open_jobs(config, &aws).await?;
+                        check_jobs(&ops, &jobs);
                         let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &rx);
                         exports_api = Some(ExportApi(api));
                         tasks.extend(workers);
@@ -334,11 +366,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                     .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?,
             );
             let metrics = NotifierMetrics::new();
-            let listener = bind(config.notifier_addr(), "the notifier's health and metrics").await?;
-            notifier_addr = Some(listener.local_addr()?);
-            let stopped = Running::stopped(&rx);
-            let http = fhirmesh_notifier::http::serve(listener, metrics.clone(), stopped);
-            tasks.push(tokio::spawn(async move { http.await.context("notifier HTTP server failed") }));
+            register_notifier(&ops, &metrics);
+            check_grpc(&ops, "resource service", &endpoint, "fhirmesh.v1.ResourceService")?;
             let source = ChangeSource::Bus { consumer, heartbeat };
             tasks.push(spawn_notifier(config, service, source, metrics, &rx)?);
             None
@@ -346,25 +375,34 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         Target::Exporter => {
             let aws = crate::stores::Aws::new(&config.aws);
             let stores = crate::stores::open(config, &aws).await?;
+            check_store(&ops, &stores.changes);
             let Some(source) = stores.export.clone() else {
                 bail!("the configured store cannot be exported");
             };
             let blobs = crate::stores::open_blobs(config, &aws).await?;
+            check_blobs(&ops, &blobs);
             let jobs = crate::stores::open_jobs(config, &aws).await?;
+            check_jobs(&ops, &jobs);
             let (service, workers) = exports(config, &stores, source, jobs, blobs, &rx);
             tasks.extend(workers);
             let listener = bind(config.exporter_addr(), "the export gRPC service").await?;
             grpc_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(fhirmesh_exporter::serve_grpc(listener, service, Running::stopped(&rx))));
+            let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
+            tasks.push(tokio::spawn(
+                async move { fhirmesh_exporter::serve_grpc(listener, service, &ops, stopped).await },
+            ));
             None
         }
         Target::Binary => {
             let aws = crate::stores::Aws::new(&config.aws);
             let blobs = crate::stores::open_blobs(config, &aws).await?;
+            check_blobs(&ops, &blobs);
             let listener = bind(config.binary_addr(), "the binary gRPC service").await?;
             grpc_addr = Some(listener.local_addr()?);
             let service = Arc::new(Binaries::new(blobs));
-            tasks.push(tokio::spawn(fhirmesh_binary::serve_grpc(listener, service, Running::stopped(&rx))));
+            let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
+            tasks
+                .push(tokio::spawn(async move { fhirmesh_binary::serve_grpc(listener, service, &ops, stopped).await }));
             None
         }
         Target::Gateway => {
@@ -379,11 +417,13 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             {
                 let client = fhirmesh_proto::GrpcExportClient::connect(endpoint.clone())
                     .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
+                check_grpc(&ops, "export service", endpoint, "fhirmesh.v1.ExportService")?;
                 exports_api = Some(ExportApi(Arc::new(client)));
             }
             if let Some(endpoint) = &config.gateway.binary_endpoint {
                 let client = fhirmesh_proto::GrpcBinaryClient::connect(endpoint.clone())
                     .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
+                check_grpc(&ops, "binary service", endpoint, "fhirmesh.v1.BinaryService")?;
                 binaries_api = Some(binary_api(config, Arc::new(client)));
             }
             None
@@ -394,7 +434,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         let listener = bind(config.grpc_addr(), "gRPC").await?;
         grpc_addr = Some(listener.local_addr()?);
         let service = service.clone().context("resource target has a service")?;
-        tasks.push(tokio::spawn(fhirmesh_resource::serve_grpc(listener, service, Running::stopped(&rx))));
+        let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
+        tasks.push(tokio::spawn(async move { fhirmesh_resource::serve_grpc(listener, service, &ops, stopped).await }));
     }
 
     if matches!(target, Target::All | Target::Gateway) {
@@ -402,6 +443,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             Some(local) => local,
             None => {
                 let endpoint = config.gateway.resource_endpoint.clone();
+                check_grpc(&ops, "resource service", &endpoint, "fhirmesh.v1.ResourceService")?;
                 Arc::new(
                     GrpcResourceClient::connect(endpoint.clone())
                         .with_context(|| format!("invalid resource endpoint {endpoint}"))?,
@@ -410,20 +452,110 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router = fhirmesh_gateway::router(
-            service,
-            gateway_config(config, metrics_sources, exports_api, binaries_api).await?,
-        );
+        let router =
+            fhirmesh_gateway::router(service, gateway_config(config, ops.clone(), exports_api, binaries_api).await?);
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")
         }));
     }
 
+    if !target.serves_http() {
+        let listener = bind(config.ops_addr(), "health and metrics (ops.listen)").await?;
+        ops_addr = Some(listener.local_addr()?);
+        let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
+        tasks.push(tokio::spawn(async move {
+            fhirmesh_ops::serve(listener, ops, stopped).await.context("health and metrics server failed")
+        }));
+    }
+
     if target == Target::Indexer {
         tracing::info!("indexer following the change log");
     }
-    Ok(Running { http_addr, grpc_addr, notifier_addr, shutdown, tasks })
+    Ok(Running { http_addr, grpc_addr, ops_addr, ops, shutdown, tasks })
+}
+
+/// Ready while the store answers (the latest change sequence: a read every store serves).
+fn check_store(ops: &Ops, changes: &fhirmesh_core::ports::DynChangeLog) {
+    let changes = changes.clone();
+    ops.check("store", move || {
+        let changes = changes.clone();
+        async move { changes.latest_sequence().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+}
+
+/// Ready while the search index answers (its watermark).
+fn check_index(ops: &Ops, index: &fhirmesh_core::ports::DynSearchIndex) {
+    let index = index.clone();
+    ops.check("search index", move || {
+        let index = index.clone();
+        async move { index.watermark().await.map(|_| ()).map_err(|e| e.to_string()) }
+    });
+}
+
+/// Ready while the blob store answers (a metadata read of a key that need not exist).
+fn check_blobs(ops: &Ops, blobs: &fhirmesh_core::blob::DynBlobStore) {
+    let blobs = blobs.clone();
+    ops.check("blob store", move || {
+        let blobs = blobs.clone();
+        async move {
+            let key = fhirmesh_core::blob::BlobKey::new(&fhirmesh_core::model::TenantId::default_tenant(), "readyz")
+                .map_err(|e| e.to_string())?;
+            blobs.head(&key).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+    });
+}
+
+/// Ready while the export job store answers (a read of a job that need not exist).
+fn check_jobs(ops: &Ops, jobs: &fhirmesh_core::export::DynJobStore) {
+    let jobs = jobs.clone();
+    ops.check("export jobs", move || {
+        let jobs = jobs.clone();
+        async move {
+            let id = fhirmesh_core::export::JobId::parse("readyz").ok_or("no probe job id")?;
+            let tenant = fhirmesh_core::model::TenantId::default_tenant();
+            jobs.get(&tenant, &id).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+    });
+}
+
+/// Ready while the gRPC server at `endpoint` reports `service` SERVING (`grpc.health.v1`).
+fn check_grpc(ops: &Ops, name: &str, endpoint: &str, service: &str) -> anyhow::Result<()> {
+    let probe = fhirmesh_ops::grpc::health_check_endpoint(endpoint, service).map_err(anyhow::Error::msg)?;
+    ops.check(name, probe);
+    Ok(())
+}
+
+/// The search index lag on `/metrics`, read from the store and the index themselves.
+fn register_index_lag(
+    ops: &Ops,
+    changes: &fhirmesh_core::ports::DynChangeLog,
+    index: &fhirmesh_core::ports::DynSearchIndex,
+) {
+    let (changes, index) = (changes.clone(), index.clone());
+    ops.metrics_async(move || {
+        let (changes, index) = (changes.clone(), index.clone());
+        async move {
+            let mut out = String::new();
+            match (changes.latest_sequence().await, index.watermark().await) {
+                (Ok(latest), Ok(watermark)) => fhirmesh_ops::search_index_gauges(&mut out, latest, watermark),
+                (Err(error), _) => tracing::warn!(%error, "store unavailable for /metrics"),
+                (_, Err(error)) => tracing::warn!(%error, "search index unavailable for /metrics"),
+            }
+            out
+        }
+    });
+}
+
+/// The notifier's metrics on `/metrics`, and its reads of changes in readiness.
+fn register_notifier(ops: &Ops, metrics: &NotifierMetrics) {
+    let rendered = metrics.clone();
+    ops.metrics(move |out| rendered.render(out));
+    let metrics = metrics.clone();
+    ops.check("change feed", move || {
+        let ready = metrics.is_ready();
+        async move { if ready { Ok(()) } else { Err("the notifier cannot read changes".to_owned()) } }
+    });
 }
 
 /// `service` with the sizes of `[binary]`, for the gateway.
@@ -518,13 +650,18 @@ fn notifier_settings(config: &Config) -> anyhow::Result<fhirmesh_notify::runner:
     })
 }
 
-/// Runs `target` until SIGINT/SIGTERM, printing the bound addresses on stdout.
+/// Runs `target` until SIGINT/SIGTERM, printing the bound addresses on stdout; then drains
+/// (see [`drain`]).
 pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
-    init_tracing(&config.log.level);
+    init_tracing(&config.log);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
         let running = start(&config, target).await?;
+        if let Some(addr) = running.ops_addr {
+            tracing::info!(%addr, "health and metrics listening");
+            println!("fhirmesh: health and metrics (/healthz, /readyz, /metrics) on http://{addr}");
+        }
         if let Some(addr) = running.http_addr {
             tracing::info!(%addr, "fhir api listening");
             println!("fhirmesh: FHIR API listening on http://{addr}{}", config.server.base_path);
@@ -550,24 +687,45 @@ pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
         if target == Target::Relay {
             println!("fhirmesh: relay publishing changes to the {:?} bus", config.bus.backend);
         }
-        if let Some(addr) = running.notifier_addr {
-            tracing::info!(%addr, "notifier health and metrics listening");
-            println!(
-                "fhirmesh: notifier (consuming the {:?} bus) health and metrics listening on http://{addr}",
-                config.bus.backend
-            );
+        if target == Target::Notifier {
+            println!("fhirmesh: notifier consuming the {:?} bus", config.bus.backend);
         }
         shutdown_signal().await;
-        tracing::info!("shutting down");
-        running.stop().await
+        drain(running, &config.ops).await
     })
 }
 
-fn init_tracing(level: &str) {
+/// Shuts down gracefully: readiness off at once, serving on for `drain_delay_seconds` (a load
+/// balancer notices), then every service stops accepting and finishes what it has in flight
+/// (requests answered, events handled and acknowledged) within `shutdown_grace_seconds`; past
+/// that the process gives up on them (an unacknowledged event is redelivered elsewhere).
+pub async fn drain(running: Running, ops: &crate::config::OpsSection) -> anyhow::Result<()> {
+    running.ops.drain();
+    let delay = Duration::from_secs(ops.drain_delay_seconds);
+    tracing::info!(delay_seconds = ops.drain_delay_seconds, "shutdown signal: readiness off, draining");
+    tokio::time::sleep(delay).await;
+    let grace = Duration::from_secs(ops.shutdown_grace_seconds);
+    tracing::info!(grace_seconds = ops.shutdown_grace_seconds, "stopping: finishing in-flight work");
+    match tokio::time::timeout(grace, running.stop()).await {
+        Ok(result) => {
+            tracing::info!("stopped");
+            result
+        }
+        Err(_) => bail!("in-flight work did not finish within ops.shutdown_grace_seconds ({grace:?}); exiting anyway"),
+    }
+}
+
+fn init_tracing(log: &crate::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match log.format {
+        crate::config::LogFormat::Text => builder.try_init(),
+        // One JSON object per line: time, level, target, the event's fields, and the fields of
+        // the spans it happened in (request ids, trace ids when tracing is on).
+        crate::config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
 }
 
 async fn shutdown_signal() {

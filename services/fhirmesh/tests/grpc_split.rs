@@ -7,12 +7,7 @@ use serde_json::{Value, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_serves_fhir_through_a_remote_resource_service() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let resource = support::spawn(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path())).await;
-    let indexer = support::spawn(&["--target", "indexer"], Some(dir.path())).await;
-    let endpoint = format!("http://{}", resource.address);
-    let gateway =
-        support::spawn(&["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &endpoint], None)
-            .await;
+    let (resource, indexer, gateway) = support::split_on_sqlite(dir.path()).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
 

@@ -43,10 +43,7 @@ async fn receiver() -> (String, Received) {
 
 async fn notifier(env: &[(String, String)], resource: &str) -> Process {
     let mut env = env.to_vec();
-    env.extend([
-        ("FHIRMESH_NOTIFIER__RESOURCE_ENDPOINT".to_owned(), resource.to_owned()),
-        ("FHIRMESH_NOTIFIER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-    ]);
+    env.extend([("FHIRMESH_NOTIFIER__RESOURCE_ENDPOINT".to_owned(), resource.to_owned())]);
     support::spawn_with_env(&["--target", "notifier"], None, &env).await
 }
 
@@ -72,7 +69,7 @@ fn observation(code: &str) -> Value {
 
 /// A metric's value from a notifier's `/metrics`, 0 when absent.
 async fn metric(client: &reqwest::Client, notifier: &Process, line_prefix: &str) -> f64 {
-    let text = client.get(format!("{}/metrics", notifier.address)).send().await.expect("metrics").text().await;
+    let text = client.get(format!("{}/metrics", notifier.ops)).send().await.expect("metrics").text().await;
     let text = text.expect("metrics text");
     assert!(text.ends_with("# EOF\n"), "{text}");
     text.lines().find_map(|l| l.strip_prefix(line_prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
@@ -183,7 +180,7 @@ async fn replicas_deliver_every_match_through_a_kill(shape: Shape) {
         + metric(&client, &third, "fhirmesh_notifier_notifications_total{outcome=\"delivered\"} ").await;
     assert!(delivered >= 1.0, "the surviving replicas delivered");
     assert_eq!(metric(&client, &second, "fhirmesh_notifier_ready ").await, 1.0);
-    let ready = client.get(format!("{}/readyz", second.address)).send().await.expect("readyz");
+    let ready = client.get(format!("{}/readyz", second.ops)).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
 
     for process in [gateway, relay, indexer, resource, second, third] {

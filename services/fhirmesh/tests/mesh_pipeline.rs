@@ -113,6 +113,18 @@ async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing(shape: Shape) 
         found = total(&client, &base, &family).await;
     }
     assert_eq!(found, WRITES as u64, "the index holds every acknowledged write exactly once");
+    // The restarted indexer, caught up, says so on its own /metrics (and is ready).
+    let metrics = client.get(format!("{}/metrics", indexer.ops)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("text");
+    let gauge = |name: &str| -> u64 {
+        let line = metrics.lines().find_map(|l| l.strip_prefix(&format!("{name} ")));
+        line.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    assert!(gauge("fhirmesh_store_latest_sequence") >= WRITES as u64, "{metrics}");
+    assert_eq!(gauge("fhirmesh_search_index_watermark"), gauge("fhirmesh_store_latest_sequence"), "{metrics}");
+    assert_eq!(gauge("fhirmesh_search_index_lag_changes"), 0, "{metrics}");
+    let ready = client.get(format!("{}/readyz", indexer.ops)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200);
 
     for process in [gateway, relay, indexer, resource] {
         process.kill_9().await;

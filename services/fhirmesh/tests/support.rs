@@ -14,6 +14,9 @@ use tokio::process::{Child, Command};
 pub struct Process {
     pub child: Child,
     pub address: String,
+    /// Where it serves `/healthz`, `/readyz` and `/metrics` (`http://…`): `ops.listen` for every
+    /// target but the gateway, whose FHIR address serves them.
+    pub ops: String,
 }
 
 /// Runs `fhirmesh provision` with `env` (tables, bus, bucket); its stdout.
@@ -38,6 +41,17 @@ pub async fn gateway(env: &[(String, String)], resource: &Process, extra: &[(&st
     spawn_with_env(&args, None, &env).await
 }
 
+/// The smallest mesh on the embedded store in `dir`: a resource service, an indexer and a gateway,
+/// each its own process.
+pub async fn split_on_sqlite(dir: &Path) -> (Process, Process, Process) {
+    let resource = spawn(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir)).await;
+    let indexer = spawn(&["--target", "indexer"], Some(dir)).await;
+    let endpoint = format!("http://{}", resource.address);
+    let gateway =
+        spawn(&["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &endpoint], None).await;
+    (resource, indexer, gateway)
+}
+
 /// Starts `fhirmesh serve <args>` and waits for its "listening on" (or "indexer running on") line.
 pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
     spawn_with_env(args, data_dir, &[]).await
@@ -46,6 +60,8 @@ pub async fn spawn(args: &[&str], data_dir: Option<&Path>) -> Process {
 /// [`spawn`] with extra environment variables (`FHIRMESH_SECTION__KEY` configuration).
 pub async fn spawn_with_env(args: &[&str], data_dir: Option<&Path>, env: &[(String, String)]) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fhirmesh"));
+    // Many processes on one machine: each its own health and metrics port (unless `env` says).
+    command.env("FHIRMESH_OPS__LISTEN", "127.0.0.1:0");
     command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     command
         .arg("serve")
@@ -62,10 +78,19 @@ pub async fn spawn_with_env(args: &[&str], data_dir: Option<&Path>, env: &[(Stri
     let mut child = command.spawn().expect("fhirmesh starts");
     let stdout = child.stdout.take().expect("stdout piped");
     let mut lines = BufReader::new(stdout).lines();
+    // The health and metrics line comes first (every target but the gateway prints one).
+    let mut ops = None;
     let address = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("stdout readable") {
+            if let Some((_, address)) = line.split_once(" /metrics) on ") {
+                ops = Some(address.trim().to_owned());
+                continue;
+            }
             if let Some((_, address)) = line.split_once(" listening on ") {
                 return address.trim().to_owned();
+            }
+            if let Some((_, bus)) = line.split_once(" notifier consuming the ") {
+                return bus.trim().to_owned();
             }
             if let Some((_, data_dir)) = line.split_once(" indexer running on ") {
                 return data_dir.trim().to_owned();
@@ -80,7 +105,8 @@ pub async fn spawn_with_env(args: &[&str], data_dir: Option<&Path>, env: &[(Stri
     .expect("fhirmesh announces its address within 30 s");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Process { child, address }
+    let ops = ops.unwrap_or_else(|| address.clone());
+    Process { child, address, ops }
 }
 
 impl Process {

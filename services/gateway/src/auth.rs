@@ -217,7 +217,7 @@ pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request,
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    if path == "/healthz" || path == "/metrics" {
+    if matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics") {
         return next.run(request).await;
     }
     let source = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string());
@@ -235,6 +235,8 @@ pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request,
     let response = next.run(request).await;
     let who = response.extensions().get::<AuditWho>().cloned().unwrap_or_default();
     let status = response.status().as_u16();
+    let (interaction, action) = interaction(&gw.config.base_path, &method, &path);
+    gw.http_metrics.record(interaction, status, started.elapsed());
     tracing::info!(
         target: "fhirmesh::audit",
         method = %method,
@@ -249,7 +251,7 @@ pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request,
         "request"
     );
     if gw.config.audit_events {
-        let event = audit_event(&gw.config.base_path, &method, &path, status, &who, source.as_deref());
+        let event = audit_event(&gw.config.base_path, (interaction, action), &path, status, &who, source.as_deref());
         let ctx = RequestContext {
             tenant: who.tenant.clone().unwrap_or_default(),
             request_id: Some(request_id),
@@ -268,22 +270,24 @@ pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request,
     response
 }
 
-/// The AuditEvent (R4, `rest` type) of one request.
-fn audit_event(
-    base_path: &str,
-    method: &Method,
-    path: &str,
-    status: u16,
-    who: &AuditWho,
-    source: Option<&str>,
-) -> serde_json::Value {
+/// The path's segments after the base path and any `/tenant/{id}`.
+fn fhir_segments<'a>(base_path: &str, path: &'a str) -> Vec<&'a str> {
     let rest = path.strip_prefix(base_path).unwrap_or(path);
     let rest = match rest.strip_prefix("/tenant/") {
         Some(tail) => tail.split_once('/').map_or("", |(_, tail)| tail),
         None => rest.trim_start_matches('/'),
     };
-    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-    let (interaction, action) = match (method.as_str(), segments.as_slice()) {
+    rest.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// The FHIR restful interaction of a request (a code of `http://hl7.org/fhir/restful-interaction`,
+/// or `operation` for `$` operations and anything else) and its AuditEvent action.
+pub(crate) fn interaction(base_path: &str, method: &Method, path: &str) -> (&'static str, &'static str) {
+    let segments = fhir_segments(base_path, path);
+    if segments.iter().any(|segment| segment.starts_with('$')) {
+        return ("operation", "E");
+    }
+    match (method.as_str(), segments.as_slice()) {
         ("GET", [] | ["_history"]) => ("search-system", "E"),
         ("GET", ["metadata"]) => ("capabilities", "E"),
         ("GET", [_, "_history"]) => ("history-type", "R"),
@@ -299,7 +303,19 @@ fn audit_event(
         ("PATCH", _) => ("patch", "U"),
         ("DELETE", _) => ("delete", "D"),
         _ => ("operation", "E"),
-    };
+    }
+}
+
+/// The AuditEvent (R4, `rest` type) of one request.
+fn audit_event(
+    base_path: &str,
+    (interaction, action): (&'static str, &'static str),
+    path: &str,
+    status: u16,
+    who: &AuditWho,
+    source: Option<&str>,
+) -> serde_json::Value {
+    let segments = fhir_segments(base_path, path);
     let outcome = match status {
         0..400 => "0",
         400..500 => "4",

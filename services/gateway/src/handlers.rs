@@ -19,7 +19,6 @@ use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode, Uri};
-use serde_json::json;
 
 use crate::SharedGateway;
 use crate::auth::PathTenant;
@@ -625,10 +624,6 @@ pub(crate) async fn bundle(
         }
         Err(error) => prelude.fail(error),
     }
-}
-
-pub(crate) async fn healthz() -> Response {
-    json_response(StatusCode::OK, &json!({ "status": "ok" }), false)
 }
 
 pub(crate) async fn no_route(method: Method, uri: Uri) -> Response {

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 pub use crate::auth::{ClaimNames, GatewayAuth};
-pub use crate::metrics::OPENMETRICS_CONTENT_TYPE;
+pub use fhirmesh_ops::OPENMETRICS_CONTENT_TYPE;
 
 /// Gateway settings, built by the composition root from validated configuration.
 #[derive(Debug, Clone)]
@@ -50,8 +50,9 @@ pub struct GatewayConfig {
     pub multi_tenant: bool,
     /// Store an AuditEvent resource per request (besides the `fhirmesh::audit` log record).
     pub audit_events: bool,
-    /// Metrics of the other services in this process, appended to `/metrics`.
-    pub metrics_sources: Vec<MetricsSource>,
+    /// `/healthz`, `/readyz` (the process's readiness checks) and `/metrics` (every metrics
+    /// source of the process; the gateway adds its own).
+    pub ops: fhirmesh_ops::Ops,
     /// Bulk Data `$export` (absent: the kick-off answers that export is not available here).
     pub exports: Option<ExportApi>,
     /// Where raw Binary content above the inline size goes (absent: every Binary is stored
@@ -93,20 +94,11 @@ impl std::fmt::Debug for ExportApi {
     }
 }
 
-/// Appends metrics in the OpenMetrics text format (without `# EOF`) to `/metrics`.
-#[derive(Clone)]
-pub struct MetricsSource(pub Arc<dyn Fn(&mut String) + Send + Sync>);
-
-impl std::fmt::Debug for MetricsSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MetricsSource")
-    }
-}
-
 pub(crate) struct Gateway {
     pub service: DynResourceService,
     pub exports: Option<fhirmesh_core::export::DynExportService>,
     pub config: GatewayConfig,
+    pub http_metrics: metrics::HttpMetrics,
     /// When this gateway started (CapabilityStatement.date).
     pub started: String,
 }
@@ -114,18 +106,21 @@ pub(crate) struct Gateway {
 pub(crate) type SharedGateway = Arc<Gateway>;
 
 /// The HTTP router: the FHIR API under `base_path` (and under `base_path/tenant/{id}` when
-/// multi-tenant), plus `/healthz` and `/metrics` at the root. `/metadata` and
+/// multi-tenant), plus `/healthz`, `/readyz` and `/metrics` at the root. `/metadata` and
 /// `/.well-known/smart-configuration` are public; every other FHIR route authenticates first.
 pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
     let base_path = config.base_path.clone();
     let multi_tenant = config.multi_tenant;
+    let http_metrics = metrics::HttpMetrics::new();
+    metrics::register(&config.ops, &http_metrics, &service);
+    let ops = config.ops.router();
     let gateway = Arc::new(Gateway {
         service,
         exports: config.exports.as_ref().map(|api| api.0.clone()),
         config,
+        http_metrics,
         started: fhirmesh_fhir::datetime::format_instant(time::OffsetDateTime::now_utc()),
     });
-    let metrics_state = gateway.clone();
     let audit_state = gateway.clone();
     let public = Router::new()
         .route("/metadata", get(handlers::metadata))
@@ -180,10 +175,7 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
             fhir.oneshot(request).await
         }
     });
-    Router::new()
-        .route("/healthz", get(handlers::healthz))
-        .route("/metrics", get(metrics::metrics).with_state(metrics_state))
-        .fallback_service(fhir)
+    ops.fallback_service(fhir)
         .layer(axum::middleware::from_fn_with_state(audit_state, auth::audit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(response::panic_response))
 }

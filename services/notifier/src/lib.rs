@@ -7,8 +7,6 @@
 //! lookup a DNS rebinding could answer differently). Redirects are not followed (a 3xx is a failed
 //! attempt); the response body is never read.
 
-pub mod http;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
