@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SEARCH_SCENARIOS ?= create,search-token,search-string,search-chain,search-include,index-lag
 
-.PHONY: help run build deps test test-dynamodb lint fmt bench bench-opensearch bench-micro gen-fhir-data
+.PHONY: help run build deps test test-dynamodb lint fmt bench bench-opensearch bench-micro gen-fhir-data k8s-validate
 
 # The real servers integration tests talk to (moto, nats-server, OpenSearch) run around the test
 # command.
@@ -15,7 +15,7 @@ DYNAMODB_SUITES = --test interactions --test transactions --test bad_input --tes
 	--test search_suite --test spec_examples --test event_path --test synthea --test index
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 run: ## run the embedded server on 127.0.0.1:8080, data under ./data
 	$(CARGO) run --release -p fhirmesh -- serve
@@ -36,6 +36,9 @@ test-dynamodb: ## the HTTP suites again, on the DynamoDB store (moto) with the O
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+k8s-validate: ## offline checks of the Helm chart and deploy/k8s (lint, schemas, negative cases, drift); installs helm and kubernetes-validate on first use
+	bash tools/k8s/validate.sh
 
 bench: ## the standard benchmark suite against a fresh embedded server (≈5 min) → bench-results/
 	bash tools/bench/standard.sh
