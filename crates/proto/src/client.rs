@@ -1,6 +1,7 @@
 //! Client side: a [`ResourceService`] that calls a remote one over gRPC. Encode the request, call,
 //! decode the answer; a bad answer is an `Internal` error, an unreachable server `Unavailable`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,35 @@ use crate::status::status_to_fhir_error;
 
 const SERVICE: &str = "resource";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause before a read is tried again; it doubles after each try.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// How a [`GrpcResourceClient`] calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPolicy {
+    /// Each call's deadline, retries included: sent as `grpc-timeout` (the server abandons the
+    /// call past it) and enforced here (a server or network that never answers fails the call as
+    /// unavailable).
+    pub timeout: Duration,
+    /// How often a read-only call (read, vread, search, history, index status) is tried again
+    /// when it failed before the service answered — a refused or reset connection, e.g. while a
+    /// resource service restarts — after 100 ms, 200 ms, … Writes are never tried again: one
+    /// may have been applied even though its answer was lost.
+    pub read_retries: u32,
+}
+
+impl Default for CallPolicy {
+    fn default() -> Self {
+        CallPolicy { timeout: Duration::from_secs(60), read_retries: 2 }
+    }
+}
+
+/// A failure of the connection rather than an answer of the service (which carries its category):
+/// refused (`UNAVAILABLE`) or closed before the answer (`CANCELLED`).
+fn is_transport_failure(status: &Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+        && status.metadata().get(crate::CATEGORY_METADATA_KEY).is_none()
+}
 
 /// [`ResourceService`] over gRPC: the gateway's view of a remote resource service.
 ///
@@ -33,6 +63,7 @@ pub struct GrpcResourceClient {
     client: ResourceServiceClient<Channel>,
     /// Where the service lives, for error messages.
     endpoint: Arc<str>,
+    policy: CallPolicy,
 }
 
 impl GrpcResourceClient {
@@ -53,7 +84,51 @@ impl GrpcResourceClient {
         let client = ResourceServiceClient::new(channel)
             .max_decoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE)
             .max_encoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE);
-        GrpcResourceClient { client, endpoint: endpoint.into() }
+        GrpcResourceClient { client, endpoint: endpoint.into(), policy: CallPolicy::default() }
+    }
+
+    /// Calls with `policy` (default: [`CallPolicy::default`]).
+    pub fn with_policy(mut self, policy: CallPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// One call of `rpc` with `message` under the deadline; a read-only one (`read_only`) is tried
+    /// again after a transport failure (see [`CallPolicy::read_retries`]).
+    async fn call<M, T, F, Fut>(&self, message: M, read_only: bool, rpc: F) -> FhirResult<T>
+    where
+        M: Clone,
+        F: Fn(ResourceServiceClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let tries = if read_only { 1 + self.policy.read_retries } else { 1 };
+        let mut message = Some(message);
+        let mut pause = RETRY_PAUSE;
+        let deadline = tokio::time::Instant::now() + self.policy.timeout;
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            let last = tried >= tries;
+            let this = if last { message.take() } else { message.clone() };
+            let Some(this) = this else { return Err(FhirError::internal("gRPC call without a message")) };
+            let mut request = tonic::Request::new(this);
+            request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let answer = match tokio::time::timeout_at(deadline, rpc(self.client.clone(), request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.policy.timeout))),
+            };
+            match answer {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status)
+                    if !last && is_transport_failure(&status) && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(endpoint = %self.endpoint, %status, ?pause, "resource service unreachable; trying the read again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(status) => return Err(self.status_error(&status)),
+            }
+        }
     }
 
     /// Caps sent and received messages at `max_message_size` bytes (default
@@ -95,8 +170,8 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_none_exist: request.if_none_exist,
         };
-        let response = self.client.clone().create(request).await.map_err(|s| self.status_error(&s))?;
-        self.write_result(response.into_inner().result)
+        let response = self.call(request, false, |mut c, r| async move { c.create(r).await }).await?;
+        self.write_result(response.result)
     }
 
     async fn read(
@@ -110,8 +185,8 @@ impl ResourceService for GrpcResourceClient {
             resource_type: resource_type.as_str().to_owned(),
             id: id.into_string(),
         };
-        let response = self.client.clone().read(request).await.map_err(|s| self.status_error(&s))?;
-        self.version(response.into_inner().version)
+        let response = self.call(request, true, |mut c, r| async move { c.read(r).await }).await?;
+        self.version(response.version)
     }
 
     async fn vread(
@@ -127,8 +202,8 @@ impl ResourceService for GrpcResourceClient {
             id: id.into_string(),
             version_id,
         };
-        let response = self.client.clone().vread(request).await.map_err(|s| self.status_error(&s))?;
-        self.version(response.into_inner().version)
+        let response = self.call(request, true, |mut c, r| async move { c.vread(r).await }).await?;
+        self.version(response.version)
     }
 
     async fn update(&self, ctx: &RequestContext, request: UpdateRequest) -> FhirResult<WriteResult> {
@@ -139,8 +214,8 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_match: request.if_match,
         };
-        let response = self.client.clone().update(request).await.map_err(|s| self.status_error(&s))?;
-        self.write_result(response.into_inner().result)
+        let response = self.call(request, false, |mut c, r| async move { c.update(r).await }).await?;
+        self.write_result(response.result)
     }
 
     async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
@@ -155,8 +230,8 @@ impl ResourceService for GrpcResourceClient {
             patch: Some(patch),
             if_match: request.if_match,
         };
-        let response = self.client.clone().patch(request).await.map_err(|s| self.status_error(&s))?;
-        self.write_result(response.into_inner().result)
+        let response = self.call(request, false, |mut c, r| async move { c.patch(r).await }).await?;
+        self.write_result(response.result)
     }
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {
@@ -166,8 +241,8 @@ impl ResourceService for GrpcResourceClient {
             id: request.id.into_string(),
             if_match: request.if_match,
         };
-        let response = self.client.clone().delete(request).await.map_err(|s| self.status_error(&s))?;
-        Ok(DeleteResult { version_id: response.into_inner().version_id })
+        let response = self.call(request, false, |mut c, r| async move { c.delete(r).await }).await?;
+        Ok(DeleteResult { version_id: response.version_id })
     }
 
     async fn conditional_update(
@@ -182,8 +257,8 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_match: request.if_match,
         };
-        let response = self.client.clone().conditional_update(request).await.map_err(|s| self.status_error(&s))?;
-        self.write_result(response.into_inner().result)
+        let response = self.call(request, false, |mut c, r| async move { c.conditional_update(r).await }).await?;
+        self.write_result(response.result)
     }
 
     async fn conditional_delete(
@@ -196,9 +271,8 @@ impl ResourceService for GrpcResourceClient {
             resource_type: request.resource_type.as_str().to_owned(),
             criteria: request.criteria.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
         };
-        let response = self.client.clone().conditional_delete(request).await.map_err(|s| self.status_error(&s))?;
+        let response = self.call(request, false, |mut c, r| async move { c.conditional_delete(r).await }).await?;
         let deleted = response
-            .into_inner()
             .deleted
             .into_iter()
             .map(|d| {
@@ -211,13 +285,8 @@ impl ResourceService for GrpcResourceClient {
     }
 
     async fn index_status(&self) -> FhirResult<IndexStatus> {
-        let response = self
-            .client
-            .clone()
-            .index_status(pb::IndexStatusRequest {})
-            .await
-            .map_err(|s| self.status_error(&s))?
-            .into_inner();
+        let response =
+            self.call(pb::IndexStatusRequest {}, true, |mut c, r| async move { c.index_status(r).await }).await?;
         Ok(IndexStatus { latest_sequence: response.latest_sequence, watermark: response.watermark })
     }
 
@@ -238,7 +307,7 @@ impl ResourceService for GrpcResourceClient {
             at: request.at,
             page_token: request.page_token,
         };
-        let response = self.client.clone().history(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let response = self.call(request, true, |mut c, r| async move { c.history(r).await }).await?;
         Ok(HistoryPage {
             entries: self.decoded(versions_from_wire(response.entries))?,
             next_page_token: response.next_page_token,
@@ -263,13 +332,13 @@ impl ResourceService for GrpcResourceClient {
             page_token: request.page_token,
             consistency_token: request.consistency_token,
         };
-        let response = self.client.clone().search(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let response = self.call(request, true, |mut c, r| async move { c.search(r).await }).await?;
         self.decoded(SearchPage::try_from(response))
     }
 
     async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult> {
         let request = pb::BundleRequest { context: Some(context_to_wire(ctx)), bundle: request.body };
-        let response = self.client.clone().bundle(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let response = self.call(request, false, |mut c, r| async move { c.bundle(r).await }).await?;
         self.decoded(BundleResult::try_from(response))
     }
 }

@@ -46,7 +46,7 @@ pub mod pb {
 }
 
 pub use binary::{GrpcBinaryAdapter, GrpcBinaryClient, binary_service_server};
-pub use client::GrpcResourceClient;
+pub use client::{CallPolicy, GrpcResourceClient};
 pub use convert::WireError;
 pub use events::{decode_resource_changed, encode_resource_changed};
 pub use export::{GrpcExportAdapter, GrpcExportClient, export_service_server};

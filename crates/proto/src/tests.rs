@@ -1225,3 +1225,101 @@ fn bad_events_are_rejected() {
     ));
     assert!(matches!(decode_resource_changed(&b"\xff\xff\xff"[..]), Err(WireError::Decode(_))));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines and retries.
+
+/// A TCP server that accepts connections and never answers on them.
+async fn silent_server() -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let handle = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("http://{address}"), handle)
+}
+
+/// A TCP proxy to `target` that closes the first `drop_first` connections at once (a service
+/// restarting) and forwards the others.
+async fn flaky_proxy(target: String, drop_first: usize) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let target = target.trim_start_matches("http://").to_owned();
+    let handle = tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            accepted += 1;
+            if accepted <= drop_first {
+                drop(inbound);
+                continue;
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(target).await.expect("the real server");
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (format!("http://{address}"), handle)
+}
+
+#[tokio::test]
+async fn a_call_without_an_answer_fails_at_its_deadline() {
+    let (endpoint, server) = silent_server().await;
+    let policy = crate::CallPolicy { timeout: std::time::Duration::from_millis(300), read_retries: 0 };
+    let client = GrpcResourceClient::connect(endpoint).expect("valid endpoint").with_policy(policy);
+    let error = client.read(&ctx("acme"), patient(), id("p1")).await.expect_err("no answer comes");
+    assert_eq!(error.category, ErrorCategory::Unavailable);
+    assert!(error.to_string().contains("did not answer in time"), "{error}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn reads_are_tried_again_after_a_dropped_connection_and_writes_are_not() {
+    let (fake, server, direct) = start_fake().await;
+    let created = direct
+        .create(
+            &ctx("acme"),
+            CreateRequest {
+                resource_type: patient(),
+                body: body(serde_json::json!({"resourceType": "Patient"})),
+                if_none_exist: None,
+            },
+        )
+        .await
+        .expect("create");
+    let patient_id = created.version.id.clone();
+    let policy = |read_retries| crate::CallPolicy { timeout: std::time::Duration::from_secs(5), read_retries };
+
+    // A read whose first connection is dropped succeeds on the next one.
+    let (proxy, first) = flaky_proxy(server.endpoint.clone(), 1).await;
+    let client = GrpcResourceClient::connect(proxy).expect("valid endpoint").with_policy(policy(2));
+    let read = client.read(&ctx("acme"), patient(), patient_id.clone()).await.expect("tried again");
+    assert_eq!(read.id, patient_id);
+
+    // Without retries the same read fails as unavailable.
+    let (proxy, second) = flaky_proxy(server.endpoint.clone(), 1).await;
+    let client = GrpcResourceClient::connect(proxy).expect("valid endpoint").with_policy(policy(0));
+    let error = client.read(&ctx("acme"), patient(), patient_id).await.expect_err("not tried again");
+    assert_eq!(error.category, ErrorCategory::Unavailable, "{error}");
+
+    // A write is never tried again, retries or not: nothing was written.
+    let (proxy, third) = flaky_proxy(server.endpoint.clone(), 1).await;
+    let client = GrpcResourceClient::connect(proxy).expect("valid endpoint").with_policy(policy(2));
+    let request = CreateRequest {
+        resource_type: patient(),
+        body: body(serde_json::json!({"resourceType": "Patient"})),
+        if_none_exist: None,
+    };
+    let error = client.create(&ctx("acme"), request).await.expect_err("the write is not tried again");
+    assert_eq!(error.category, ErrorCategory::Unavailable, "{error}");
+    assert_eq!(fake.0.lock().expect("fake").versions.len(), 1, "only the first Patient exists");
+
+    for proxy in [first, second, third] {
+        proxy.abort();
+    }
+    server.stop().await;
+}

@@ -33,6 +33,25 @@ pub struct Config {
     pub audit: AuditConfig,
     pub log: LogConfig,
     pub ops: OpsSection,
+    pub grpc: GrpcSection,
+}
+
+/// How services call each other over gRPC (the gateway and the notifier calling the resource
+/// service).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSection {
+    /// Each call's deadline, retries included (sent as `grpc-timeout`; enforced by both sides).
+    pub request_timeout_ms: u64,
+    /// Times a read-only call (read, vread, search, history) is tried again after its connection
+    /// failed (e.g. a resource service restarting); writes never are.
+    pub read_retries: u32,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        GrpcSection { request_timeout_ms: 60_000, read_retries: 2 }
+    }
 }
 
 /// Raw `Binary` content.
@@ -751,6 +770,9 @@ impl Config {
             }
         }
         parse_addr("ops.listen", &self.ops.listen)?;
+        if self.grpc.request_timeout_ms == 0 {
+            bail!("grpc.request_timeout_ms must be at least 1");
+        }
         if self.notifier.max_queued_per_subscription == 0 {
             bail!("notifier.max_queued_per_subscription must be at least 1");
         }

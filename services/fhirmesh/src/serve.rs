@@ -363,7 +363,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             let endpoint = config.notifier.resource_endpoint.clone();
             let service: DynResourceService = Arc::new(
                 GrpcResourceClient::connect(endpoint.clone())
-                    .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?,
+                    .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?
+                    .with_policy(call_policy(config)),
             );
             let metrics = NotifierMetrics::new();
             register_notifier(&ops, &metrics);
@@ -446,7 +447,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 check_grpc(&ops, "resource service", &endpoint, "fhirmesh.v1.ResourceService")?;
                 Arc::new(
                     GrpcResourceClient::connect(endpoint.clone())
-                        .with_context(|| format!("invalid resource endpoint {endpoint}"))?,
+                        .with_context(|| format!("invalid resource endpoint {endpoint}"))?
+                        .with_policy(call_policy(config)),
                 )
             }
         };
@@ -556,6 +558,14 @@ fn register_notifier(ops: &Ops, metrics: &NotifierMetrics) {
         let ready = metrics.is_ready();
         async move { if ready { Ok(()) } else { Err("the notifier cannot read changes".to_owned()) } }
     });
+}
+
+/// `[grpc]`: how the gateway and the notifier call the resource service.
+fn call_policy(config: &Config) -> fhirmesh_proto::CallPolicy {
+    fhirmesh_proto::CallPolicy {
+        timeout: Duration::from_millis(config.grpc.request_timeout_ms),
+        read_retries: config.grpc.read_retries,
+    }
 }
 
 /// `service` with the sizes of `[binary]`, for the gateway.
