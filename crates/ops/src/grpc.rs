@@ -152,16 +152,31 @@ where
         let path = request.uri().path().to_owned();
         let metrics = self.metrics.clone();
         let started = Instant::now();
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let result = call.await;
-            let code = match &result {
-                Ok(response) => response.headers().get("grpc-status").map_or("OK", |code| code_name(code.as_bytes())),
-                Err(_) => "UNAVAILABLE",
-            };
-            metrics.record(&path, code, started.elapsed());
-            result
-        })
+        // One span per call, continuing the caller's trace (W3C `traceparent` metadata).
+        let span = tracing::info_span!(
+            "grpc call",
+            otel.name = %path,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            trace_id = tracing::field::Empty,
+        );
+        let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
+        crate::trace::set_parent(&span, traceparent);
+        let call = span.in_scope(|| self.inner.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let result = call.await;
+                let code = match &result {
+                    Ok(response) => {
+                        response.headers().get("grpc-status").map_or("OK", |code| code_name(code.as_bytes()))
+                    }
+                    Err(_) => "UNAVAILABLE",
+                };
+                metrics.record(&path, code, started.elapsed());
+                result
+            },
+            span,
+        ))
     }
 }
 

@@ -14,6 +14,7 @@
 //! [`grpc`] adds the standard gRPC health service and request metrics to a gRPC server.
 
 pub mod grpc;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -95,7 +95,13 @@ impl GrpcResourceClient {
 
     /// One call of `rpc` with `message` under the deadline; a read-only one (`read_only`) is tried
     /// again after a transport failure (see [`CallPolicy::read_retries`]).
-    async fn call<M, T, F, Fut>(&self, message: M, read_only: bool, rpc: F) -> FhirResult<T>
+    async fn call<M, T, F, Fut>(
+        &self,
+        message: M,
+        read_only: bool,
+        ctx: Option<&RequestContext>,
+        rpc: F,
+    ) -> FhirResult<T>
     where
         M: Clone,
         F: Fn(ResourceServiceClient<Channel>, tonic::Request<M>) -> Fut,
@@ -113,6 +119,12 @@ impl GrpcResourceClient {
             let Some(this) = this else { return Err(FhirError::internal("gRPC call without a message")) };
             let mut request = tonic::Request::new(this);
             request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            // The trace continues on the server (W3C trace context in gRPC metadata).
+            if let Some(traceparent) = ctx.and_then(|ctx| ctx.traceparent.as_deref())
+                && let Ok(value) = traceparent.parse()
+            {
+                request.metadata_mut().insert("traceparent", value);
+            }
             let answer = match tokio::time::timeout_at(deadline, rpc(self.client.clone(), request)).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.policy.timeout))),
@@ -170,7 +182,7 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_none_exist: request.if_none_exist,
         };
-        let response = self.call(request, false, |mut c, r| async move { c.create(r).await }).await?;
+        let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.create(r).await }).await?;
         self.write_result(response.result)
     }
 
@@ -185,7 +197,7 @@ impl ResourceService for GrpcResourceClient {
             resource_type: resource_type.as_str().to_owned(),
             id: id.into_string(),
         };
-        let response = self.call(request, true, |mut c, r| async move { c.read(r).await }).await?;
+        let response = self.call(request, true, Some(ctx), |mut c, r| async move { c.read(r).await }).await?;
         self.version(response.version)
     }
 
@@ -202,7 +214,7 @@ impl ResourceService for GrpcResourceClient {
             id: id.into_string(),
             version_id,
         };
-        let response = self.call(request, true, |mut c, r| async move { c.vread(r).await }).await?;
+        let response = self.call(request, true, Some(ctx), |mut c, r| async move { c.vread(r).await }).await?;
         self.version(response.version)
     }
 
@@ -214,7 +226,7 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_match: request.if_match,
         };
-        let response = self.call(request, false, |mut c, r| async move { c.update(r).await }).await?;
+        let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.update(r).await }).await?;
         self.write_result(response.result)
     }
 
@@ -230,7 +242,7 @@ impl ResourceService for GrpcResourceClient {
             patch: Some(patch),
             if_match: request.if_match,
         };
-        let response = self.call(request, false, |mut c, r| async move { c.patch(r).await }).await?;
+        let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.patch(r).await }).await?;
         self.write_result(response.result)
     }
 
@@ -241,7 +253,7 @@ impl ResourceService for GrpcResourceClient {
             id: request.id.into_string(),
             if_match: request.if_match,
         };
-        let response = self.call(request, false, |mut c, r| async move { c.delete(r).await }).await?;
+        let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.delete(r).await }).await?;
         Ok(DeleteResult { version_id: response.version_id })
     }
 
@@ -257,7 +269,8 @@ impl ResourceService for GrpcResourceClient {
             body: request.body,
             if_match: request.if_match,
         };
-        let response = self.call(request, false, |mut c, r| async move { c.conditional_update(r).await }).await?;
+        let response =
+            self.call(request, false, Some(ctx), |mut c, r| async move { c.conditional_update(r).await }).await?;
         self.write_result(response.result)
     }
 
@@ -271,7 +284,8 @@ impl ResourceService for GrpcResourceClient {
             resource_type: request.resource_type.as_str().to_owned(),
             criteria: request.criteria.into_iter().map(|(name, value)| pb::SearchParam { name, value }).collect(),
         };
-        let response = self.call(request, false, |mut c, r| async move { c.conditional_delete(r).await }).await?;
+        let response =
+            self.call(request, false, Some(ctx), |mut c, r| async move { c.conditional_delete(r).await }).await?;
         let deleted = response
             .deleted
             .into_iter()
@@ -286,7 +300,7 @@ impl ResourceService for GrpcResourceClient {
 
     async fn index_status(&self) -> FhirResult<IndexStatus> {
         let response =
-            self.call(pb::IndexStatusRequest {}, true, |mut c, r| async move { c.index_status(r).await }).await?;
+            self.call(pb::IndexStatusRequest {}, true, None, |mut c, r| async move { c.index_status(r).await }).await?;
         Ok(IndexStatus { latest_sequence: response.latest_sequence, watermark: response.watermark })
     }
 
@@ -307,7 +321,7 @@ impl ResourceService for GrpcResourceClient {
             at: request.at,
             page_token: request.page_token,
         };
-        let response = self.call(request, true, |mut c, r| async move { c.history(r).await }).await?;
+        let response = self.call(request, true, Some(ctx), |mut c, r| async move { c.history(r).await }).await?;
         Ok(HistoryPage {
             entries: self.decoded(versions_from_wire(response.entries))?,
             next_page_token: response.next_page_token,
@@ -332,13 +346,13 @@ impl ResourceService for GrpcResourceClient {
             page_token: request.page_token,
             consistency_token: request.consistency_token,
         };
-        let response = self.call(request, true, |mut c, r| async move { c.search(r).await }).await?;
+        let response = self.call(request, true, Some(ctx), |mut c, r| async move { c.search(r).await }).await?;
         self.decoded(SearchPage::try_from(response))
     }
 
     async fn bundle(&self, ctx: &RequestContext, request: BundleRequest) -> FhirResult<BundleResult> {
         let request = pb::BundleRequest { context: Some(context_to_wire(ctx)), bundle: request.body };
-        let response = self.call(request, false, |mut c, r| async move { c.bundle(r).await }).await?;
+        let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.bundle(r).await }).await?;
         self.decoded(BundleResult::try_from(response))
     }
 }

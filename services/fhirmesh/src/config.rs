@@ -34,6 +34,18 @@ pub struct Config {
     pub log: LogConfig,
     pub ops: OpsSection,
     pub grpc: GrpcSection,
+    pub telemetry: TelemetrySection,
+}
+
+/// OpenTelemetry traces.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`; empty: no spans
+    /// are exported.
+    pub otlp_endpoint: String,
+    /// `service.name` of this process's spans; empty: `fhirmesh-<target>`.
+    pub service_name: String,
 }
 
 /// How services call each other over gRPC (the gateway and the notifier calling the resource
@@ -770,6 +782,13 @@ impl Config {
             }
         }
         parse_addr("ops.listen", &self.ops.listen)?;
+        let endpoint = &self.telemetry.otlp_endpoint;
+        if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            bail!(
+                "telemetry.otlp_endpoint must be an http(s) URL such as http://127.0.0.1:4317, got {:?}",
+                self.telemetry.otlp_endpoint
+            );
+        }
         if self.grpc.request_timeout_ms == 0 {
             bail!("grpc.request_timeout_ms must be at least 1");
         }

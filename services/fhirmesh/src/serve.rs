@@ -663,46 +663,52 @@ fn notifier_settings(config: &Config) -> anyhow::Result<fhirmesh_notify::runner:
 /// Runs `target` until SIGINT/SIGTERM, printing the bound addresses on stdout; then drains
 /// (see [`drain`]).
 pub fn run(config: Config, target: Target) -> anyhow::Result<()> {
-    init_tracing(&config.log);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let running = start(&config, target).await?;
-        if let Some(addr) = running.ops_addr {
-            tracing::info!(%addr, "health and metrics listening");
-            println!("fhirmesh: health and metrics (/healthz, /readyz, /metrics) on http://{addr}");
-        }
-        if let Some(addr) = running.http_addr {
-            tracing::info!(%addr, "fhir api listening");
-            println!("fhirmesh: FHIR API listening on http://{addr}{}", config.server.base_path);
-            if config.auth.mode == AuthMode::None {
-                println!(
-                    "fhirmesh: WARNING: auth.mode = none — NO AUTHENTICATION, anyone who can reach this port may \
-                     read and write everything (fine on a laptop; set [auth] mode = \"jwt\" anywhere else)"
-                );
-            }
-        }
-        if let Some(addr) = running.grpc_addr {
-            let what = match target {
-                Target::Exporter => "export",
-                Target::Binary => "binary",
-                _ => "resource",
-            };
-            tracing::info!(%addr, service = what, "grpc service listening");
-            println!("fhirmesh: gRPC {what} service listening on {addr}");
-        }
-        if target == Target::Indexer {
-            println!("fhirmesh: indexer running on {}", config.storage.data_dir.display());
-        }
-        if target == Target::Relay {
-            println!("fhirmesh: relay publishing changes to the {:?} bus", config.bus.backend);
-        }
-        if target == Target::Notifier {
-            println!("fhirmesh: notifier consuming the {:?} bus", config.bus.backend);
-        }
-        shutdown_signal().await;
-        drain(running, &config.ops).await
+        let telemetry = init_tracing(&config, target)?;
+        let result = serve_until_signal(&config, target).await;
+        telemetry.shutdown();
+        result
     })
+}
+
+async fn serve_until_signal(config: &Config, target: Target) -> anyhow::Result<()> {
+    let running = start(config, target).await?;
+    if let Some(addr) = running.ops_addr {
+        tracing::info!(%addr, "health and metrics listening");
+        println!("fhirmesh: health and metrics (/healthz, /readyz, /metrics) on http://{addr}");
+    }
+    if let Some(addr) = running.http_addr {
+        tracing::info!(%addr, "fhir api listening");
+        println!("fhirmesh: FHIR API listening on http://{addr}{}", config.server.base_path);
+        if config.auth.mode == AuthMode::None {
+            println!(
+                "fhirmesh: WARNING: auth.mode = none — NO AUTHENTICATION, anyone who can reach this port may \
+                 read and write everything (fine on a laptop; set [auth] mode = \"jwt\" anywhere else)"
+            );
+        }
+    }
+    if let Some(addr) = running.grpc_addr {
+        let what = match target {
+            Target::Exporter => "export",
+            Target::Binary => "binary",
+            _ => "resource",
+        };
+        tracing::info!(%addr, service = what, "grpc service listening");
+        println!("fhirmesh: gRPC {what} service listening on {addr}");
+    }
+    if target == Target::Indexer {
+        println!("fhirmesh: indexer running on {}", config.storage.data_dir.display());
+    }
+    if target == Target::Relay {
+        println!("fhirmesh: relay publishing changes to the {:?} bus", config.bus.backend);
+    }
+    if target == Target::Notifier {
+        println!("fhirmesh: notifier consuming the {:?} bus", config.bus.backend);
+    }
+    shutdown_signal().await;
+    drain(running, &config.ops).await
 }
 
 /// Shuts down gracefully: readiness off at once, serving on for `drain_delay_seconds` (a load
@@ -725,17 +731,23 @@ pub async fn drain(running: Running, ops: &crate::config::OpsSection) -> anyhow:
     }
 }
 
-fn init_tracing(log: &crate::config::LogConfig) {
+/// Log lines as `[log]` says (JSON: one object per line with the current span's fields, the
+/// trace id among them when spans are exported) and spans to `[telemetry]`'s collector.
+fn init_tracing(config: &Config, target: Target) -> anyhow::Result<fhirmesh_ops::trace::Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match log.format {
-        crate::config::LogFormat::Text => builder.try_init(),
-        // One JSON object per line: time, level, target, the event's fields, and the fields of
-        // the spans it happened in (request ids, trace ids when tracing is on).
-        crate::config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
-    };
+    let telemetry = &config.telemetry;
+    let otlp = (!telemetry.otlp_endpoint.is_empty()).then(|| fhirmesh_ops::trace::Otlp {
+        endpoint: telemetry.otlp_endpoint.clone(),
+        service_name: if telemetry.service_name.is_empty() {
+            format!("fhirmesh-{}", target.name())
+        } else {
+            telemetry.service_name.clone()
+        },
+    });
+    let json = config.log.format == crate::config::LogFormat::Json;
+    fhirmesh_ops::trace::install(filter, json, otlp).map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

@@ -232,10 +232,22 @@ pub(crate) async fn audit(State(gw): State<SharedGateway>, mut request: Request,
             id
         }
     };
-    let response = next.run(request).await;
+    let (interaction, action) = interaction(&gw.config.base_path, &method, &path);
+    // The request's span: a child of the client's trace when it sent a `traceparent`.
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {interaction}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        fhir.interaction = interaction,
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    fhirmesh_ops::trace::set_parent(&span, traceparent);
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let _in_request = span.enter();
     let who = response.extensions().get::<AuditWho>().cloned().unwrap_or_default();
     let status = response.status().as_u16();
-    let (interaction, action) = interaction(&gw.config.base_path, &method, &path);
     gw.http_metrics.record(interaction, status, started.elapsed());
     tracing::info!(
         target: "fhirmesh::audit",

@@ -71,7 +71,10 @@ impl Caller {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // The request's span when spans are exported (a child of the client's), else the
+        // client's own traceparent passed on as it came.
+        let traceparent = fhirmesh_ops::trace::current_traceparent()
+            .or_else(|| headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned));
         let tenant = parts.extensions.get::<PathTenant>().map(|t| t.0.clone());
         // Set by the authentication middleware on every protected route; the public routes
         // (metadata, SMART configuration) run without, and may do nothing with the data.
