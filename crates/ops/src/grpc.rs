@@ -13,23 +13,16 @@
 //! before its response (every error of a unary call) carries its status in the headers.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::Ops;
-
-type CallLabels = [(&'static str, String); 3];
-type MethodLabels = [(&'static str, String); 2];
+use crate::requests::RequestMetrics;
 
 /// Buckets of a call's duration, in seconds: 0.5 ms to 30 s.
 const DURATION_BUCKETS: [f64; 14] =
@@ -37,11 +30,7 @@ const DURATION_BUCKETS: [f64; 14] =
 
 /// The request metrics of one gRPC server (cheap to clone).
 #[derive(Clone)]
-pub struct GrpcMetrics {
-    registry: Arc<Registry>,
-    calls: Family<CallLabels, Counter>,
-    durations: Family<MethodLabels, Histogram>,
-}
+pub struct GrpcMetrics(RequestMetrics);
 
 impl Default for GrpcMetrics {
     fn default() -> Self {
@@ -49,36 +38,24 @@ impl Default for GrpcMetrics {
     }
 }
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
-}
-
 impl GrpcMetrics {
     pub fn new() -> GrpcMetrics {
-        let calls = Family::<CallLabels, Counter>::default();
-        let durations =
-            Family::<MethodLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-        let mut registry = Registry::with_prefix("fhirmesh_grpc_server");
-        registry.register("requests", "gRPC calls answered, by status", calls.clone());
-        registry.register_with_unit(
-            "request_duration",
+        GrpcMetrics(RequestMetrics::new(
+            "fhirmesh_grpc_server",
+            "gRPC calls answered, by status",
             "gRPC call to response headers",
-            prometheus_client::registry::Unit::Seconds,
-            durations.clone(),
-        );
-        GrpcMetrics { registry: Arc::new(registry), calls, durations }
+            &DURATION_BUCKETS,
+        ))
     }
 
     /// OpenMetrics text without `# EOF`.
     pub fn render(&self, out: &mut String) {
-        let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
+        self.0.render(out);
     }
 
     fn record(&self, path: &str, code: &'static str, elapsed: Duration) {
         let (service, method) = split_path(path, code);
-        let labels = [("service", service.clone()), ("method", method.clone())];
-        self.durations.get_or_create(&labels).observe(elapsed.as_secs_f64());
-        self.calls.get_or_create(&[("service", service), ("method", method), ("code", code.to_owned())]).inc();
+        self.0.record(&[("service", service), ("method", method)], code.to_owned(), elapsed);
     }
 }
 

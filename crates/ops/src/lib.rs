@@ -14,7 +14,10 @@
 //! [`grpc`] adds the standard gRPC health service and request metrics to a gRPC server.
 
 pub mod grpc;
+mod requests;
 pub mod trace;
+
+pub use requests::RequestMetrics;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -9,57 +9,35 @@
 //! | `fhirmesh_store_latest_sequence` | gauge | the highest change sequence the store committed |
 //! | `fhirmesh_search_index_watermark` | gauge | the highest change sequence the search index applied |
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fhirmesh_core::{DynResourceService, ErrorCategory};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
-
-type RequestLabels = [(&'static str, String); 2];
-type InteractionLabels = [(&'static str, String); 1];
+use fhirmesh_ops::RequestMetrics;
 
 /// Buckets of a request's duration, in seconds: 1 ms to 60 s.
 const DURATION_BUCKETS: [f64; 14] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
-}
-
 /// The HTTP request metrics (cheap to clone).
 #[derive(Clone)]
-pub(crate) struct HttpMetrics {
-    registry: Arc<Registry>,
-    requests: Family<RequestLabels, Counter>,
-    durations: Family<InteractionLabels, Histogram>,
-}
+pub(crate) struct HttpMetrics(RequestMetrics);
 
 impl HttpMetrics {
     pub(crate) fn new() -> HttpMetrics {
-        let requests = Family::<RequestLabels, Counter>::default();
-        let durations =
-            Family::<InteractionLabels, Histogram>::new_with_constructor(duration_histogram as fn() -> Histogram);
-        let mut registry = Registry::with_prefix("fhirmesh_gateway");
-        registry.register("requests", "HTTP requests answered, by FHIR interaction and status", requests.clone());
-        registry.register_with_unit(
-            "request_duration",
+        HttpMetrics(RequestMetrics::new(
+            "fhirmesh_gateway",
+            "HTTP requests answered, by FHIR interaction and status",
             "HTTP request to response headers, by FHIR interaction",
-            Unit::Seconds,
-            durations.clone(),
-        );
-        HttpMetrics { registry: Arc::new(registry), requests, durations }
+            &DURATION_BUCKETS,
+        ))
     }
 
     pub(crate) fn record(&self, interaction: &'static str, status: u16, elapsed: Duration) {
-        self.durations.get_or_create(&[("interaction", interaction.to_owned())]).observe(elapsed.as_secs_f64());
-        self.requests.get_or_create(&[("interaction", interaction.to_owned()), ("code", status.to_string())]).inc();
+        self.0.record(&[("interaction", interaction.to_owned())], status.to_string(), elapsed);
     }
 
     fn render(&self, out: &mut String) {
-        let _ = prometheus_client::encoding::text::encode_registry(out, &self.registry);
+        self.0.render(out);
     }
 }
 
