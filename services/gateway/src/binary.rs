@@ -32,7 +32,7 @@ use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::handlers::{Caller, read_body_up_to};
+use crate::handlers::{Caller, discard, read_body_up_to};
 use crate::negotiate;
 use crate::response::error_response;
 use crate::{BinaryApi, SharedGateway};
@@ -375,6 +375,7 @@ async fn stored_to_resource(
     let announced =
         headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(length) = announced.filter(|length| *length > api.max_bytes) {
+        discard(body).await;
         return Err(FhirError::new(
             ErrorCategory::TooLarge,
             format!("the Binary content ({length} bytes) is larger than the {}-byte limit", api.max_bytes),

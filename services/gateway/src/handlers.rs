@@ -17,6 +17,7 @@ use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext};
 use fhirmesh_fhir::outcome::information;
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
+use futures::StreamExt;
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
@@ -152,18 +153,46 @@ pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Bod
     let declared =
         headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
+        discard(body).await;
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|err| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
-        while let Some(e) = source {
-            if e.is::<http_body_util::LengthLimitError>() {
-                return too_large();
-            }
-            source = e.source();
+    let mut stream = body.into_data_stream();
+    let mut collected = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| FhirError::invalid(format!("could not read the request body: {err}")))?;
+        if collected.len() + chunk.len() > limit {
+            discard_stream(stream).await;
+            return Err(too_large());
         }
-        FhirError::invalid(format!("could not read the request body: {err}"))
-    })
+        collected.extend_from_slice(&chunk);
+    }
+    Ok(collected.freeze())
+}
+
+/// How much of a refused request body is still read, and thrown away, before the refusal is
+/// sent. A server that answers and closes while the client is still writing makes the client's
+/// TCP stack reset the connection, and the client sees that reset instead of the 413: reading
+/// the rest lets an ordinary client get its answer. Past these bounds the connection is closed
+/// unread, as it must be for a client streaming gigabytes.
+const DISCARD_MAX_BYTES: usize = 8 * 1024 * 1024;
+const DISCARD_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what is left of a refused request body, within the discard bounds.
+pub(crate) async fn discard(body: Body) {
+    discard_stream(body.into_data_stream()).await;
+}
+
+async fn discard_stream(mut stream: axum::body::BodyDataStream) {
+    let drain = async {
+        let mut seen = 0;
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen += chunk.len();
+            if seen > DISCARD_MAX_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_MAX_TIME, drain).await;
 }
 
 /// `X-Consistency-Token`: the change sequence of a write; sent back on a search, it makes the search
@@ -638,4 +667,61 @@ pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         &FhirError::new(ErrorCategory::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path())),
         false,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A body of `chunks` chunks of `size` bytes that counts how many of them were read.
+    fn counted_body(chunks: usize, size: usize) -> (Body, Arc<AtomicUsize>) {
+        let read = Arc::new(AtomicUsize::new(0));
+        let counter = read.clone();
+        let stream = futures::stream::iter(0..chunks).map(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; size]))
+        });
+        (Body::from_stream(stream), read)
+    }
+
+    fn content_length(length: usize) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, length.into());
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_limit_is_read_whole() {
+        let (body, _) = counted_body(4, 100);
+        let bytes = read_body_up_to(400, &HeaderMap::new(), body).await.expect("within the limit");
+        assert_eq!(bytes.len(), 400);
+    }
+
+    #[tokio::test]
+    async fn a_refused_body_is_still_read_to_its_end_so_the_client_gets_the_413() {
+        // Announced too large: refused before reading, then read out.
+        let (body, read) = counted_body(10, 1000);
+        let error = read_body_up_to(5000, &content_length(10_000), body).await.expect_err("announced too large");
+        assert_eq!(error.category, ErrorCategory::TooLarge);
+        assert!(error.issues[0].diagnostics.contains("5000-byte limit"), "{error:?}");
+        assert_eq!(read.load(Ordering::SeqCst), 10);
+        // Not announced (chunked): found too large while reading, the rest read out.
+        let (body, read) = counted_body(10, 1000);
+        let error = read_body_up_to(5000, &HeaderMap::new(), body).await.expect_err("too large");
+        assert_eq!(error.category, ErrorCategory::TooLarge);
+        assert_eq!(read.load(Ordering::SeqCst), 10);
+    }
+
+    #[tokio::test]
+    async fn a_huge_refused_body_is_not_read_past_the_discard_bound() {
+        let chunk = 1024 * 1024;
+        let (body, read) = counted_body(100, chunk);
+        read_body_up_to(1024, &content_length(100 * chunk), body).await.expect_err("too large");
+        let read = read.load(Ordering::SeqCst);
+        assert!(read <= DISCARD_MAX_BYTES / chunk + 1, "{read} chunks read");
+        assert!(read > 1, "{read} chunks read");
+    }
 }
