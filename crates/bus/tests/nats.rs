@@ -83,6 +83,19 @@ async fn fetch_n(consumer: &NatsConsumer, n: usize, within: Duration) -> Vec<Del
     got
 }
 
+/// Waits (at most 5 s) until the consumer's backlog is `want`.
+async fn backlog_becomes(consumer: &NatsConsumer, want: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let backlog = consumer.backlog().await.expect("backlog");
+        if backlog == Some(want) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "backlog {backlog:?}, want {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
     let mut stream = js.get_stream(stream).await.expect("stream exists");
     stream.info().await.expect("stream info").state.messages
@@ -105,9 +118,12 @@ async fn published_events_are_consumed_acked_and_not_redelivered() {
         let mut first = event("acme", "Patient", "p1", 1);
         first.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
         let second = event("acme", "Patient", "p1", 2);
+        assert_eq!(consumer.backlog().await, Ok(Some(0)));
         f.bus.publish(&[first.clone(), second.clone()]).await.expect("publish");
+        assert_eq!(consumer.backlog().await, Ok(Some(2)), "published, not delivered");
 
         let deliveries = fetch_n(&consumer, 2, Duration::from_secs(5)).await;
+        assert_eq!(consumer.backlog().await, Ok(Some(2)), "delivered, not acknowledged");
         let events: Vec<ResourceChanged> = deliveries.iter().map(|d| (*d.event).clone()).collect();
         assert_eq!(events, vec![first, second]);
         assert!(deliveries.iter().all(|d| d.attempt == 1), "{deliveries:?}");
@@ -115,6 +131,7 @@ async fn published_events_are_consumed_acked_and_not_redelivered() {
             delivery.ack.ack().await.expect("ack");
             delivery.ack.ack().await.expect("a second ack is harmless");
         }
+        backlog_becomes(&consumer, 0).await;
 
         // Well past ack_wait: nothing comes back.
         let again = consumer.fetch(10, ACK_WAIT + Duration::from_millis(700)).await.expect("fetch");

@@ -135,10 +135,13 @@ async fn published_events_arrive_once_and_an_ack_removes_them() {
     // A publisher that did not provision finds the topic by name.
     let publisher = SnsSqsBus::new(&aws_config().await, s.bus.config().clone());
     let events = [event("a", 1, Some(TRACEPARENT)), event("b", 1, None)];
+    assert_eq!(s.consumer.backlog().await, Ok(Some(0)));
     publisher.publish(&events).await.expect("publish");
+    assert_eq!(s.consumer.backlog().await, Ok(Some(2)), "published, not received");
 
     let deliveries = fetch_until(&s.consumer, 2, Duration::from_secs(10)).await;
     assert_eq!(deliveries.len(), 2, "{deliveries:?}");
+    assert_eq!(s.consumer.backlog().await, Ok(Some(2)), "received, not deleted");
     let mut got: Vec<ResourceChanged> = deliveries.iter().map(|d| (*d.event).clone()).collect();
     got.sort_by(|x, y| x.idempotency_key.cmp(&y.idempotency_key));
     assert_eq!(got, events);
@@ -153,6 +156,7 @@ async fn published_events_arrive_once_and_an_ack_removes_them() {
         queue_attribute(&s.sqs, &s.queue_url, QueueAttributeName::ApproximateNumberOfMessagesNotVisible).await,
         "0"
     );
+    assert_eq!(s.consumer.backlog().await, Ok(Some(0)));
 }
 
 #[tokio::test]

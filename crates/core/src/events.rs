@@ -68,7 +68,7 @@ impl From<ChangeRecord> for ResourceChanged {
             sequence: v.sequence,
             commit_end: change.commit_end.max(v.sequence),
             resource: v.body,
-            traceparent: None,
+            traceparent: change.traceparent,
         }
     }
 }

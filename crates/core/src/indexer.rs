@@ -51,13 +51,20 @@ impl Indexer {
     /// [`Indexer::catch_up`], calling `progress` with the position after each batch. Pipelined:
     /// the next batch is read and its values extracted while the current one is written, so the
     /// two halves (JSON + FHIRPath, SQLite B-trees) run on different cores.
-    pub async fn catch_up_reporting(&self, mut progress: impl FnMut(u64)) -> Result<u64, String> {
+    pub async fn catch_up_reporting(&self, progress: impl FnMut(u64)) -> Result<u64, String> {
+        self.catch_up_with(false, progress).await
+    }
+
+    /// [`Indexer::catch_up_reporting`]; `traced`: each change a traced request wrote gets its
+    /// span, open until the change is in the index (the live indexer; not a rebuild).
+    async fn catch_up_with(&self, traced: bool, mut progress: impl FnMut(u64)) -> Result<u64, String> {
         let mut position = self.index.watermark().await.map_err(|e| e.to_string())?;
-        let mut next = self.prepare(position).await?;
-        while let Some((last, updates)) = next {
-            let (applied, prepared) = tokio::join!(self.index.apply(updates), self.prepare(last));
+        let mut next = self.prepare(position, traced).await?;
+        while let Some(batch) = next {
+            let (applied, prepared) = tokio::join!(self.index.apply(batch.updates), self.prepare(batch.last, traced));
             applied.map_err(|e| e.to_string())?;
-            position = last;
+            drop(batch.spans);
+            position = batch.last;
             progress(position);
             next = prepared?;
         }
@@ -68,7 +75,7 @@ impl Indexer {
     /// reaches, so a transaction is applied whole and the index never shows part of one — and
     /// extracts its index updates; `None` when there are none. Returns the batch's last sequence
     /// with the updates.
-    async fn prepare(&self, position: u64) -> Result<Option<(u64, Vec<IndexUpdate>)>, String> {
+    async fn prepare(&self, position: u64, traced: bool) -> Result<Option<Prepared>, String> {
         let mut batch =
             self.changes.changes_after(position, self.config.batch_size).await.map_err(|e| e.to_string())?;
         while let Some(last) = batch.last()
@@ -83,7 +90,8 @@ impl Indexer {
         }
         let Some(last) = batch.last().map(|c| c.version.sequence) else { return Ok(None) };
         let events: Vec<ResourceChanged> = batch.into_iter().map(ResourceChanged::from).collect();
-        Ok(Some((last, extract_updates(events).await?)))
+        let spans = if traced { change_spans(&events) } else { Vec::new() };
+        Ok(Some(Prepared { last, updates: extract_updates(events).await?, spans }))
     }
 
     /// Turns events into index updates (extracting search values off the async executor) and
@@ -92,8 +100,11 @@ impl Indexer {
         if events.is_empty() {
             return Ok(());
         }
+        let spans = change_spans(&events);
         let updates = extract_updates(events).await?;
-        self.index.apply(updates).await.map_err(|e| e.to_string())
+        let applied = self.index.apply(updates).await.map_err(|e| e.to_string());
+        drop(spans);
+        applied
     }
 
     /// Runs until `shutdown`: catch up, then follow `events` (when given), back to the change log
@@ -101,7 +112,7 @@ impl Indexer {
     pub async fn run(self, mut events: Option<Box<dyn EventSubscription>>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let position = match self.catch_up().await {
+            let position = match self.catch_up_with(true, |_| {}).await {
                 Ok(position) => position,
                 Err(error) => {
                     tracing::warn!(%error, "indexer catch-up failed; retrying");
@@ -242,6 +253,21 @@ pub async fn rebuild(
     tokio::time::sleep(options.retire_after).await;
     generations.retire().await.map_err(|e| e.to_string())?;
     Ok(position)
+}
+
+/// A batch read from the change log, ready to apply.
+struct Prepared {
+    /// The sequence of its last change.
+    last: u64,
+    updates: Vec<IndexUpdate>,
+    /// The spans of its traced changes, closed once the batch is applied.
+    spans: Vec<tracing::Span>,
+}
+
+/// A span per change a traced request wrote, a child of that request's trace: from the moment the
+/// indexer took it to the moment it is searchable.
+fn change_spans(events: &[ResourceChanged]) -> Vec<tracing::Span> {
+    events.iter().filter_map(|event| crate::trace::change_span("index", event)).collect()
 }
 
 /// The longest prefix of `batch` that ends at the end of a commit: the part that can be applied

@@ -13,6 +13,7 @@ pub mod export;
 pub mod model;
 pub mod ports;
 pub mod service;
+pub mod trace;
 
 pub use error::{ErrorCategory, FhirError, FhirResult};
 pub use events::ResourceChanged;

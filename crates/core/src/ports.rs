@@ -33,6 +33,9 @@ pub struct VersionWrite {
     pub operation: Operation,
     /// Stamped resource JSON; `None` for a delete.
     pub body: Option<Bytes>,
+    /// W3C trace context of the request that made this write: the store keeps it with the
+    /// change, so the change's consumers (indexer, notifier) continue the request's trace.
+    pub traceparent: Option<String>,
 }
 
 /// The result of a successful commit.
@@ -145,6 +148,8 @@ pub struct ChangeRecord {
     /// one write). A consumer that must never expose part of a transaction (the indexer) applies
     /// changes up to a commit's end together.
     pub commit_end: u64,
+    /// The W3C trace context the write carried ([`VersionWrite::traceparent`]).
+    pub traceparent: Option<String>,
 }
 
 /// The store's change stream, read by the relay.
@@ -347,6 +352,12 @@ pub trait EventSubscription: Send + 'static {
 pub trait EventConsumer: Send + Sync + 'static {
     /// Up to `max` deliveries, waiting at most `wait` for the first; empty when none came.
     async fn fetch(&self, max: usize, wait: std::time::Duration) -> Result<Vec<Delivery>, BusError>;
+
+    /// How many events wait for this consumer — published and not yet acknowledged, delivered or
+    /// not (the bus's own count, approximate where the bus's is); `None` when the bus cannot say.
+    async fn backlog(&self) -> Result<Option<u64>, BusError> {
+        Ok(None)
+    }
 }
 
 /// One delivery of an event to a durable consumer.

@@ -105,6 +105,8 @@ pub struct ConditionalDeleteRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConditionalDeleteResult {
     pub deleted: Vec<(LogicalId, u64)>,
+    /// The change sequence of the last tombstone written, when any was.
+    pub sequence: Option<u64>,
 }
 
 /// The outcome of create, update and patch.
@@ -123,6 +125,8 @@ pub struct WriteResult {
 pub struct DeleteResult {
     /// The tombstone version written, or `None` when there was nothing live to delete.
     pub version_id: Option<u64>,
+    /// The tombstone's change sequence (the consistency token a search may wait for).
+    pub sequence: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -62,6 +62,9 @@ use crate::matcher::Matcher;
 use crate::metrics::{Finished, NotifierMetrics};
 use crate::subscription::{ActiveSubscription, SubscriptionId, Transition};
 
+/// The W3C trace context header sent with every notification of a traced change.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 /// The notifier's checkpoint name in the change log.
 pub const CONSUMER: &str = "notifier";
 
@@ -754,7 +757,26 @@ async fn report_in_progress(shared: Arc<Shared>, heartbeat: Duration) {
     }
 }
 
+/// Sends `job` until it is delivered, dead-lettered or no longer wanted, in a span that is a
+/// child of the write's trace; each request carries that span as its `traceparent` (or the
+/// write's own when spans are not exported), so the receiver can continue the trace.
 async fn deliver(shared: &Shared, job: &Job) {
+    let span = tracing::info_span!(
+        "notification",
+        otel.name = "notify",
+        otel.kind = "producer",
+        subscription = %job.subscription.id(),
+        event = %job.change.idempotency_key,
+        attempts = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    fhirmesh_core::trace::set_parent(&span, job.change.traceparent.as_deref());
+    let traceparent = fhirmesh_core::trace::outgoing_traceparent(&span, job.change.traceparent.as_deref());
+    tracing::Instrument::instrument(attempt_until_done(shared, job, traceparent), span).await;
+}
+
+async fn attempt_until_done(shared: &Shared, job: &Job, traceparent: Option<String>) {
     let tenant = job.subscription.tenant();
     let id = job.subscription.id();
     let mut failed = 0u32;
@@ -766,7 +788,12 @@ async fn deliver(shared: &Shared, job: &Job) {
             return;
         }
         let outcome = match plan(&current, &job.change, job.body.clone(), now) {
-            Ok(notification) => shared.sender.deliver(&notification).await,
+            Ok(mut notification) => {
+                if let Some(traceparent) = &traceparent {
+                    notification.headers.push((TRACEPARENT_HEADER.to_owned(), traceparent.clone()));
+                }
+                shared.sender.deliver(&notification).await
+            }
             Err(error) => AttemptOutcome::Failed { reason: format!("{error:?}") },
         };
         shared.metrics.attempt(outcome == AttemptOutcome::Delivered);
@@ -774,7 +801,9 @@ async fn deliver(shared: &Shared, job: &Job) {
         if let Some(transition) = transition {
             write_transition(shared, tenant, id, transition).await;
         }
+        tracing::Span::current().record("attempts", failed + 1);
         let AttemptOutcome::Failed { reason } = outcome else {
+            tracing::Span::current().record("outcome", "delivered");
             let since_commit = OffsetDateTime::now_utc() - job.change.last_updated;
             shared.metrics.finished(Finished::Delivered, since_commit.try_into().ok());
             return;
@@ -783,6 +812,7 @@ async fn deliver(shared: &Shared, job: &Job) {
         match shared.settings.retry.next_delay(failed) {
             Some(delay) => tokio::time::sleep(delay).await,
             None => {
+                tracing::Span::current().record("outcome", "dead-lettered");
                 tracing::warn!(%tenant, %id, event = %job.change.idempotency_key, %reason, "notification dead-lettered");
                 let letter = DeadLetter {
                     tenant: tenant.clone(),

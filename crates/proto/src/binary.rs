@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blob_stream::{BlobStream, blob_from_wire, blob_to_wire, pieces};
+use crate::client::traced;
 use crate::convert::{WireError, context_from_wire, context_to_wire, required, timestamp_from_wire, timestamp_to_wire};
 use crate::pb;
 use crate::pb::binary_service_client::BinaryServiceClient;
@@ -236,14 +237,24 @@ impl BinaryService for GrpcBinaryClient {
             content_type: content_type.to_owned(),
             max_bytes,
         };
-        let response =
-            self.client.clone().upload(upload_messages(start, body)).await.map_err(|s| self.status_error(&s))?;
+        let response = self
+            .client
+            .clone()
+            .upload(traced(Some(ctx), upload_messages(start, body)))
+            .await
+            .map_err(|s| self.status_error(&s))?;
         content_from_wire(Some(response.into_inner())).map_err(|e| e.into_internal(SERVICE))
     }
 
     async fn download(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<Blob> {
         let request = Self::content_request(ctx, content);
-        let stream = self.client.clone().download(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let stream = self
+            .client
+            .clone()
+            .download(traced(Some(ctx), request))
+            .await
+            .map_err(|s| self.status_error(&s))?
+            .into_inner();
         let key = BlobKey::new(&ctx.tenant, &content.key)
             .map_err(|e| WireError::Invalid { field: "key", reason: e.to_string() }.into_internal(SERVICE))?;
         let peer: Arc<str> = format!("the binary service at {}", self.endpoint).into();
@@ -252,7 +263,7 @@ impl BinaryService for GrpcBinaryClient {
 
     async fn discard(&self, ctx: &RequestContext, content: &ContentRef) -> FhirResult<()> {
         let request = Self::content_request(ctx, content);
-        self.client.clone().discard(request).await.map_err(|s| self.status_error(&s))?;
+        self.client.clone().discard(traced(Some(ctx), request)).await.map_err(|s| self.status_error(&s))?;
         Ok(())
     }
 
@@ -267,7 +278,8 @@ impl BinaryService for GrpcBinaryClient {
             content_type: content_type.to_owned(),
             expires_in_seconds: expiry_to_wire(expires_in),
         };
-        let response = self.client.clone().presign_upload(request).await.map_err(|s| self.status_error(&s))?;
+        let response =
+            self.client.clone().presign_upload(traced(Some(ctx), request)).await.map_err(|s| self.status_error(&s))?;
         let response = response.into_inner();
         if response.content.is_none() {
             return Ok(None);
@@ -289,7 +301,12 @@ impl BinaryService for GrpcBinaryClient {
             content: Some(content_to_wire(content)),
             expires_in_seconds: expiry_to_wire(expires_in),
         };
-        let response = self.client.clone().presign_download(request).await.map_err(|s| self.status_error(&s))?;
+        let response = self
+            .client
+            .clone()
+            .presign_download(traced(Some(ctx), request))
+            .await
+            .map_err(|s| self.status_error(&s))?;
         let (_, url) =
             presigned_from_wire(response.into_inner(), PresignMethod::Get).map_err(|e| e.into_internal(SERVICE))?;
         Ok(url)

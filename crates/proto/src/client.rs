@@ -117,14 +117,8 @@ impl GrpcResourceClient {
             let last = tried >= tries;
             let this = if last { message.take() } else { message.clone() };
             let Some(this) = this else { return Err(FhirError::internal("gRPC call without a message")) };
-            let mut request = tonic::Request::new(this);
+            let mut request = traced(ctx, this);
             request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
-            // The trace continues on the server (W3C trace context in gRPC metadata).
-            if let Some(traceparent) = ctx.and_then(|ctx| ctx.traceparent.as_deref())
-                && let Ok(value) = traceparent.parse()
-            {
-                request.metadata_mut().insert("traceparent", value);
-            }
             let answer = match tokio::time::timeout_at(deadline, rpc(self.client.clone(), request)).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.policy.timeout))),
@@ -254,7 +248,7 @@ impl ResourceService for GrpcResourceClient {
             if_match: request.if_match,
         };
         let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.delete(r).await }).await?;
-        Ok(DeleteResult { version_id: response.version_id })
+        Ok(DeleteResult { version_id: response.version_id, sequence: response.sequence })
     }
 
     async fn conditional_update(
@@ -295,7 +289,7 @@ impl ResourceService for GrpcResourceClient {
                     .map_err(|_| FhirError::internal("resource service returned an invalid id"))
             })
             .collect::<FhirResult<Vec<_>>>()?;
-        Ok(ConditionalDeleteResult { deleted })
+        Ok(ConditionalDeleteResult { deleted, sequence: response.sequence })
     }
 
     async fn index_status(&self) -> FhirResult<IndexStatus> {
@@ -364,4 +358,16 @@ pub(crate) fn lazy_channel(endpoint: String) -> Result<(Channel, String), tonic:
     let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
     let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
     Ok((channel, endpoint))
+}
+
+/// `message` as a request that carries the caller's trace context: the trace continues on the
+/// server (W3C `traceparent` in the gRPC metadata).
+pub(crate) fn traced<M>(ctx: Option<&RequestContext>, message: M) -> tonic::Request<M> {
+    let mut request = tonic::Request::new(message);
+    if let Some(traceparent) = ctx.and_then(|ctx| ctx.traceparent.as_deref())
+        && let Ok(value) = traceparent.parse()
+    {
+        request.metadata_mut().insert("traceparent", value);
+    }
+    request
 }

@@ -134,6 +134,8 @@ pub(crate) fn context_to_wire(ctx: &RequestContext) -> pb::RequestContext {
 }
 
 /// The request context is required: a request without one must not silently land in a tenant.
+/// Its `traceparent` becomes the receiving call's own span when spans are exported (the gRPC
+/// server's span is current here), so what the call writes continues the trace from there.
 pub(crate) fn context_from_wire(value: Option<pb::RequestContext>) -> Result<RequestContext, WireError> {
     let value = required(value, "context")?;
     let access = match value.access_json.as_deref() {
@@ -143,7 +145,10 @@ pub(crate) fn context_from_wire(value: Option<pb::RequestContext>) -> Result<Req
     Ok(RequestContext {
         tenant: tenant_from_wire(&value.tenant)?,
         request_id: value.request_id,
-        traceparent: value.traceparent,
+        traceparent: fhirmesh_core::trace::outgoing_traceparent(
+            &tracing::Span::current(),
+            value.traceparent.as_deref(),
+        ),
         access: Arc::new(access),
         binary_upload: value.binary_upload,
     })

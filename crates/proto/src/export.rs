@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::blob_stream::{BlobStream, blob_from_wire, blob_to_wire};
+use crate::client::traced;
 use crate::convert::{WireError, context_from_wire, context_to_wire, required, timestamp_from_wire, timestamp_to_wire};
 use crate::pb;
 use crate::pb::export_service_client::ExportServiceClient;
@@ -201,7 +202,8 @@ impl ExportService for GrpcExportClient {
             lenient: kick_off.lenient,
             request_url: kick_off.request_url,
         };
-        let response = self.client.clone().kick_off(request).await.map_err(|s| self.status_error(&s))?;
+        let response =
+            self.client.clone().kick_off(traced(Some(ctx), request)).await.map_err(|s| self.status_error(&s))?;
         let job_id = response.into_inner().job_id;
         JobId::parse(&job_id).ok_or_else(|| {
             WireError::Invalid { field: "job_id", reason: "not a job id".to_owned() }.into_internal(SERVICE)
@@ -209,13 +211,21 @@ impl ExportService for GrpcExportClient {
     }
 
     async fn status(&self, ctx: &RequestContext, job: &str) -> Result<ExportStatus, FhirError> {
-        let response =
-            self.client.clone().status(Self::job_request(ctx, job)).await.map_err(|s| self.status_error(&s))?;
+        let response = self
+            .client
+            .clone()
+            .status(traced(Some(ctx), Self::job_request(ctx, job)))
+            .await
+            .map_err(|s| self.status_error(&s))?;
         status_from_wire(response.into_inner()).map_err(|e| e.into_internal(SERVICE))
     }
 
     async fn cancel(&self, ctx: &RequestContext, job: &str) -> Result<(), FhirError> {
-        self.client.clone().cancel(Self::job_request(ctx, job)).await.map_err(|s| self.status_error(&s))?;
+        self.client
+            .clone()
+            .cancel(traced(Some(ctx), Self::job_request(ctx, job)))
+            .await
+            .map_err(|s| self.status_error(&s))?;
         Ok(())
     }
 
@@ -225,7 +235,13 @@ impl ExportService for GrpcExportClient {
             job_id: job.to_owned(),
             file: file.to_owned(),
         };
-        let stream = self.client.clone().download(request).await.map_err(|s| self.status_error(&s))?.into_inner();
+        let stream = self
+            .client
+            .clone()
+            .download(traced(Some(ctx), request))
+            .await
+            .map_err(|s| self.status_error(&s))?
+            .into_inner();
         let key = BlobKey::new(&ctx.tenant, &format!("export/{job}/{file}"))
             .map_err(|_| FhirError::not_found(format!("export job '{job}' has no such file")))?;
         let peer: Arc<str> = format!("the exporter at {}", self.endpoint).into();

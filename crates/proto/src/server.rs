@@ -243,7 +243,7 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
             async {
                 let (ctx, request) = decode(delete_from_wire(request.into_inner()))?;
                 let result = self.0.delete(&ctx, request).await?;
-                Ok(pb::DeleteResponse { version_id: result.version_id })
+                Ok(pb::DeleteResponse { version_id: result.version_id, sequence: result.sequence })
             }
             .await,
         )
@@ -276,7 +276,7 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
                     .into_iter()
                     .map(|(id, version_id)| pb::DeletedResource { id: id.into_string(), version_id })
                     .collect();
-                Ok(pb::ConditionalDeleteResponse { deleted })
+                Ok(pb::ConditionalDeleteResponse { deleted, sequence: result.sequence })
             }
             .await,
         )

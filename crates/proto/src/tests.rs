@@ -218,10 +218,10 @@ impl ResourceService for FakeService {
         let key = (ctx.tenant.clone(), request.resource_type, request.id);
         memory.check_if_match(&key, request.if_match)?;
         if memory.current(&key).is_none_or(ResourceVersion::is_deleted) {
-            return Ok(DeleteResult { version_id: None });
+            return Ok(DeleteResult { version_id: None, sequence: None });
         }
         let version = memory.append(&key, Operation::Delete, None);
-        Ok(DeleteResult { version_id: Some(version.version_id) })
+        Ok(DeleteResult { version_id: Some(version.version_id), sequence: Some(version.sequence) })
     }
 
     async fn index_status(&self) -> FhirResult<IndexStatus> {
@@ -247,8 +247,9 @@ impl ResourceService for FakeService {
     ) -> FhirResult<ConditionalDeleteResult> {
         let id = criteria_id(&request.criteria)?;
         let delete = DeleteRequest { resource_type: request.resource_type, id: id.clone(), if_match: None };
-        let deleted = self.delete(ctx, delete).await?.version_id.map(|v| (id, v)).into_iter().collect();
-        Ok(ConditionalDeleteResult { deleted })
+        let result = self.delete(ctx, delete).await?;
+        let deleted = result.version_id.map(|v| (id, v)).into_iter().collect();
+        Ok(ConditionalDeleteResult { deleted, sequence: result.sequence })
     }
 
     async fn history(&self, ctx: &RequestContext, request: HistoryRequest) -> FhirResult<HistoryPage> {
@@ -631,12 +632,13 @@ async fn every_rpc_round_trips() {
         .delete(&ctx, DeleteRequest { resource_type: patient(), id: id("p1"), if_match: None })
         .await
         .expect("delete");
-    assert_eq!(deleted, DeleteResult { version_id: Some(5) });
+    assert_eq!(deleted.version_id, Some(5));
+    let tombstone = deleted.sequence.expect("the tombstone's sequence crosses the wire");
     let again = client
         .delete(&ctx, DeleteRequest { resource_type: patient(), id: id("p1"), if_match: None })
         .await
         .expect("delete again");
-    assert_eq!(again, DeleteResult { version_id: None });
+    assert_eq!(again, DeleteResult { version_id: None, sequence: None });
 
     // history: instance (tombstone included, no body), type, system, paging
     let history = |scope, count: Option<&str>, page_token: Option<String>| HistoryRequest {
@@ -653,6 +655,7 @@ async fn every_rpc_round_trips() {
     assert_eq!(instance.entries.iter().map(|v| v.version_id).collect::<Vec<_>>(), [5, 4, 3, 2, 1]);
     assert_eq!(instance.entries[0].operation, Operation::Delete);
     assert_eq!(instance.entries[0].body, None);
+    assert_eq!(instance.entries[0].sequence, tombstone);
     let typed =
         client.history(&ctx, history(HistoryScope::Type(patient()), Some("4"), None)).await.expect("type history");
     assert_eq!(typed.entries.len(), 4);
@@ -672,7 +675,8 @@ async fn every_rpc_round_trips() {
     assert_eq!((written.version.id.as_str(), written.version.version_id), ("cond", 1));
     let cond = ConditionalDeleteRequest { resource_type: patient(), criteria };
     let removed = client.conditional_delete(&ctx, cond).await.expect("conditional delete");
-    assert_eq!(removed, ConditionalDeleteResult { deleted: vec![(id("cond"), 2)] });
+    assert_eq!(removed.deleted, vec![(id("cond"), 2)]);
+    assert!(removed.sequence.is_some_and(|sequence| sequence > tombstone), "{removed:?}");
     let bad = ConditionalDeleteRequest { resource_type: patient(), criteria: vec![("name".into(), "x".into())] };
     let err = client.conditional_delete(&ctx, bad).await.expect_err("fake needs _id");
     assert_eq!(err, FhirError::invalid("the fake resolves _id criteria only").at("_id"));
@@ -1015,7 +1019,7 @@ impl ResourceServiceRpc for Broken {
         _: Request<pb::ConditionalDeleteRequest>,
     ) -> Result<Response<pb::ConditionalDeleteResponse>, Status> {
         let deleted = vec![pb::DeletedResource { id: "not an id!".into(), version_id: 1 }];
-        Ok(Response::new(pb::ConditionalDeleteResponse { deleted }))
+        Ok(Response::new(pb::ConditionalDeleteResponse { deleted, sequence: None }))
     }
     async fn history(&self, _: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         Ok(Response::new(pb::HistoryResponse { entries: vec![bad_version()], next_page_token: None }))

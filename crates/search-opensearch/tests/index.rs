@@ -198,6 +198,7 @@ impl MemoryLog {
                 sequence,
             },
             commit_end: sequence,
+            traceparent: None,
         });
         sequence
     }

@@ -216,6 +216,7 @@ impl DynamoStore {
                 tenant: tenant_of(&item)?,
                 version: self.decode(&item).await?,
                 commit_end: get_u64(&item, "cend")?,
+                traceparent: crate::items::traceparent_of(&item),
             });
         }
         Ok(records)

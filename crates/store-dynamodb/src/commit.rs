@@ -350,6 +350,7 @@ pub(crate) fn version_item(
         operation: write.operation,
         body: write.body.as_ref(),
         blob,
+        traceparent: write.traceparent.as_deref(),
     }
     .to_item()
 }
@@ -407,6 +408,7 @@ mod tests {
             last_updated: time::OffsetDateTime::UNIX_EPOCH,
             operation: if body.is_some() { Operation::Update } else { Operation::Delete },
             body: body.map(|len| Bytes::from(vec![b' '; len])),
+            traceparent: None,
         }
     }
 

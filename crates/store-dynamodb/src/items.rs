@@ -85,6 +85,8 @@ pub(crate) struct VersionItem<'a> {
     pub body: Option<&'a Bytes>,
     /// Where the body lives when it is too large for the item (then it is not in the item).
     pub blob: Option<&'a str>,
+    /// The W3C trace context of the write, for the change's consumers.
+    pub traceparent: Option<&'a str>,
 }
 
 impl VersionItem<'_> {
@@ -98,6 +100,9 @@ impl VersionItem<'_> {
         item.insert("cend".into(), n(self.commit_end));
         item.insert("lu".into(), n(micros(self.last_updated)));
         item.insert("op".into(), s(self.operation.as_str()));
+        if let Some(traceparent) = self.traceparent {
+            item.insert("tp".into(), s(traceparent));
+        }
         match (self.blob, self.body) {
             (Some(path), Some(body)) => {
                 item.insert("blob".into(), s(path));
@@ -170,7 +175,20 @@ pub(crate) fn version_from_item(item: &Item) -> Result<ResourceVersion, StoreErr
 
 /// Decodes a version item into a change record.
 pub(crate) fn change_from_version_item(item: &Item) -> Result<ChangeRecord, StoreError> {
-    Ok(ChangeRecord { tenant: tenant_of(item)?, version: version_from_item(item)?, commit_end: get_u64(item, "cend")? })
+    Ok(ChangeRecord {
+        tenant: tenant_of(item)?,
+        version: version_from_item(item)?,
+        commit_end: get_u64(item, "cend")?,
+        traceparent: traceparent_of(item),
+    })
+}
+
+/// The W3C trace context a version item was written with, when it has one.
+pub(crate) fn traceparent_of(item: &Item) -> Option<String> {
+    match item.get("tp") {
+        Some(AttributeValue::S(value)) => Some(value.clone()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +213,7 @@ mod tests {
             operation: Operation::Update,
             body: Some(&body),
             blob: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         }
         .to_item();
         assert_eq!(written.get(PK), Some(&s("R#t-1#Patient#p.1")));
@@ -202,6 +221,7 @@ mod tests {
         let change = change_from_version_item(&written).expect("decodes");
         assert_eq!(change.tenant, tenant);
         assert_eq!(change.commit_end, 79);
+        assert_eq!(change.traceparent.as_deref(), Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         let v = change.version;
         assert_eq!((v.version_id, v.sequence, v.last_updated, v.operation), (3, 77, at, Operation::Update));
         assert_eq!(v.body.as_ref(), Some(&body));

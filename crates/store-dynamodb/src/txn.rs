@@ -761,6 +761,7 @@ mod tests {
             last_updated: time::OffsetDateTime::UNIX_EPOCH,
             operation: if version_id == 1 { Operation::Create } else { Operation::Update },
             body: Some(Bytes::from(format!("{{\"resourceType\":\"Basic\",\"id\":\"{id}\",\"tag\":\"{tag}\"}}"))),
+            traceparent: None,
         }
     }
 

@@ -60,6 +60,7 @@ fn put(resource_type: &str, id: &str, version: u64, secs: i64, live: bool) -> Ve
             (true, _) => Operation::Update,
         },
         body: live.then(|| versioned_body(resource_type, id, version)),
+        traceparent: None,
     }
 }
 

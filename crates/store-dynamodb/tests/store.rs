@@ -55,6 +55,7 @@ fn write(resource_type: &str, id: &str, expected: Expected, version_id: u64, at:
         last_updated: at,
         operation: if version_id == 1 { Operation::Create } else { Operation::Update },
         body: Some(body(resource_type, id, version_id)),
+        traceparent: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn delete(resource_type: &str, id: &str, current: u64, at: OffsetDateTime) -> Ve
         last_updated: at,
         operation: Operation::Delete,
         body: None,
+        traceparent: None,
     }
 }
 

@@ -123,6 +123,7 @@ fn write(resource_type: &str, id: &str, version_id: u64) -> VersionWrite {
         last_updated: at(version_id as i64),
         operation: if version_id == 1 { Operation::Create } else { Operation::Update },
         body: Some(body(resource_type, id, version_id)),
+        traceparent: None,
     }
 }
 

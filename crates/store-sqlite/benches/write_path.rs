@@ -90,6 +90,7 @@ fn create_write(body: &Bytes) -> VersionWrite {
         last_updated: instant(),
         operation: Operation::Create,
         body: Some(body.clone()),
+        traceparent: None,
     }
 }
 

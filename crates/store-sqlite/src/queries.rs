@@ -119,7 +119,7 @@ pub(crate) fn changes_after(conn: &Connection, after: u64, limit: usize) -> Resu
         return Ok(Vec::new());
     };
     let sql = format!(
-        "SELECT c.tenant, c.commit_end, {VERSION_COLUMNS} FROM changes c \
+        "SELECT c.tenant, c.commit_end, c.traceparent, {VERSION_COLUMNS} FROM changes c \
          JOIN resource_versions v ON v.sequence = c.sequence \
          WHERE c.sequence > ?1 ORDER BY c.sequence LIMIT ?2"
     );
@@ -127,10 +127,11 @@ pub(crate) fn changes_after(conn: &Connection, after: u64, limit: usize) -> Resu
     let mut rows = stmt.query(params![after, saturating_i64(limit as u64)])?;
     let mut changes = Vec::new();
     while let Some(row) = rows.next()? {
-        let version = version_from_row(row, 2)?;
+        let version = version_from_row(row, 3)?;
         let commit_end = row.get::<_, Option<i64>>(1)?.map(|end| to_u64(end, "commit_end")).transpose()?;
         let commit_end = commit_end.unwrap_or(version.sequence).max(version.sequence);
-        changes.push(ChangeRecord { tenant: tenant_from_row(row, 0)?, version, commit_end });
+        let traceparent = row.get::<_, Option<String>>(2)?;
+        changes.push(ChangeRecord { tenant: tenant_from_row(row, 0)?, version, commit_end, traceparent });
     }
     Ok(changes)
 }

@@ -8,7 +8,7 @@ use crate::config::BUSY_TIMEOUT;
 use crate::error::{Error, Result};
 
 /// The schema version this code reads and writes, kept in `PRAGMA user_version`.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Index names the history queries name with `INDEXED BY`, so a plan change is an error, not a
 /// silent table scan.
@@ -136,6 +136,10 @@ const READER_CACHE_KIB: i64 = -8 * 1024;
 /// its own commit), so consumers can apply a transaction whole.
 const MIGRATE_V1_TO_V2: &str = "ALTER TABLE changes ADD COLUMN commit_end INTEGER;";
 
+/// Version 3: `changes.traceparent`, the W3C trace context of the write (NULL: none), so the
+/// change's consumers continue the request's trace.
+const MIGRATE_V2_TO_V3: &str = "ALTER TABLE changes ADD COLUMN traceparent TEXT;";
+
 fn migrate(conn: &Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if version == SCHEMA_VERSION {
@@ -155,6 +159,9 @@ fn migrate(conn: &Connection) -> Result<()> {
         }
         if from < 2 {
             conn.execute_batch(MIGRATE_V1_TO_V2)?;
+        }
+        if from < 3 {
+            conn.execute_batch(MIGRATE_V2_TO_V3)?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(from)

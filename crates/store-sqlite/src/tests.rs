@@ -71,6 +71,7 @@ pub(crate) fn put(
         last_updated: at,
         operation,
         body,
+        traceparent: None,
     }
 }
 
@@ -682,6 +683,19 @@ async fn changes_carry_the_end_of_their_commit() {
 }
 
 #[tokio::test]
+async fn a_changes_trace_context_is_kept_with_it() {
+    let dir = TempDir::new().expect("temp dir");
+    let store = open(&dir);
+    let tenant = tenant("t1");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = VersionWrite { traceparent: Some(traceparent.to_owned()), ..create("Patient", "a", t(1)) };
+    store.commit(&tenant, vec![traced, create("Patient", "b", t(1))]).await.expect("commit");
+    let changes = store.changes_after(0, 10).await.expect("changes");
+    let kept: Vec<Option<&str>> = changes.iter().map(|c| c.traceparent.as_deref()).collect();
+    assert_eq!(kept, vec![Some(traceparent), None]);
+}
+
+#[tokio::test]
 async fn a_version_1_store_is_upgraded_in_place() {
     let dir = TempDir::new().expect("temp dir");
     let tenant = tenant("t1");
@@ -690,7 +704,11 @@ async fn a_version_1_store_is_upgraded_in_place() {
     drop(store);
     // What version 1 looked like: no commit_end column.
     let conn = raw_connection(&dir);
-    conn.execute_batch("ALTER TABLE changes DROP COLUMN commit_end; PRAGMA user_version = 1;").expect("downgrade");
+    conn.execute_batch(
+        "ALTER TABLE changes DROP COLUMN traceparent; ALTER TABLE changes DROP COLUMN commit_end; \
+         PRAGMA user_version = 1;",
+    )
+    .expect("downgrade");
     drop(conn);
     let store = open(&dir);
     store.commit(&tenant, vec![create("Patient", "a", t(2)), create("Patient", "b", t(2))]).await.expect("commit");

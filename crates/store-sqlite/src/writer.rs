@@ -285,9 +285,10 @@ impl Writer {
             ])?;
         self.conn
             .prepare_cached(
-                "INSERT INTO changes (sequence, tenant, type, id, version, commit_end) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO changes (sequence, tenant, type, id, version, commit_end, traceparent) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![sequence, tenant, resource_type, id, version, commit_end])?;
+            .execute(params![sequence, tenant, resource_type, id, version, commit_end, write.traceparent.as_deref()])?;
         self.conn
             .prepare_cached(
                 "INSERT INTO resources_current (tenant, type, id, version, sequence, deleted) \

@@ -3,6 +3,7 @@
 
 pub mod buses;
 pub mod config;
+mod metered;
 pub mod provision;
 pub mod reindex;
 pub mod serve;

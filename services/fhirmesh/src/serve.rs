@@ -265,7 +265,8 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
             let aws = crate::stores::Aws::new(&config.aws);
-            let stores = crate::stores::open(config, &aws).await?;
+            let mut stores = crate::stores::open(config, &aws).await?;
+            stores.store = crate::metered::store(stores.store, &ops);
             check_store(&ops, &stores.changes);
             let bus = match target {
                 Target::All | Target::Relay | Target::Indexer => crate::buses::open(config, &aws).await?,
@@ -276,7 +277,11 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             let mut events = None;
             if matches!(target, Target::All | Target::Indexer) {
                 events = match (&bus, &in_process) {
-                    (Some(bus), _) => Some(fhirmesh_bus::durable_subscription(bus.consumer("indexer").await?)),
+                    (Some(bus), _) => {
+                        let consumer = bus.consumer("indexer").await?;
+                        register_bus_lag(&ops, "indexer", consumer.clone());
+                        Some(fhirmesh_bus::durable_subscription(consumer))
+                    }
                     (None, Some(in_process)) => Some(in_process.subscription()),
                     // A lone indexer without a bus polls the change log.
                     (None, None) => None,
@@ -305,7 +310,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             if target == Target::Relay {
                 None
             } else {
-                let index = crate::stores::open_index(config).await?;
+                let index = crate::metered::index(crate::stores::open_index(config).await?, &ops);
                 check_index(&ops, &index);
                 if matches!(target, Target::All | Target::Indexer) {
                     // SQLite's latest sequence is known to the process that writes it only.
@@ -341,7 +346,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                     {
                         let jobs = crate::stores::open_jobs(config, &aws).await?;
                         check_jobs(&ops, &jobs);
-                        let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &rx);
+                        let (api, workers) = exports(config, &stores, source.clone(), jobs, blobs, &ops, &rx);
                         exports_api = Some(ExportApi(api));
                         tasks.extend(workers);
                     }
@@ -355,6 +360,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 bail!("--target notifier consumes an external bus: set bus.backend = \"nats\" or \"sns_sqs\"");
             };
             let consumer = bus.consumer(fhirmesh_notify::runner::CONSUMER).await?;
+            register_bus_lag(&ops, fhirmesh_notify::runner::CONSUMER, consumer.clone());
             let heartbeat = match config.bus.backend {
                 crate::config::BusBackend::SnsSqs => config.sns_sqs.visibility_timeout_seconds,
                 _ => config.nats.ack_wait_seconds,
@@ -384,7 +390,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             check_blobs(&ops, &blobs);
             let jobs = crate::stores::open_jobs(config, &aws).await?;
             check_jobs(&ops, &jobs);
-            let (service, workers) = exports(config, &stores, source, jobs, blobs, &rx);
+            let (service, workers) = exports(config, &stores, source, jobs, blobs, &ops, &rx);
             tasks.extend(workers);
             let listener = bind(config.exporter_addr(), "the export gRPC service").await?;
             grpc_addr = Some(listener.local_addr()?);
@@ -487,6 +493,30 @@ fn check_store(ops: &Ops, changes: &fhirmesh_core::ports::DynChangeLog) {
 }
 
 /// Ready while the search index answers (its watermark).
+/// `fhirmesh_bus_consumer_lag_messages{consumer}`: the events waiting for this service's durable
+/// consumer, asked of the bus at each scrape (absent when the bus does not answer in time).
+fn register_bus_lag(ops: &Ops, name: &'static str, consumer: fhirmesh_core::ports::DynEventConsumer) {
+    ops.metrics_async(move || {
+        let consumer = consumer.clone();
+        async move {
+            let backlog = tokio::time::timeout(fhirmesh_ops::CHECK_TIMEOUT, consumer.backlog()).await;
+            let mut out = String::new();
+            bus_lag_gauge(&mut out, name, backlog.ok().and_then(Result::ok).flatten());
+            out
+        }
+    });
+}
+
+fn bus_lag_gauge(out: &mut String, consumer: &str, backlog: Option<u64>) {
+    if let Some(backlog) = backlog {
+        out.push_str(&format!(
+            "# HELP fhirmesh_bus_consumer_lag_messages Events published and not yet acknowledged by this durable consumer.\n\
+             # TYPE fhirmesh_bus_consumer_lag_messages gauge\n\
+             fhirmesh_bus_consumer_lag_messages{{consumer=\"{consumer}\"}} {backlog}\n"
+        ));
+    }
+}
+
 fn check_index(ops: &Ops, index: &fhirmesh_core::ports::DynSearchIndex) {
     let index = index.clone();
     ops.check("search index", move || {
@@ -586,6 +616,7 @@ fn exports(
     source: fhirmesh_core::export::DynExportSource,
     jobs: fhirmesh_core::export::DynJobStore,
     blobs: fhirmesh_core::blob::DynBlobStore,
+    ops: &Ops,
     rx: &watch::Receiver<bool>,
 ) -> (fhirmesh_core::export::DynExportService, Vec<JoinHandle<anyhow::Result<()>>>) {
     use fhirmesh_core::export::{ExportSettings, ExportWorker, Exports, WorkerSettings};
@@ -599,6 +630,9 @@ fn exports(
     };
     let service = Exports::new(jobs.clone(), stores.changes.clone(), stores.store.clone(), blobs.clone(), settings);
     let wake = service.wake();
+    let counters = Arc::new(fhirmesh_core::export::ExportCounters::default());
+    let rendered = counters.clone();
+    ops.metrics(move |out| rendered.render(out));
     let workers = (0..section.workers)
         .map(|_| {
             let settings = WorkerSettings {
@@ -608,8 +642,9 @@ fn exports(
                 page_size: section.page_size,
                 ..WorkerSettings::default()
             };
-            let worker =
-                ExportWorker::new(jobs.clone(), source.clone(), blobs.clone(), settings).with_wake(wake.clone());
+            let worker = ExportWorker::new(jobs.clone(), source.clone(), blobs.clone(), settings)
+                .with_wake(wake.clone())
+                .with_counters(counters.clone());
             let stopped = Running::stopped(rx);
             tokio::spawn(async move {
                 worker.run(stopped).await;
@@ -747,6 +782,10 @@ fn init_tracing(config: &Config, target: Target) -> anyhow::Result<fhirmesh_ops:
         },
     });
     let json = config.log.format == crate::config::LogFormat::Json;
+    fhirmesh_core::trace::install(fhirmesh_core::trace::Propagation {
+        set_parent: fhirmesh_ops::trace::set_parent,
+        traceparent_of: fhirmesh_ops::trace::traceparent_of,
+    });
     fhirmesh_ops::trace::install(filter, json, otlp).map_err(anyhow::Error::msg)
 }
 
@@ -768,5 +807,21 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bus_lag_is_a_gauge_per_consumer_and_absent_when_unknown() {
+        let mut out = String::new();
+        bus_lag_gauge(&mut out, "indexer", Some(7));
+        assert!(out.contains("# TYPE fhirmesh_bus_consumer_lag_messages gauge\n"), "{out}");
+        assert!(out.ends_with("fhirmesh_bus_consumer_lag_messages{consumer=\"indexer\"} 7\n"), "{out}");
+        let mut out = String::new();
+        bus_lag_gauge(&mut out, "indexer", None);
+        assert_eq!(out, "");
     }
 }

@@ -214,6 +214,19 @@ async fn a_killed_exporter_s_chunk_is_taken_over_and_the_export_is_exact() {
     assert_eq!(exported.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
     assert_eq!(exported, expected, "every resource as stored at transactionTime");
 
+    // The successor's /metrics count what it did: the segments left, none of the whole export.
+    let metrics = client.get(format!("{}/metrics", successor.ops)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("text");
+    let value = |series: &str| -> u64 {
+        let line = metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')));
+        line.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{series} missing from:\n{metrics}"))
+    };
+    let completed = value("fhirmesh_export_chunks_total{outcome=\"completed\"}");
+    assert!((1..SEGMENTS as u64).contains(&completed), "{completed} segments by the successor");
+    let written = value("fhirmesh_export_resources_total");
+    assert!(written > 0 && written <= counted as u64, "{written} of {counted} resources by the successor");
+    assert_eq!(value("fhirmesh_export_chunks_in_progress"), 0);
+
     // The same job through an exporter configured for presigned downloads: the manifest names S3
     // URLs that serve the same bytes to a client without any token.
     let (presigning, presigning_gateway) = presigning_exporter_and_gateway(&env, &resource).await;

@@ -46,7 +46,12 @@ async fn sns_sqs_mesh_loses_nothing_when_relay_and_indexer_are_killed() {
 }
 
 async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing(shape: Shape) {
-    let env = mesh_env(&shape);
+    let mut env = mesh_env(&shape);
+    // What the killed indexer held comes back to its successor after the ack wait: keep it short.
+    env.extend([
+        ("FHIRMESH_NATS__ACK_WAIT_SECONDS".to_owned(), "3".to_owned()),
+        ("FHIRMESH_SNS_SQS__VISIBILITY_TIMEOUT_SECONDS".to_owned(), "3".to_owned()),
+    ]);
     let dir = tempfile::tempdir().expect("tempdir");
     let resource =
         support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], Some(dir.path()), &env)
@@ -125,8 +130,31 @@ async fn killing_the_relay_and_the_indexer_mid_load_loses_nothing(shape: Shape) 
     assert_eq!(gauge("fhirmesh_search_index_lag_changes"), 0, "{metrics}");
     let ready = client.get(format!("{}/readyz", indexer.ops)).send().await.expect("readyz");
     assert_eq!(ready.status(), 200);
+    // Its calls to the index are counted, and its bus consumer drains (the bus's own count).
+    assert!(counter(&metrics, "fhirmesh_search_index_requests_total{operation=\"apply\",code=\"ok\"}") > 0.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = client.get(format!("{}/metrics", indexer.ops)).send().await.expect("metrics");
+        let metrics = metrics.text().await.expect("text");
+        if counter(&metrics, "fhirmesh_bus_consumer_lag_messages{consumer=\"indexer\"}") == 0.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the indexer's consumer does not drain:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The resource service counted every commit.
+    let metrics = client.get(format!("{}/metrics", resource.ops)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("text");
+    let commits = counter(&metrics, "fhirmesh_store_requests_total{operation=\"commit\",code=\"ok\"}");
+    assert!(commits >= WRITES as f64, "{commits} commits counted:\n{metrics}");
 
     for process in [gateway, relay, indexer, resource] {
         process.kill_9().await;
     }
+}
+
+/// The value of the series `series` (name and labels) in a metrics text; a panic when absent.
+fn counter(metrics: &str, series: &str) -> f64 {
+    let value = metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')));
+    value.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{series} missing from:\n{metrics}"))
 }

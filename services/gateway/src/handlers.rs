@@ -323,23 +323,29 @@ pub(crate) async fn conditional_delete(
     }
     .await;
     match result {
-        Ok(result) => match negotiate::prefer_return(&headers) {
-            Return::OperationOutcome => {
-                let ids: Vec<String> =
-                    result.deleted.iter().map(|(id, v)| format!("{rtype}/{id} (version {v})")).collect();
-                let message = if ids.is_empty() {
-                    "nothing matched the criteria; nothing was deleted".to_owned()
-                } else {
-                    format!("deleted {}", ids.join(", "))
-                };
-                json_response(StatusCode::OK, &information(message), prelude.pretty)
+        Ok(result) => {
+            let mut response = match negotiate::prefer_return(&headers) {
+                Return::OperationOutcome => {
+                    let ids: Vec<String> =
+                        result.deleted.iter().map(|(id, v)| format!("{rtype}/{id} (version {v})")).collect();
+                    let message = if ids.is_empty() {
+                        "nothing matched the criteria; nothing was deleted".to_owned()
+                    } else {
+                        format!("deleted {}", ids.join(", "))
+                    };
+                    json_response(StatusCode::OK, &information(message), prelude.pretty)
+                }
+                _ => {
+                    let mut response = Response::new(Body::empty());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+            };
+            if let Some(sequence) = result.sequence {
+                set_consistency_token(&mut response, sequence);
             }
-            _ => {
-                let mut response = Response::new(Body::empty());
-                *response.status_mut() = StatusCode::NO_CONTENT;
-                response
-            }
-        },
+            response
+        }
         Err(error) => prelude.fail(error),
     }
 }
@@ -452,6 +458,9 @@ pub(crate) async fn delete(
                 && let Ok(etag) = http::HeaderValue::from_str(&format!("W/\"{v}\""))
             {
                 response.headers_mut().insert(http::header::ETAG, etag);
+            }
+            if let Some(sequence) = deleted.sequence {
+                set_consistency_token(&mut response, sequence);
             }
             response
         }

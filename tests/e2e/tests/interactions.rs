@@ -690,3 +690,67 @@ async fn metrics_expose_the_search_index_lag() {
     assert_eq!(value("fhirmesh_search_index_watermark"), value("fhirmesh_store_latest_sequence"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_write_returns_a_consistency_token_a_search_can_wait_for() {
+    let server = TestServer::start().await;
+    let token = |response: &reqwest::Response| -> u64 {
+        header(response, "x-consistency-token").and_then(|t| t.parse().ok()).expect("a numeric X-Consistency-Token")
+    };
+    let family = "Tokened";
+    let send = |request: reqwest::RequestBuilder, body: Option<Value>| async move {
+        let request = match body {
+            Some(body) => request.header("content-type", "application/fhir+json").body(body.to_string()),
+            None => request,
+        };
+        request.send().await.expect("sent")
+    };
+    let created = send(server.client.post(server.url("Patient")), Some(patient(family))).await;
+    assert_eq!(created.status(), 201);
+    let after_create = token(&created);
+    let id = header(&created, "location").expect("location").split('/').nth_back(2).expect("id").to_owned();
+    let updated = send(
+        server.client.put(server.url(&format!("Patient/{id}"))),
+        Some({
+            let mut changed = patient(family);
+            changed["id"] = json!(id);
+            changed
+        }),
+    )
+    .await;
+    assert_eq!(updated.status(), 200);
+    let after_update = token(&updated);
+    assert!(after_update > after_create, "{after_update} > {after_create}");
+    let other = send(server.client.post(server.url("Patient")), Some(patient(family))).await;
+    let other_id = header(&other, "location").expect("location").split('/').nth_back(2).expect("id").to_owned();
+
+    // A delete and a conditional delete answer with their tombstone's token too; a search sent
+    // with it sees the resources gone.
+    let deleted = send(server.client.delete(server.url(&format!("Patient/{id}"))), None).await;
+    assert_eq!(deleted.status(), 204);
+    let after_delete = token(&deleted);
+    assert!(after_delete > token(&other), "{after_delete}");
+    let search = |at: u64| {
+        server.client.get(server.url(&format!("Patient?family={family}"))).header("x-consistency-token", at).send()
+    };
+    let (status, bundle) = status_and_json(search(after_delete).await.expect("search")).await;
+    assert_eq!(status, 200);
+    let found: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(found, vec![other_id.as_str()], "{bundle}");
+    let conditional = send(server.client.delete(server.url(&format!("Patient?_id={other_id}"))), None).await;
+    assert_eq!(conditional.status(), 204);
+    let after_conditional = token(&conditional);
+    assert!(after_conditional > after_delete);
+    let (_, bundle) = status_and_json(search(after_conditional).await.expect("search")).await;
+    assert_eq!(bundle["total"], 0, "{bundle}");
+    // Deleting what is gone writes nothing: no token.
+    let again = send(server.client.delete(server.url(&format!("Patient/{id}"))), None).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(header(&again, "x-consistency-token"), None);
+    server.stop().await;
+}

@@ -254,6 +254,46 @@ async fn notifications_follow_the_r4_rest_hook_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_trace_context_reaches_the_receiver() {
+    // The store keeps a write's traceparent with its change; the notifier sends it on (here no
+    // spans are exported, so the client's own, unchanged: W3C for a hop that does not trace).
+    let receiver = Receiver::start().await;
+    let server = server(|_| {}).await;
+    let id = subscribe(
+        &server,
+        "",
+        "Observation?code=http://loinc.org|1234-5",
+        json!({"endpoint": format!("{}/hook", receiver.base)}),
+    )
+    .await;
+    wait_for_status(&server, "", &id, "active").await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = server
+        .client
+        .post(server.url("Observation"))
+        .header("content-type", "application/fhir+json")
+        .header("traceparent", traceparent)
+        .json(&observation("1234-5"))
+        .send()
+        .await
+        .expect("sent");
+    let (status, traced) = status_and_json(traced).await;
+    assert_eq!(status, 201, "{traced}");
+    let (status, untraced) = send(&server, "POST", "Observation", Some(&observation("1234-5"))).await;
+    assert_eq!(status, 201);
+
+    let callbacks = receiver.wait_for(2).await;
+    assert_eq!(callbacks.len(), 2, "{callbacks:#?}");
+    let of = |resource: &Value| {
+        let event = format!("default/Observation/{}/_history/1", resource["id"].as_str().expect("id"));
+        callbacks.iter().find(|c| c.header("x-fhirmesh-event-id") == Some(event.as_str())).expect("its callback")
+    };
+    assert_eq!(of(&traced).header("traceparent"), Some(traceparent));
+    assert_eq!(of(&untraced).header("traceparent"), None);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_deliveries_are_retried_set_error_and_recover() {
     let receiver = Receiver::start().await;
     receiver.answer(500);

@@ -253,6 +253,14 @@ impl EventConsumer for NatsConsumer {
         }
         Ok(deliveries)
     }
+
+    /// The consumer's `num_pending` (not delivered yet) plus `num_ack_pending` (delivered, not
+    /// acknowledged), as the server counts them now.
+    async fn backlog(&self) -> Result<Option<u64>, BusError> {
+        let mut consumer = PullConsumer::clone(&self.current().consumer);
+        let info = consumer.info().await.map_err(|err| self.shared.unavailable("reading its info", &err))?;
+        Ok(Some(info.num_pending.saturating_add(info.num_ack_pending as u64)))
+    }
 }
 
 impl Shared {

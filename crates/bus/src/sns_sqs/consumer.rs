@@ -270,6 +270,31 @@ impl EventConsumer for SqsConsumer {
         }
         Ok(deliveries)
     }
+
+    /// The queue's `ApproximateNumberOfMessages` (waiting) plus
+    /// `ApproximateNumberOfMessagesNotVisible` (received, not deleted yet).
+    async fn backlog(&self) -> Result<Option<u64>, BusError> {
+        use aws_sdk_sqs::types::QueueAttributeName as Name;
+        let queue_url = self.resolved_queue_url().await?;
+        let out = self
+            .inner
+            .sqs
+            .get_queue_attributes()
+            .queue_url(queue_url.as_ref())
+            .attribute_names(Name::ApproximateNumberOfMessages)
+            .attribute_names(Name::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .map_err(|err| {
+                unavailable(format!(
+                    "reading the attributes of sqs queue {queue_url}: {}",
+                    aws_sdk_sqs::error::DisplayErrorContext(err)
+                ))
+            })?;
+        let attributes = out.attributes.unwrap_or_default();
+        let count = |name: Name| attributes.get(&name).and_then(|value| value.parse::<u64>().ok()).unwrap_or(0);
+        Ok(Some(count(Name::ApproximateNumberOfMessages) + count(Name::ApproximateNumberOfMessagesNotVisible)))
+    }
 }
 
 /// A receipt handle to delete, with where its result goes.

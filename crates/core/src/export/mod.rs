@@ -16,4 +16,4 @@ pub use job::{
 };
 pub use request::KickOff;
 pub use service::{DynExportService, ExportService, ExportSettings, ExportStatus, Exports, Manifest};
-pub use worker::{ExportWorker, WorkerSettings};
+pub use worker::{ExportCounters, ExportWorker, WorkerSettings};

@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -83,6 +84,48 @@ pub fn job_prefix(tenant: &crate::model::TenantId, job: &JobId) -> Option<BlobPr
     BlobPrefix::new(tenant, &format!("export/{job}/")).ok()
 }
 
+/// What the export workers of a process have done, for its metrics (shared by its workers).
+#[derive(Debug, Default)]
+pub struct ExportCounters {
+    /// Resources written to export files (a retried chunk's are written again).
+    pub resources: AtomicU64,
+    /// Chunks leased and being worked on now.
+    pub in_progress: AtomicU64,
+    /// Chunks finished, by outcome.
+    pub completed: AtomicU64,
+    pub retried: AtomicU64,
+    pub taken_over: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl ExportCounters {
+    /// The counters as OpenMetrics text: `fhirmesh_export_resources_total`,
+    /// `fhirmesh_export_chunks_in_progress`, `fhirmesh_export_chunks_total{outcome}`.
+    pub fn render(&self, out: &mut String) {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "# HELP fhirmesh_export_resources Resources written to export files by this process.\n\
+             # TYPE fhirmesh_export_resources counter\n\
+             fhirmesh_export_resources_total {}\n\
+             # HELP fhirmesh_export_chunks_in_progress Export chunks this process is writing now.\n\
+             # TYPE fhirmesh_export_chunks_in_progress gauge\n\
+             fhirmesh_export_chunks_in_progress {}\n\
+             # HELP fhirmesh_export_chunks Export chunks this process finished working on, by outcome.\n\
+             # TYPE fhirmesh_export_chunks counter\n",
+            get(&self.resources),
+            get(&self.in_progress),
+        ));
+        for (outcome, counter) in [
+            ("completed", &self.completed),
+            ("retried", &self.retried),
+            ("taken_over", &self.taken_over),
+            ("failed", &self.failed),
+        ] {
+            out.push_str(&format!("fhirmesh_export_chunks_total{{outcome=\"{outcome}\"}} {}\n", get(counter)));
+        }
+    }
+}
+
 /// Chunk workers; see the module documentation.
 pub struct ExportWorker {
     jobs: DynJobStore,
@@ -91,6 +134,7 @@ pub struct ExportWorker {
     settings: WorkerSettings,
     /// Rung by a kick-off in the same process: no poll interval between a job and its start.
     wake: Arc<Notify>,
+    counters: Arc<ExportCounters>,
 }
 
 /// Why a chunk was not finished.
@@ -111,7 +155,13 @@ impl ExportWorker {
         blobs: DynBlobStore,
         settings: WorkerSettings,
     ) -> ExportWorker {
-        ExportWorker { jobs, source, blobs, settings, wake: Arc::new(Notify::new()) }
+        ExportWorker { jobs, source, blobs, settings, wake: Arc::new(Notify::new()), counters: Arc::default() }
+    }
+
+    /// Counts this worker's work in `counters` (shared by the workers of a process).
+    pub fn with_counters(mut self, counters: Arc<ExportCounters>) -> ExportWorker {
+        self.counters = counters;
+        self
     }
 
     /// Wakes this worker whenever `wake` is notified (the [`crate::export::Exports`] of the same
@@ -156,6 +206,7 @@ impl ExportWorker {
             }
         };
         let job = chunk.job.id.clone();
+        self.counters.in_progress.fetch_add(1, Ordering::Relaxed);
         let part = chunk.job.request.chunks().into_iter().nth(chunk.index as usize);
         let outcome = match part {
             None => Err(Stop::Fatal(format!("the job has no chunk {}", chunk.index))),
@@ -169,6 +220,14 @@ impl ExportWorker {
             }
             Some(part) => self.export_chunk(&chunk, &part).await,
         };
+        self.counters.in_progress.fetch_sub(1, Ordering::Relaxed);
+        let finished = match &outcome {
+            Ok(()) => &self.counters.completed,
+            Err(Stop::LeaseLost) => &self.counters.taken_over,
+            Err(Stop::Transient(_)) => &self.counters.retried,
+            Err(Stop::Fatal(_)) => &self.counters.failed,
+        };
+        finished.fetch_add(1, Ordering::Relaxed);
         match outcome {
             Ok(()) => {}
             Err(Stop::LeaseLost) => {
@@ -243,6 +302,7 @@ impl ExportWorker {
                 };
                 if let Some(line) = selection.line(version.id.as_str(), &body, now)? {
                     files.push(line).await?;
+                    self.counters.resources.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if renewed.elapsed() >= self.settings.lease / 3 {

@@ -97,13 +97,16 @@ pub(super) async fn delete(
         ));
     }
     let mut deleted = Vec::with_capacity(found.len());
+    let mut sequence = None;
     for version in found {
         let delete = DeleteRequest { resource_type: request.resource_type, id: version.id.clone(), if_match: None };
-        if let Some(version_id) = super::delete::delete(svc, ctx, delete).await?.version_id {
+        let result = super::delete::delete(svc, ctx, delete).await?;
+        if let Some(version_id) = result.version_id {
             deleted.push((version.id, version_id));
         }
+        sequence = sequence.max(result.sequence);
     }
-    Ok(ConditionalDeleteResult { deleted })
+    Ok(ConditionalDeleteResult { deleted, sequence })
 }
 
 /// The live resources matching a condition that the caller can reach, at most `limit` of them.

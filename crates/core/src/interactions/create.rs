@@ -64,6 +64,7 @@ pub(super) async fn create(
             last_updated,
             operation: Operation::Create,
             body: Some(bytes.clone()),
+            traceparent: ctx.traceparent.clone(),
         };
         match svc.store.commit(&ctx.tenant, vec![write]).await {
             Ok(receipt) => {

@@ -21,5 +21,8 @@ pub(super) async fn delete(
             })
         })
         .await?;
-    Ok(DeleteResult { version_id: written.map(|w| w.version.version_id) })
+    Ok(DeleteResult {
+        version_id: written.as_ref().map(|w| w.version.version_id),
+        sequence: written.map(|w| w.version.sequence),
+    })
 }

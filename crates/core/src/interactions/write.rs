@@ -71,6 +71,7 @@ pub(super) async fn with_retries(
             last_updated,
             operation,
             body: body.clone(),
+            traceparent: ctx.traceparent.clone(),
         };
         match svc.store.commit(&ctx.tenant, vec![write]).await {
             Ok(receipt) => {

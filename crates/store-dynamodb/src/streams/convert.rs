@@ -101,8 +101,7 @@ pub(crate) fn event_from_record(record: &Record) -> Result<Option<VersionEvent>,
     // A body kept in the blob store is not in the image: the event goes without it
     // (`body_omitted`), and consumers read the version from the store.
     let change = change_from_version_item(&item)?;
-    let mut event = ResourceChanged::from(change);
-    event.traceparent = None;
+    let event = ResourceChanged::from(change);
     Ok(Some(VersionEvent { event, txn: txn_of(&item, "txn").map(str::to_owned) }))
 }
 
@@ -219,6 +218,15 @@ mod tests {
         assert_eq!(event.operation, Operation::Update);
         assert_eq!(event.idempotency_key, "t1/Patient/p1/_history/2");
         assert_eq!(event.traceparent, None);
+        // The write's trace context rides on the version item to the event.
+        let mut traced = version_image("V#00000000000000000002");
+        traced.insert("tp".to_owned(), s("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let written =
+            event_from_record(&record(OperationType::Insert, traced, "101")).expect("decodes").expect("event");
+        assert_eq!(
+            written.event.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
         assert_eq!(event.resource.as_deref(), Some(&b"{\"resourceType\":\"Patient\"}"[..]));
     }
 

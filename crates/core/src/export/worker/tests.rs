@@ -282,8 +282,10 @@ impl crate::blob::BlobStore for NoBlobs {
 async fn a_chunk_that_keeps_failing_fails_its_job_with_the_last_reason() {
     let jobs = std::sync::Arc::new(OneChunk::default());
     let settings = WorkerSettings { max_attempts: 3, ..WorkerSettings::default() };
+    let counters = std::sync::Arc::new(ExportCounters::default());
     let worker =
-        ExportWorker::new(jobs.clone(), std::sync::Arc::new(Unreadable), std::sync::Arc::new(NoBlobs), settings);
+        ExportWorker::new(jobs.clone(), std::sync::Arc::new(Unreadable), std::sync::Arc::new(NoBlobs), settings)
+            .with_counters(counters.clone());
     for attempt in 1..=3 {
         assert!(worker.work_once().await, "attempt {attempt} leased the chunk");
         let state = jobs.state.lock().expect("state");
@@ -296,4 +298,16 @@ async fn a_chunk_that_keeps_failing_fails_its_job_with_the_last_reason() {
     assert!(failed.contains("exporting Patient failed 3 times"), "{failed}");
     assert!(failed.contains("disk on fire"), "{failed}");
     assert!(!worker.work_once().await, "nothing left to lease");
+    // Three tries given back, then the failure; nothing written, nothing in progress.
+    let mut text = String::new();
+    counters.render(&mut text);
+    for line in [
+        "fhirmesh_export_resources_total 0\n",
+        "fhirmesh_export_chunks_in_progress 0\n",
+        "fhirmesh_export_chunks_total{outcome=\"retried\"} 3\n",
+        "fhirmesh_export_chunks_total{outcome=\"failed\"} 1\n",
+        "fhirmesh_export_chunks_total{outcome=\"completed\"} 0\n",
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }

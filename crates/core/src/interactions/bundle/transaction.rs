@@ -156,7 +156,10 @@ async fn attempt(
     let last_sequence = if writes.is_empty() {
         None
     } else {
-        let version_writes = writes.iter().map(|(_, write)| write.clone()).collect();
+        let version_writes = writes
+            .iter()
+            .map(|(_, write)| VersionWrite { traceparent: ctx.traceparent.clone(), ..write.clone() })
+            .collect();
         match svc.store.commit(&ctx.tenant, version_writes).await {
             Ok(receipt) => {
                 for (offset, (pending, write)) in writes.into_iter().enumerate() {
@@ -619,6 +622,7 @@ fn to_write(
         last_updated,
         operation,
         body,
+        traceparent: None,
     };
     Ok((pending, write))
 }
