@@ -2,7 +2,7 @@
 CARGO ?= cargo
 SEARCH_SCENARIOS ?= create,search-token,search-string,search-chain,search-include,index-lag
 
-.PHONY: help run build deps test test-dynamodb lint fmt bench bench-opensearch bench-micro gen-fhir-data k8s-validate
+.PHONY: help run build deps test test-dynamodb lint fmt bench bench-opensearch bench-mesh bench-micro gen-fhir-data k8s-validate
 
 # The real servers integration tests talk to (moto, nats-server, OpenSearch) run around the test
 # command.
@@ -46,6 +46,9 @@ bench: ## the standard benchmark suite against a fresh embedded server (≈5 min
 bench-opensearch: ## the search and indexing scenarios with the index on OpenSearch (the test node), then on SQLite, same data
 	tools/testinfra/with-infra.sh bash -c 'FHIRMESH_SEARCH__BACKEND=opensearch FHIRMESH_OPENSEARCH__URL=$$FHIRMESH_TEST_OPENSEARCH_URL LABEL=opensearch SCENARIOS=$(SEARCH_SCENARIOS) bash tools/bench/standard.sh'
 	LABEL=sqlite SCENARIOS=$(SEARCH_SCENARIOS) bash tools/bench/standard.sh
+
+bench-mesh: ## read, create, search and index lag against the services as separate processes (gateway, resource, relay, indexer; NATS) → bench-results/
+	bash tools/bench/mesh.sh
 
 bench-micro: ## criterion micro-benchmarks of the hot paths (validation, extraction, query parsing, SQLite writes)
 	$(CARGO) bench -p fhirmesh-fhir -p fhirmesh-store-sqlite --locked
