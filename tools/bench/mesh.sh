@@ -61,7 +61,8 @@ export FHIRMESH_OPS__LISTEN=127.0.0.1:0 FHIRMESH_AUTH__INSECURE_ALLOW_NONE=true 
 DATA="$WORK/data"
 
 # Starts `fhirmesh serve ARGS…` with its log in $WORK/NAME.log; waits for PATTERN in its output
-# and prints the first capture of SED on it.
+# and sets FOUND to the first capture of SED on it. Called directly, never in `$(…)`: a subshell
+# would keep the PID from PIDS, and the process would outlive the script.
 start() {
   local name="$1" pattern="$2" sed_expr="$3"
   shift 3
@@ -75,15 +76,18 @@ start() {
     sleep 0.1
   done
   [[ -n "$found" ]] || { cat "$WORK/$name.log"; echo "$name did not start ($pattern)" >&2; exit 1; }
-  echo "$found"
+  FOUND="$found"
 }
 
-GRPC="$(start resource "gRPC" 's/^fhirmesh: .*gRPC.* listening on \([0-9.:]*\).*$/\1/p' \
-  --target resource --grpc-listen 127.0.0.1:0 --data-dir "$DATA")"
-start relay "relay" 's/^fhirmesh: \(.*relay.*\)$/\1/p' --target relay --data-dir "$DATA" >/dev/null
-start indexer "indexer" 's/^fhirmesh: \(.*indexer.*\)$/\1/p' --target indexer --data-dir "$DATA" >/dev/null
-URL="$(start gateway "FHIR API" 's/^fhirmesh: FHIR API listening on \(http:[^ ]*\)$/\1/p' \
-  --target gateway --listen 127.0.0.1:0 --resource-endpoint "http://$GRPC")"
+FOUND=""
+start resource "gRPC" 's/^fhirmesh: .*gRPC.* listening on \([0-9.:]*\).*$/\1/p' \
+  --target resource --grpc-listen 127.0.0.1:0 --data-dir "$DATA"
+GRPC="$FOUND"
+start relay "relay" 's/^fhirmesh: \(.*relay.*\)$/\1/p' --target relay --data-dir "$DATA"
+start indexer "indexer" 's/^fhirmesh: \(.*indexer.*\)$/\1/p' --target indexer --data-dir "$DATA"
+start gateway "FHIR API" 's/^fhirmesh: FHIR API listening on \(http:[^ ]*\)$/\1/p' \
+  --target gateway --listen 127.0.0.1:0 --resource-endpoint "http://$GRPC"
+URL="$FOUND"
 echo "mesh: gateway $URL → resource $GRPC; relay and indexer on nats://127.0.0.1:$NATS_PORT (work dir $WORK)"
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)-mesh"
