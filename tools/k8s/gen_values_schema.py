@@ -155,6 +155,8 @@ schema = {
         'probes': {'type': 'object', 'additionalProperties': False, 'required': ['liveness', 'readiness', 'startup'],
                    'properties': {'liveness': probe, 'readiness': probe, 'startup': probe}},
         'terminationGracePeriodSeconds': {'type': ['integer', 'null'], 'minimum': 1},
+        'grpcTls': {'type': 'object', 'additionalProperties': False, 'properties': {
+            'enabled': {'type': 'boolean'}, 'secretName': {'type': 'string'}, 'clientAuth': {'type': 'boolean'}}},
         'networkPolicy': {'type': 'object', 'additionalProperties': False, 'properties': {
             'enabled': {'type': 'boolean'}, 'gatewayFrom': peers, 'metricsFrom': peers}},
         'serviceMonitor': {'type': 'object', 'additionalProperties': False, 'properties': {

@@ -147,6 +147,30 @@ check "negative: two change-log relays fail helm template" \
   expect_failure "exactly one relay publishes" \
   "$HELM" template fhirmesh "$CHART" --kube-version "$KUBE_VERSION" -f tools/k8s/values/bad-relay-replicas.yaml
 
+check "negative: gRPC TLS without its Secret fails helm template" \
+  expect_failure "grpcTls.enabled needs grpcTls.secretName" \
+  "$HELM" template fhirmesh "$CHART" --kube-version "$KUBE_VERSION" -f tools/k8s/values/bad-grpc-tls.yaml
+
+# grpcTls: every mesh pod mounts the Secret, the config names its files, every endpoint is https.
+grpc_tls_rendered() {
+  "$PYTHON" - "$WORK/render-aws+all-features.yaml" <<'PY'
+import sys, yaml
+objs = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o]
+toml = next(o["data"]["fhirmesh.toml"] for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-config"))
+problems = [f"config lacks {k}" for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if k not in toml]
+problems += [f"config has a clear-text endpoint: {line}" for line in toml.splitlines() if "_endpoint" in line and "http://" in line and "otlp" not in line]
+for o in objs:
+    if o["kind"] != "Deployment":
+        continue
+    volumes = {v["name"]: v for v in o["spec"]["template"]["spec"]["volumes"]}
+    if volumes.get("grpc-tls", {}).get("secret", {}).get("secretName") != "fhirmesh-grpc-tls":
+        problems.append(f"{o['metadata']['name']} does not mount the gRPC TLS Secret")
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+PY
+}
+check "grpcTls: Secret mounted in every mesh pod, tls_* set, https endpoints" grpc_tls_rendered
+
 # --- deploy/k8s ---------------------------------------------------------------------------------
 check "deploy/k8s generated files equal the chart's rendering" "$PYTHON" tools/k8s/render.py --check
 built=()

@@ -225,6 +225,19 @@ impl std::error::Error for FhirError {}
 
 pub type FhirResult<T> = Result<T, FhirError>;
 
+/// `error` and each of its sources, `: `-separated — the whole story of a failure from a library
+/// whose top-level messages say little (a transport error, a dispatch failure).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +267,26 @@ mod tests {
         let err = FhirError::invalid("bad element").at("Patient.name[0]");
         let back = FhirError::from_operation_outcome(err.category, &err.to_operation_outcome());
         assert_eq!(back, err);
+    }
+
+    #[test]
+    fn a_chain_names_every_cause() {
+        let outer = Wrapped(std::io::Error::other("connection reset"));
+        assert_eq!(chain(&outer), "dispatch failure: connection reset");
+    }
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("dispatch failure")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 }

@@ -13,12 +13,14 @@
 //! before its response (every error of a unary call) carries its status in the headers.
 
 use std::future::Future;
+use std::path::Path;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::Ops;
@@ -157,14 +159,115 @@ where
     }
 }
 
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS between the services of one mesh (`[grpc] tls_*`): every gRPC server presents this
+/// service's certificate and, with `client_auth` (mTLS), accepts only callers presenting a
+/// certificate issued by `ca`; every client checks the server's certificate against `ca` (for the
+/// endpoint's host, or `server_name`) and presents this service's certificate. Cheap to clone.
+#[derive(Clone)]
+pub struct GrpcTls {
+    ca: Certificate,
+    identity: Identity,
+    client_auth: bool,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for GrpcTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTls")
+            .field("client_auth", &self.client_auth)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcTls {
+    /// From PEM: the CA certificate(s), this service's certificate (chain) and its private key.
+    /// Each is checked now, so that a bad file stops the service at start rather than failing
+    /// every call later.
+    pub fn from_pem(
+        ca: impl AsRef<[u8]>,
+        cert: impl AsRef<[u8]>,
+        key: impl AsRef<[u8]>,
+        client_auth: bool,
+        server_name: Option<String>,
+    ) -> anyhow::Result<GrpcTls> {
+        install_crypto_provider();
+        let tls = GrpcTls {
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(cert, key),
+            client_auth,
+            server_name,
+        };
+        tonic::transport::Server::builder().tls_config(tls.server()).map_err(|error| {
+            anyhow::anyhow!("cannot serve with this certificate, key and CA: {}", fhirmesh_core::error::chain(&error))
+        })?;
+        tonic::transport::Endpoint::from_static("https://localhost").tls_config(tls.client()).map_err(|error| {
+            anyhow::anyhow!("cannot call with this certificate, key and CA: {}", fhirmesh_core::error::chain(&error))
+        })?;
+        Ok(tls)
+    }
+
+    /// [`GrpcTls::from_pem`] of the files at these paths.
+    pub fn load(
+        ca_file: &Path,
+        cert_file: &Path,
+        key_file: &Path,
+        client_auth: bool,
+        server_name: Option<String>,
+    ) -> anyhow::Result<GrpcTls> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).map_err(|error| anyhow::anyhow!("cannot read the {what} {}: {error}", path.display()))
+        };
+        GrpcTls::from_pem(
+            read(ca_file, "CA certificate")?,
+            read(cert_file, "certificate")?,
+            read(key_file, "private key")?,
+            client_auth,
+            server_name,
+        )
+    }
+
+    /// The server side: this service's certificate, and the callers' checked against the CA.
+    pub fn server(&self) -> ServerTlsConfig {
+        let config = ServerTlsConfig::new().identity(self.identity.clone()).timeout(TLS_HANDSHAKE_TIMEOUT);
+        if self.client_auth { config.client_ca_root(self.ca.clone()) } else { config }
+    }
+
+    /// The client side: the server's certificate checked against the CA, this service's presented.
+    pub fn client(&self) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        match &self.server_name {
+            Some(name) => config.domain_name(name.clone()),
+            None => config,
+        }
+    }
+}
+
+/// aws-lc-rs as the process's TLS crypto provider, unless one is installed: rustls cannot choose
+/// one itself when, as here, dependencies enable more than one.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // A race with another installer is harmless: either provider is in place after it.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
 /// Serves `routes` on `listener` with the health service (each of `services` and the server as
 /// a whole SERVING, NOT_SERVING once `ops` drains) and request metrics (registered with `ops`),
-/// until `shutdown` resolves; in-flight calls finish first.
+/// until `shutdown` resolves; in-flight calls finish first. With `tls`, only over TLS (mTLS when
+/// it asks for client certificates).
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
     ops: &Ops,
+    tls: Option<&GrpcTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -193,7 +296,13 @@ pub async fn serve(
             }
         })
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|error| anyhow::anyhow!("gRPC TLS: {}", fhirmesh_core::error::chain(&error)))?;
+    }
+    builder
         .layer(MetricsLayer(metrics))
         .add_routes(routes.add_service(health))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -217,9 +326,15 @@ pub fn health_check(
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let request = tonic_health::pb::HealthCheckRequest { service: service.clone() };
         Box::pin(async move {
-            let answer = client.check(request).await.map_err(|status| match status.code() {
-                tonic::Code::Unavailable => format!("unreachable: {}", status.message()),
-                code => format!("{code:?}: {}", status.message()),
+            let answer = client.check(request).await.map_err(|status| {
+                // The cause (refused connection, TLS alert, …) is in the status's sources.
+                let cause = std::error::Error::source(&status)
+                    .map(|source| format!(": {}", fhirmesh_core::error::chain(source)));
+                let cause = cause.unwrap_or_default();
+                match status.code() {
+                    tonic::Code::Unavailable => format!("unreachable: {}{cause}", status.message()),
+                    code => format!("{code:?}: {}{cause}", status.message()),
+                }
             })?;
             match answer.into_inner().status() {
                 tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
@@ -229,15 +344,22 @@ pub fn health_check(
     }
 }
 
-/// [`health_check`] of the server at `endpoint` (an `http(s)://` URL), connecting within 2 s.
+/// [`health_check`] of the server at `endpoint` (an `http://` URL, or `https://` with `tls`),
+/// connecting within 2 s.
 pub fn health_check_endpoint(
     endpoint: &str,
     service: &str,
+    tls: Option<&GrpcTls>,
 ) -> Result<impl Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync + 'static, String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+    let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
         .map_err(|error| format!("invalid endpoint {endpoint}: {error}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        channel = channel
+            .tls_config(tls.client())
+            .map_err(|error| format!("gRPC TLS: {}", fhirmesh_core::error::chain(&error)))?;
+    }
+    let channel = channel.connect_lazy();
     Ok(health_check(channel, service))
 }
 
@@ -267,7 +389,7 @@ mod tests {
         let server = tokio::spawn({
             let ops = ops.clone();
             async move {
-                serve(listener, Routes::default(), &["fhirmesh.v1.BinaryService"], &ops, async {
+                serve(listener, Routes::default(), &["fhirmesh.v1.BinaryService"], &ops, None, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -313,5 +435,106 @@ mod tests {
         assert!(text.contains("fhirmesh_grpc_server_request_duration_seconds_bucket{"), "{text}");
         let _ = stop.send(());
         server.await.expect("join").expect("serve");
+    }
+
+    /// A server with `tls` on a free port, and its `https://` address.
+    async fn tls_server(tls: GrpcTls) -> (String, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ops = Ops::new("resource");
+        tokio::spawn(async move {
+            serve(listener, Routes::default(), &[], &ops, Some(&tls), async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        (format!("https://{address}"), stop)
+    }
+
+    fn tls_of(ca: &fhirmesh_testinfra::tls::TestCa, trusted: &fhirmesh_testinfra::tls::TestCa, name: &str) -> GrpcTls {
+        let issued = ca.issue(name);
+        GrpcTls::from_pem(trusted.pem(), issued.cert, issued.key, true, None).expect("tls")
+    }
+
+    /// The first answer of `endpoint`'s health service within 2 s that is not "unreachable"
+    /// (the server task may not be accepting yet), or the last failure.
+    async fn health_over(endpoint: &str, tls: Option<&GrpcTls>) -> Result<(), String> {
+        let check = health_check_endpoint(endpoint, "", tls).expect("endpoint");
+        let mut answer = check().await;
+        for _ in 0..20 {
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer = check().await;
+        }
+        answer
+    }
+
+    #[tokio::test]
+    async fn mtls_serves_only_callers_with_a_certificate_of_the_mesh_ca() {
+        use fhirmesh_testinfra::tls::TestCa;
+        let (mesh, other) = (TestCa::new("mesh"), TestCa::new("elsewhere"));
+        let (endpoint, _stop) = tls_server(tls_of(&mesh, &mesh, "resource")).await;
+
+        assert_eq!(health_over(&endpoint, Some(&tls_of(&mesh, &mesh, "gateway"))).await, Ok(()));
+        // A caller whose certificate another CA issued is refused in the handshake (with TLS 1.3
+        // the caller learns it at its first request).
+        let stranger = health_over(&endpoint, Some(&tls_of(&other, &mesh, "stranger"))).await;
+        assert!(stranger.is_err(), "{stranger:?}");
+        // A caller that does not trust the mesh CA refuses the server.
+        let distrusting = health_over(&endpoint, Some(&tls_of(&mesh, &other, "gateway"))).await;
+        assert!(distrusting.as_ref().is_err_and(|e| e.starts_with("unreachable")), "{distrusting:?}");
+        // Plain HTTP/2 gets no answer from a TLS server.
+        let plain = health_over(&endpoint.replace("https://", "http://"), None).await;
+        assert!(plain.is_err(), "{plain:?}");
+        // None of that hurt the server.
+        assert_eq!(health_over(&endpoint, Some(&tls_of(&mesh, &mesh, "notifier"))).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn without_client_auth_any_caller_that_trusts_the_server_is_served() {
+        use fhirmesh_testinfra::tls::TestCa;
+        let (mesh, other) = (TestCa::new("mesh"), TestCa::new("elsewhere"));
+        let issued = mesh.issue("resource");
+        let server = GrpcTls::from_pem(mesh.pem(), issued.cert, issued.key, false, None).expect("tls");
+        let (endpoint, _stop) = tls_server(server).await;
+        assert_eq!(health_over(&endpoint, Some(&tls_of(&other, &mesh, "stranger"))).await, Ok(()));
+        // The name checked in the server's certificate can be set (it has localhost, not this one).
+        let issued = mesh.issue("gateway");
+        let misnamed =
+            GrpcTls::from_pem(mesh.pem(), issued.cert, issued.key, true, Some("resource.example".to_owned()))
+                .expect("tls");
+        assert!(health_over(&endpoint, Some(&misnamed)).await.is_err());
+        let issued = mesh.issue("gateway");
+        let named =
+            GrpcTls::from_pem(mesh.pem(), issued.cert, issued.key, true, Some("localhost".to_owned())).expect("tls");
+        assert_eq!(health_over(&endpoint, Some(&named)).await, Ok(()));
+    }
+
+    #[test]
+    fn unusable_certificates_keys_and_cas_are_refused_when_loaded() {
+        use fhirmesh_testinfra::tls::TestCa;
+        let mesh = TestCa::new("mesh");
+        let (one, two) = (mesh.issue("one"), mesh.issue("two"));
+        let refused = |ca: &str, cert: &str, key: &str| {
+            GrpcTls::from_pem(ca, cert, key, true, None).expect_err("refused").to_string()
+        };
+        assert!(refused("not a certificate", &one.cert, &one.key).contains("CA"), "CA");
+        assert!(refused(&mesh.pem(), "not a certificate", &one.key).contains("certificate"));
+        assert!(refused(&mesh.pem(), &one.cert, "not a key").contains("key"));
+        // A key that is not the certificate's.
+        let mismatched = refused(&mesh.pem(), &one.cert, &two.key);
+        assert!(mismatched.contains("cannot"), "{mismatched}");
+        let dir = tempfile_dir();
+        let missing = GrpcTls::load(&dir.join("ca.pem"), &dir.join("c.pem"), &dir.join("k.pem"), true, None)
+            .expect_err("no files")
+            .to_string();
+        assert!(missing.contains("cannot read the CA certificate") && missing.contains("ca.pem"), "{missing}");
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("fhirmesh-ops-tls-{}", std::process::id()))
     }
 }

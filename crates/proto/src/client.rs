@@ -16,7 +16,7 @@ use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService, Reso
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::convert::{WireError, context_to_wire, required, versions_from_wire};
 use crate::pb;
@@ -71,7 +71,12 @@ impl GrpcResourceClient {
     /// `http://`). Connects lazily, on the first call, and reconnects after failures; must be
     /// called inside a Tokio runtime. Fails only when `endpoint` is not a valid URI.
     pub fn connect(endpoint: String) -> Result<Self, tonic::transport::Error> {
-        let (channel, endpoint) = lazy_channel(endpoint)?;
+        Self::connect_with(endpoint, None)
+    }
+
+    /// [`GrpcResourceClient::connect`], over TLS with `tls`.
+    pub fn connect_with(endpoint: String, tls: Option<ClientTlsConfig>) -> Result<Self, tonic::transport::Error> {
+        let (channel, endpoint) = lazy_channel(endpoint, tls)?;
         Ok(Self::with_label(channel, endpoint))
     }
 
@@ -354,10 +359,19 @@ impl ResourceService for GrpcResourceClient {
 /// A channel to `endpoint` (`http://host:port`; a bare `host:port` means `http://`) that connects
 /// on first use and reconnects after failures, and the endpoint as used. Must be called inside a
 /// Tokio runtime; fails only when `endpoint` is not a valid URI.
-pub(crate) fn lazy_channel(endpoint: String) -> Result<(Channel, String), tonic::transport::Error> {
-    let endpoint = if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") };
-    let channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
-    Ok((channel, endpoint))
+/// With `tls`, over TLS: a bare `host:port` then means `https://` (an `http://` endpoint would
+/// connect in the clear).
+pub(crate) fn lazy_channel(
+    endpoint: String,
+    tls: Option<ClientTlsConfig>,
+) -> Result<(Channel, String), tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = if endpoint.contains("://") { endpoint } else { format!("{scheme}://{endpoint}") };
+    let mut channel = Endpoint::from_shared(endpoint.clone())?.connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = tls {
+        channel = channel.tls_config(tls)?;
+    }
+    Ok((channel.connect_lazy(), endpoint))
 }
 
 /// `message` as a request that carries the caller's trace context: the trace continues on the

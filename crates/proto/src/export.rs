@@ -174,7 +174,15 @@ impl GrpcExportClient {
     /// `http://`). Connects lazily and reconnects after failures; must be called inside a Tokio
     /// runtime. Fails only when `endpoint` is not a valid URI.
     pub fn connect(endpoint: String) -> Result<Self, tonic::transport::Error> {
-        let (channel, endpoint) = crate::client::lazy_channel(endpoint)?;
+        Self::connect_with(endpoint, None)
+    }
+
+    /// [`GrpcExportClient::connect`], over TLS with `tls`.
+    pub fn connect_with(
+        endpoint: String,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let (channel, endpoint) = crate::client::lazy_channel(endpoint, tls)?;
         let client = ExportServiceClient::new(channel)
             .max_decoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE)
             .max_encoding_message_size(crate::DEFAULT_MAX_MESSAGE_SIZE);

@@ -27,7 +27,7 @@ where
 {
     match &err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Unavailable(format!("DynamoDB {what}: {}", describe(&err)))
+            StoreError::Unavailable(format!("DynamoDB {what}: {}", fhirmesh_core::error::chain(&err)))
         }
         SdkError::ServiceError(service) => {
             let code = service.err().code().unwrap_or("unknown");
@@ -38,7 +38,7 @@ where
                 StoreError::Internal(format!("DynamoDB {what}: {code} {message}"))
             }
         }
-        _ => StoreError::Internal(format!("DynamoDB {what}: {}", describe(&err))),
+        _ => StoreError::Internal(format!("DynamoDB {what}: {}", fhirmesh_core::error::chain(&err))),
     }
 }
 
@@ -55,15 +55,4 @@ pub(crate) fn job_error(err: StoreError) -> JobError {
 /// Whether the request may have reached DynamoDB and been applied although no answer came back.
 pub(crate) fn is_indeterminate<E, R>(err: &SdkError<E, R>) -> bool {
     matches!(err, SdkError::TimeoutError(_) | SdkError::ResponseError(_) | SdkError::DispatchFailure(_))
-}
-
-fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

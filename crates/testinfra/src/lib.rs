@@ -3,6 +3,8 @@
 //! 127.0.0.1 and exports their addresses; a test run without them fails with a message saying so,
 //! rather than skipping silently.
 
+pub mod tls;
+
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 

@@ -120,7 +120,13 @@ every other one serves them on ports.ops. */}}
 
 {{/* The in-cluster URL of a component's gRPC service. */}}
 {{- define "fhirmesh.grpcEndpoint" -}}
-{{- printf "http://%s-%s:%s" (include "fhirmesh.fullname" .root) .component (include "fhirmesh.grpcPort" .) -}}
+{{- $scheme := ternary "https" "http" (eq (include "fhirmesh.grpcTls" .root) "true") -}}
+{{- printf "%s://%s-%s:%s" $scheme (include "fhirmesh.fullname" .root) .component (include "fhirmesh.grpcPort" .) -}}
+{{- end -}}
+
+{{/* "true" when the mesh's gRPC calls go over TLS (grpcTls.enabled, a mesh profile). */}}
+{{- define "fhirmesh.grpcTls" -}}
+{{- and .Values.grpcTls.enabled (ne .Values.profile "embedded") -}}
 {{- end -}}
 
 {{/* Refuses value combinations that render but cannot work. */}}
@@ -159,6 +165,9 @@ every other one serves them on ports.ops. */}}
 {{- fail (printf "%s.keda.enabled needs %s.keda.triggers" $name $name) -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.grpcTls.enabled (not .Values.grpcTls.secretName) -}}
+{{- fail "grpcTls.enabled needs grpcTls.secretName: a Secret with ca.crt, tls.crt and tls.key" -}}
+{{- end -}}
 {{- if not .Values.gateway.enabled -}}
 {{- fail "gateway.enabled = false: the gateway is the FHIR API; a mesh without it serves nothing" -}}
 {{- end -}}
@@ -190,6 +199,9 @@ it (listen addresses, in-cluster endpoints, data_dir). */}}
 {{- end -}}
 {{- $_ := set $set "gateway" $gateway -}}
 {{- $_ := set $set "notifier" (dict "resource_endpoint" (include "fhirmesh.grpcEndpoint" (dict "root" . "component" "resource"))) -}}
+{{- if eq (include "fhirmesh.grpcTls" .) "true" -}}
+{{- $_ := set $set "grpc" (dict "tls_ca_file" "/etc/fhirmesh-grpc-tls/ca.crt" "tls_cert_file" "/etc/fhirmesh-grpc-tls/tls.crt" "tls_key_file" "/etc/fhirmesh-grpc-tls/tls.key" "tls_client_auth" .Values.grpcTls.clientAuth) -}}
+{{- end -}}
 {{- end -}}
 {{- toJson (mergeOverwrite $cfg $set) -}}
 {{- end -}}

@@ -107,6 +107,11 @@ spec:
           mountPath: /data
         - name: tmp
           mountPath: /tmp
+        {{- if eq (include "fhirmesh.grpcTls" $root) "true" }}
+        - name: grpc-tls
+          mountPath: /etc/fhirmesh-grpc-tls
+          readOnly: true
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -130,6 +135,12 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 256Mi
+    {{- if eq (include "fhirmesh.grpcTls" $root) "true" }}
+    - name: grpc-tls
+      secret:
+        secretName: {{ $root.Values.grpcTls.secretName }}
+        defaultMode: 0440
+    {{- end }}
   {{- with $svc.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}

@@ -58,11 +58,46 @@ pub struct GrpcSection {
     /// Times a read-only call (read, vread, search, history) is tried again after its connection
     /// failed (e.g. a resource service restarting); writes never are.
     pub read_retries: u32,
+    /// TLS between services, on with these three set (PEM files; all or none): the CA
+    /// certificate(s) every peer's certificate is checked against, …
+    pub tls_ca_file: Option<PathBuf>,
+    /// … this service's certificate (chain), presented by its gRPC server and by its calls, …
+    pub tls_cert_file: Option<PathBuf>,
+    /// … and that certificate's private key. Read at start: a rotated certificate takes a restart.
+    pub tls_key_file: Option<PathBuf>,
+    /// gRPC servers accept only callers presenting a certificate of `tls_ca_file` (mTLS); false:
+    /// TLS with the servers' certificates only.
+    pub tls_client_auth: bool,
+    /// The name checked in servers' certificates instead of each endpoint's host (e.g. one
+    /// certificate for the whole mesh).
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for GrpcSection {
     fn default() -> Self {
-        GrpcSection { request_timeout_ms: 60_000, read_retries: 2 }
+        GrpcSection {
+            request_timeout_ms: 60_000,
+            read_retries: 2,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_auth: true,
+            tls_server_name: None,
+        }
+    }
+}
+
+impl GrpcSection {
+    /// `endpoint` (the value of the key `name`) when its scheme agrees with the TLS setting:
+    /// with TLS every call goes over it (`https://`); without, `https://` cannot be called.
+    pub fn endpoint<'a>(&self, name: &str, endpoint: &'a str) -> anyhow::Result<&'a str> {
+        match (self.tls_ca_file.is_some(), endpoint.starts_with("https://")) {
+            (true, false) => bail!("{name} must be an https:// URL when grpc.tls_* is set, got {endpoint:?}"),
+            (false, true) => {
+                bail!("{name} is https:// ({endpoint:?}): set grpc.tls_ca_file, tls_cert_file and tls_key_file")
+            }
+            _ => Ok(endpoint),
+        }
     }
 }
 
@@ -781,6 +816,11 @@ impl Config {
                 bail!("{name} must be an http(s) URL such as http://127.0.0.1:50051, got {endpoint:?}");
             }
         }
+        let grpc = &self.grpc;
+        match (&grpc.tls_ca_file, &grpc.tls_cert_file, &grpc.tls_key_file) {
+            (None, None, None) | (Some(_), Some(_), Some(_)) => {}
+            _ => bail!("grpc.tls_ca_file, grpc.tls_cert_file and grpc.tls_key_file are set together or not at all"),
+        }
         parse_addr("ops.listen", &self.ops.listen)?;
         let endpoint = &self.telemetry.otlp_endpoint;
         if !(endpoint.is_empty() || endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -919,6 +959,25 @@ mod tests {
         assert_eq!(config.server.listen, "127.0.0.1:9100", "flags win over the file");
         assert_eq!(config.server.base_path, "/fhir", "the file wins over defaults");
         assert!(!config.storage.durable);
+    }
+
+    #[test]
+    fn grpc_tls_takes_all_three_files_and_https_endpoints() {
+        let mut config = Config::default();
+        config.grpc.tls_ca_file = Some(PathBuf::from("/etc/fhirmesh/ca.pem"));
+        let err = config.validate().expect_err("a CA alone");
+        assert!(err.to_string().contains("grpc.tls_cert_file"), "{err}");
+        config.grpc.tls_cert_file = Some(PathBuf::from("/etc/fhirmesh/tls.crt"));
+        config.grpc.tls_key_file = Some(PathBuf::from("/etc/fhirmesh/tls.key"));
+        config.validate().expect("all three");
+
+        let err = config.grpc.endpoint("gateway.resource_endpoint", "http://resource:50051").expect_err("clear");
+        assert!(err.to_string().contains("gateway.resource_endpoint must be an https:// URL"), "{err}");
+        assert_eq!(config.grpc.endpoint("x", "https://resource:50051").expect("https"), "https://resource:50051");
+        let plain = Config::default();
+        let err = plain.grpc.endpoint("notifier.resource_endpoint", "https://resource:50051").expect_err("no TLS");
+        assert!(err.to_string().contains("set grpc.tls_ca_file"), "{err}");
+        assert_eq!(plain.grpc.endpoint("x", "http://resource:50051").expect("http"), "http://resource:50051");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use fhirmesh_gateway::{BinaryApi, ClaimNames, ExportApi, GatewayAuth, GatewayCon
 use fhirmesh_notify::NotifierMetrics;
 use fhirmesh_notify::runner::ChangeSource;
 use fhirmesh_ops::Ops;
+use fhirmesh_ops::grpc::GrpcTls;
 use fhirmesh_proto::GrpcResourceClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -261,6 +262,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     let ops = Ops::new(target.name());
     let mut exports_api = None;
     let mut binaries_api = None;
+    let tls = grpc_tls(config)?;
 
     let service: Option<DynResourceService> = match target {
         Target::All | Target::Resource | Target::Indexer | Target::Relay => {
@@ -366,15 +368,15 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 _ => config.nats.ack_wait_seconds,
             };
             let heartbeat = Duration::from_secs(heartbeat).div_f64(3.0).max(Duration::from_millis(500));
-            let endpoint = config.notifier.resource_endpoint.clone();
+            let endpoint = config.grpc.endpoint("notifier.resource_endpoint", &config.notifier.resource_endpoint)?;
             let service: DynResourceService = Arc::new(
-                GrpcResourceClient::connect(endpoint.clone())
+                GrpcResourceClient::connect_with(endpoint.to_owned(), tls.as_ref().map(GrpcTls::client))
                     .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?
                     .with_policy(call_policy(config)),
             );
             let metrics = NotifierMetrics::new();
             register_notifier(&ops, &metrics);
-            check_grpc(&ops, "resource service", &endpoint, "fhirmesh.v1.ResourceService")?;
+            check_grpc(&ops, "resource service", endpoint, "fhirmesh.v1.ResourceService", tls.as_ref())?;
             let source = ChangeSource::Bus { consumer, heartbeat };
             tasks.push(spawn_notifier(config, service, source, metrics, &rx)?);
             None
@@ -394,10 +396,10 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             tasks.extend(workers);
             let listener = bind(config.exporter_addr(), "the export gRPC service").await?;
             grpc_addr = Some(listener.local_addr()?);
-            let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
-            tasks.push(tokio::spawn(
-                async move { fhirmesh_exporter::serve_grpc(listener, service, &ops, stopped).await },
-            ));
+            let (ops, stopped, tls) = (ops.clone(), Running::stopped(&rx), tls.clone());
+            tasks.push(tokio::spawn(async move {
+                fhirmesh_exporter::serve_grpc(listener, service, &ops, tls.as_ref(), stopped).await
+            }));
             None
         }
         Target::Binary => {
@@ -407,9 +409,10 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             let listener = bind(config.binary_addr(), "the binary gRPC service").await?;
             grpc_addr = Some(listener.local_addr()?);
             let service = Arc::new(Binaries::new(blobs));
-            let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
-            tasks
-                .push(tokio::spawn(async move { fhirmesh_binary::serve_grpc(listener, service, &ops, stopped).await }));
+            let (ops, stopped, tls) = (ops.clone(), Running::stopped(&rx), tls.clone());
+            tasks.push(tokio::spawn(async move {
+                fhirmesh_binary::serve_grpc(listener, service, &ops, tls.as_ref(), stopped).await
+            }));
             None
         }
         Target::Gateway => {
@@ -422,15 +425,23 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             if let Some(endpoint) = &config.gateway.export_endpoint
                 && config.export.enabled
             {
-                let client = fhirmesh_proto::GrpcExportClient::connect(endpoint.clone())
-                    .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
-                check_grpc(&ops, "export service", endpoint, "fhirmesh.v1.ExportService")?;
+                let endpoint = config.grpc.endpoint("gateway.export_endpoint", endpoint)?;
+                let client = fhirmesh_proto::GrpcExportClient::connect_with(
+                    endpoint.to_owned(),
+                    tls.as_ref().map(GrpcTls::client),
+                )
+                .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
+                check_grpc(&ops, "export service", endpoint, "fhirmesh.v1.ExportService", tls.as_ref())?;
                 exports_api = Some(ExportApi(Arc::new(client)));
             }
             if let Some(endpoint) = &config.gateway.binary_endpoint {
-                let client = fhirmesh_proto::GrpcBinaryClient::connect(endpoint.clone())
-                    .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
-                check_grpc(&ops, "binary service", endpoint, "fhirmesh.v1.BinaryService")?;
+                let endpoint = config.grpc.endpoint("gateway.binary_endpoint", endpoint)?;
+                let client = fhirmesh_proto::GrpcBinaryClient::connect_with(
+                    endpoint.to_owned(),
+                    tls.as_ref().map(GrpcTls::client),
+                )
+                .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
+                check_grpc(&ops, "binary service", endpoint, "fhirmesh.v1.BinaryService", tls.as_ref())?;
                 binaries_api = Some(binary_api(config, Arc::new(client)));
             }
             None
@@ -441,18 +452,20 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         let listener = bind(config.grpc_addr(), "gRPC").await?;
         grpc_addr = Some(listener.local_addr()?);
         let service = service.clone().context("resource target has a service")?;
-        let (ops, stopped) = (ops.clone(), Running::stopped(&rx));
-        tasks.push(tokio::spawn(async move { fhirmesh_resource::serve_grpc(listener, service, &ops, stopped).await }));
+        let (ops, stopped, tls) = (ops.clone(), Running::stopped(&rx), tls.clone());
+        tasks.push(tokio::spawn(async move {
+            fhirmesh_resource::serve_grpc(listener, service, &ops, tls.as_ref(), stopped).await
+        }));
     }
 
     if matches!(target, Target::All | Target::Gateway) {
         let service: DynResourceService = match service {
             Some(local) => local,
             None => {
-                let endpoint = config.gateway.resource_endpoint.clone();
-                check_grpc(&ops, "resource service", &endpoint, "fhirmesh.v1.ResourceService")?;
+                let endpoint = config.grpc.endpoint("gateway.resource_endpoint", &config.gateway.resource_endpoint)?;
+                check_grpc(&ops, "resource service", endpoint, "fhirmesh.v1.ResourceService", tls.as_ref())?;
                 Arc::new(
-                    GrpcResourceClient::connect(endpoint.clone())
+                    GrpcResourceClient::connect_with(endpoint.to_owned(), tls.as_ref().map(GrpcTls::client))
                         .with_context(|| format!("invalid resource endpoint {endpoint}"))?
                         .with_policy(call_policy(config)),
                 )
@@ -552,8 +565,8 @@ fn check_jobs(ops: &Ops, jobs: &fhirmesh_core::export::DynJobStore) {
 }
 
 /// Ready while the gRPC server at `endpoint` reports `service` SERVING (`grpc.health.v1`).
-fn check_grpc(ops: &Ops, name: &str, endpoint: &str, service: &str) -> anyhow::Result<()> {
-    let probe = fhirmesh_ops::grpc::health_check_endpoint(endpoint, service).map_err(anyhow::Error::msg)?;
+fn check_grpc(ops: &Ops, name: &str, endpoint: &str, service: &str, tls: Option<&GrpcTls>) -> anyhow::Result<()> {
+    let probe = fhirmesh_ops::grpc::health_check_endpoint(endpoint, service, tls).map_err(anyhow::Error::msg)?;
     ops.check(name, probe);
     Ok(())
 }
@@ -588,6 +601,17 @@ fn register_notifier(ops: &Ops, metrics: &NotifierMetrics) {
         let ready = metrics.is_ready();
         async move { if ready { Ok(()) } else { Err("the notifier cannot read changes".to_owned()) } }
     });
+}
+
+/// `[grpc] tls_*`: TLS between services, when set (files read and checked now).
+fn grpc_tls(config: &Config) -> anyhow::Result<Option<GrpcTls>> {
+    let grpc = &config.grpc;
+    let (Some(ca), Some(cert), Some(key)) = (&grpc.tls_ca_file, &grpc.tls_cert_file, &grpc.tls_key_file) else {
+        return Ok(None);
+    };
+    GrpcTls::load(ca, cert, key, grpc.tls_client_auth, grpc.tls_server_name.clone())
+        .context("grpc.tls_* cannot be used")
+        .map(Some)
 }
 
 /// `[grpc]`: how the gateway and the notifier call the resource service.

@@ -2,13 +2,15 @@
 //! exporter, binary — on the scale-out backends (DynamoDB and S3 in moto, NATS JetStream,
 //! OpenSearch), and the core flows through its one gateway: CRUD, a search that finds what was
 //! just written, a transaction, a rest-hook Subscription with a local receiver, a Bulk Data
-//! export, a Binary upload.
+//! export, a Binary upload. The services call each other over mTLS (`[grpc] tls_*`), each with
+//! its own certificate of one CA made for the test; the other mesh tests call in the clear.
 
 mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fhirmesh_testinfra::tls::TestCa;
 use fhirmesh_testinfra::{aws_endpoint, opensearch_url, unique_name};
 use serde_json::{Value, json};
 use support::{Shape, mesh_env};
@@ -47,6 +49,16 @@ fn fhir_json(request: reqwest::RequestBuilder, body: &Value) -> reqwest::Request
     request.header("content-type", "application/fhir+json").body(body.to_string())
 }
 
+/// `env` with the mesh's TLS settings and `name`'s own certificate (written to `dir`).
+fn with_tls(env: &[(String, String)], ca: &TestCa, dir: &std::path::Path, name: &str) -> Vec<(String, String)> {
+    let files = ca.write(dir, name);
+    let mut env = env.to_vec();
+    for (key, path) in [("CA", files.ca), ("CERT", files.cert), ("KEY", files.key)] {
+        env.push((format!("FHIRMESH_GRPC__TLS_{key}_FILE"), path.display().to_string()));
+    }
+    env
+}
+
 /// Waits (at most 60 s) until `done`.
 async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -83,24 +95,24 @@ async fn the_core_flows_work_through_a_mesh_of_separate_services() {
         .map(|(k, v)| (k.to_owned(), v)),
     );
     support::provision(&env);
-    let resource = support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], None, &env).await;
-    let resource_endpoint = format!("http://{}", resource.address);
+    let (ca, certs) = (TestCa::new("fhirmesh test mesh"), tempfile::tempdir().expect("a certificate directory"));
+    let tls = |name: &str| with_tls(&env, &ca, certs.path(), name);
+    let resource =
+        support::spawn_with_env(&["--target", "resource", "--grpc-listen", "127.0.0.1:0"], None, &tls("resource"))
+            .await;
+    let resource_endpoint = format!("https://{}", resource.address);
     let relay = support::spawn_with_env(&["--target", "relay"], None, &env).await;
     let indexer = support::spawn_with_env(&["--target", "indexer"], None, &env).await;
-    let binary = support::spawn_with_env(&["--target", "binary"], None, &env).await;
-    let exporter = support::spawn_with_env(&["--target", "exporter"], None, &env).await;
-    let mut notifier_env = env.clone();
+    let binary = support::spawn_with_env(&["--target", "binary"], None, &tls("binary")).await;
+    let exporter = support::spawn_with_env(&["--target", "exporter"], None, &tls("exporter")).await;
+    let mut notifier_env = tls("notifier");
     notifier_env.push(("FHIRMESH_NOTIFIER__RESOURCE_ENDPOINT".to_owned(), resource_endpoint.clone()));
     let notifier = support::spawn_with_env(&["--target", "notifier"], None, &notifier_env).await;
-    let gateway = support::gateway(
-        &env,
-        &resource,
-        &[
-            ("FHIRMESH_GATEWAY__EXPORT_ENDPOINT", format!("http://{}", exporter.address)),
-            ("FHIRMESH_GATEWAY__BINARY_ENDPOINT", format!("http://{}", binary.address)),
-        ],
-    )
-    .await;
+    let mut gateway_env = tls("gateway");
+    gateway_env.push(("FHIRMESH_GATEWAY__EXPORT_ENDPOINT".to_owned(), format!("https://{}", exporter.address)));
+    gateway_env.push(("FHIRMESH_GATEWAY__BINARY_ENDPOINT".to_owned(), format!("https://{}", binary.address)));
+    let gateway_args = ["--target", "gateway", "--listen", "127.0.0.1:0", "--resource-endpoint", &resource_endpoint];
+    let gateway = support::spawn_with_env(&gateway_args, None, &gateway_env).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
 
@@ -111,6 +123,25 @@ async fn the_core_flows_work_through_a_mesh_of_separate_services() {
             ready.status() == 200
         })
         .await;
+    }
+
+    // The gRPC servers take TLS callers with a certificate of the mesh's CA, and no one else.
+    for process in [&resource, &binary, &exporter] {
+        let plain = fhirmesh_ops::grpc::health_check_endpoint(&format!("http://{}", process.address), "", None)
+            .expect("endpoint");
+        assert!(plain().await.is_err(), "{} answers a call in the clear", process.address);
+        let issued = ca.issue("test");
+        let member = fhirmesh_ops::grpc::GrpcTls::from_pem(ca.pem(), issued.cert, issued.key, true, None).expect("tls");
+        let https = format!("https://{}", process.address);
+        let check = fhirmesh_ops::grpc::health_check_endpoint(&https, "", Some(&member)).expect("endpoint");
+        assert_eq!(check().await, Ok(()), "{https}");
+        let other = TestCa::new("another CA");
+        let issued = other.issue("stranger");
+        let stranger =
+            fhirmesh_ops::grpc::GrpcTls::from_pem(ca.pem(), issued.cert, issued.key, true, None).expect("tls");
+        let check = fhirmesh_ops::grpc::health_check_endpoint(&https, "", Some(&stranger)).expect("endpoint");
+        let answer = check().await;
+        assert!(answer.is_err(), "{https} takes a stranger's certificate: {answer:?}");
     }
 
     // A rest-hook Subscription, made active by the notifier.

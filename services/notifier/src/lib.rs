@@ -98,12 +98,7 @@ fn describe(error: &reqwest::Error) -> String {
     } else {
         "request failed"
     };
-    let mut reason = format!("{what}: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        reason.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
+    let reason = format!("{what}: {}", fhirmesh_core::error::chain(error));
     reason.chars().take(300).collect()
 }
 
