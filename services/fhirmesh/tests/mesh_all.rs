@@ -7,32 +7,12 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fhirmesh_testinfra::tls::TestCa;
 use fhirmesh_testinfra::{aws_endpoint, opensearch_url, unique_name};
 use serde_json::{Value, json};
 use support::{Shape, mesh_env};
-
-/// The event ids a rest-hook receiver got.
-type Received = Arc<Mutex<Vec<String>>>;
-
-async fn receiver() -> (String, Received) {
-    let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
-    let base = format!("http://{}", listener.local_addr().expect("address"));
-    let record = {
-        let received = received.clone();
-        move |headers: axum::http::HeaderMap| {
-            let event = headers.get("x-fhirmesh-event-id").and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();
-            received.lock().expect("received").push(event);
-            async { axum::http::StatusCode::OK }
-        }
-    };
-    tokio::spawn(async move { axum::serve(listener, axum::Router::new().fallback(record)).await });
-    (base, received)
-}
 
 /// Sends `request`; the status, the `X-Consistency-Token` when there is one, and the JSON body
 /// (`Null` when there is none).
@@ -145,7 +125,7 @@ async fn the_core_flows_work_through_a_mesh_of_separate_services() {
     }
 
     // A rest-hook Subscription, made active by the notifier.
-    let (hook, received) = receiver().await;
+    let (hook, received) = support::hook_receiver(Duration::ZERO).await;
     let subscription = json!({"resourceType": "Subscription", "status": "requested", "reason": "mesh",
         "criteria": "Observation?code=http://loinc.org|1234-5",
         "channel": {"type": "rest-hook", "endpoint": format!("{hook}/hook")}});
@@ -217,7 +197,7 @@ async fn the_core_flows_work_through_a_mesh_of_separate_services() {
 
     // The notification reaches the receiver.
     let event = format!("default/Observation/{observation_id}/_history/1");
-    until("the notification", async || received.lock().expect("received").contains(&event)).await;
+    until("the notification", async || received.lock().expect("received").contains_key(&event)).await;
 
     // The first Patient deleted: gone for reads and searches.
     let (status, token, _) = send(client.delete(format!("{base}/Patient/{id}"))).await;

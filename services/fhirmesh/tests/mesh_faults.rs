@@ -2,8 +2,9 @@
 //! bounded in time:
 //! - the resource service killed with SIGKILL and restarted on its address, then nats-server
 //!   stopped and restarted on its port and store: clients retry what failed (PUT with their own
-//!   ids, so a retry cannot duplicate), every write ends acknowledged, and the search index ends
-//!   equal to the store;
+//!   ids, so a retry cannot duplicate), every write ends acknowledged, the search index ends
+//!   equal to the store, and a rest-hook Subscription matching every write is notified of each
+//!   at least once (the notifier reads the bus and calls the resource service through both);
 //! - a rolling restart of two gateways behind a readiness-following "load balancer": no request
 //!   fails at all (each gateway leaves the pool when `/readyz` turns 503, before it stops
 //!   accepting).
@@ -109,6 +110,9 @@ async fn killing_the_resource_service_and_restarting_nats_loses_no_write() {
     let nats = nats_server(nats_port, nats_store.path()).await;
     let mut env = mesh_env(&Shape::NatsFromChangeLog);
     env.push(("FHIRMESH_NATS__URL".to_owned(), format!("nats://127.0.0.1:{nats_port}")));
+    // The receiver below is local and plain HTTP (Subscriptions are checked where they are written).
+    env.push(("FHIRMESH_NOTIFIER__ALLOW_ENDPOINTS".to_owned(), "[\"127.0.0.1\"]".to_owned()));
+    env.push(("FHIRMESH_NOTIFIER__ALLOW_INSECURE_HTTP".to_owned(), "true".to_owned()));
     let grpc = format!("127.0.0.1:{}", free_port());
     let resource_args = ["--target", "resource", "--grpc-listen", grpc.as_str()];
     let resource = support::spawn_with_env(&resource_args, Some(dir.path()), &env).await;
@@ -120,6 +124,33 @@ async fn killing_the_resource_service_and_restarting_nats_loses_no_write() {
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
     let family = unique("Fault");
+
+    // A rest-hook Subscription on every Patient the load writes, delivered by a notifier of its own.
+    let mut notifier_env = env.clone();
+    notifier_env.push(("FHIRMESH_NOTIFIER__RESOURCE_ENDPOINT".to_owned(), endpoint.clone()));
+    let notifier = support::spawn_with_env(&["--target", "notifier"], Some(dir.path()), &notifier_env).await;
+    let (hook, received) = support::hook_receiver(Duration::ZERO).await;
+    let subscription = json!({"resourceType": "Subscription", "status": "requested", "reason": "faults",
+        "criteria": format!("Patient?family={family}"), "channel": {"type": "rest-hook", "endpoint": hook}});
+    let response = client
+        .post(format!("{base}/Subscription"))
+        .header("content-type", "application/fhir+json")
+        .body(subscription.to_string())
+        .send()
+        .await
+        .expect("create the Subscription");
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.expect("json");
+    let subscription = format!("{base}/Subscription/{}", created["id"].as_str().expect("id"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let current: Value = client.get(&subscription).send().await.expect("read").json().await.expect("json");
+        if current["status"] == "active" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the notifier did not activate the Subscription");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The load: 4 writers, each PUTting its own Patients one after the other until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -170,7 +201,23 @@ async fn killing_the_resource_service_and_restarting_nats_loses_no_write() {
     }
     assert_eq!(in_index, written, "the search index equals the store after the faults");
 
-    for process in [gateway, indexer, relay, resource] {
+    // Every write notified at least once: each Patient's first version (a write applied whose
+    // answer was lost at a kill is tried again, and makes a version 2, notified too).
+    let expected: BTreeSet<String> = written.iter().map(|id| format!("default/Patient/{id}/_history/1")).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let notified = || -> BTreeSet<String> { received.lock().expect("received").keys().cloned().collect() };
+    while !expected.is_subset(&notified()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let missing: Vec<_> = expected.difference(&notified()).cloned().collect();
+    assert!(missing.is_empty(), "{} of {} writes never notified: {missing:?}", missing.len(), expected.len());
+    let strays: Vec<_> = notified()
+        .into_iter()
+        .filter(|event| !written.iter().any(|id| event.starts_with(&format!("default/Patient/{id}/_history/"))))
+        .collect();
+    assert!(strays.is_empty(), "notified for what the load did not write: {strays:?}");
+
+    for process in [gateway, notifier, indexer, relay, resource] {
         process.kill_9().await;
     }
     stop_nats(nats).await;

@@ -7,12 +7,9 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use support::{Process, Shape, mesh_env};
 
@@ -20,26 +17,6 @@ const MATCHING: usize = 30;
 const OTHERS: usize = 10;
 const CODE: &str = "1234-5";
 const RECEIVER_DELAY: Duration = Duration::from_millis(300);
-
-/// Event ids received, with how often each came.
-type Received = Arc<Mutex<BTreeMap<String, usize>>>;
-
-async fn record(State(received): State<Received>, headers: HeaderMap) -> StatusCode {
-    let event = headers.get("x-fhirmesh-event-id").and_then(|v| v.to_str().ok()).unwrap_or("no event id").to_owned();
-    *received.lock().expect("received").entry(event).or_default() += 1;
-    // A slow receiver: a replica killed mid-load holds notifications not delivered yet.
-    tokio::time::sleep(RECEIVER_DELAY).await;
-    StatusCode::OK
-}
-
-async fn receiver() -> (String, Received) {
-    let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
-    let base = format!("http://{}", listener.local_addr().expect("address"));
-    let router = axum::Router::new().fallback(record).with_state(received.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (base, received)
-}
 
 async fn notifier(env: &[(String, String)], resource: &str) -> Process {
     let mut env = env.to_vec();
@@ -111,7 +88,7 @@ async fn replicas_deliver_every_match_through_a_kill(shape: Shape) {
     let first = notifier(&env, &endpoint).await;
     let base = gateway.address.clone();
     let client = reqwest::Client::new();
-    let (hook, received) = receiver().await;
+    let (hook, received) = support::hook_receiver(RECEIVER_DELAY).await;
 
     let subscription = json!({"resourceType": "Subscription", "status": "requested", "reason": "mesh test",
         "criteria": format!("Observation?code=http://loinc.org|{CODE}"),

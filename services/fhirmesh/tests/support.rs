@@ -2,13 +2,39 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fhirmesh_testinfra::{aws_endpoint, nats_url, unique_name as unique};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+/// The `X-Fhirmesh-Event-Id`s a rest-hook receiver got, with how often each came.
+pub type Received = Arc<Mutex<BTreeMap<String, usize>>>;
+
+/// A rest-hook receiver on 127.0.0.1 answering 200 to anything after `delay` (a slow receiver
+/// keeps notifications in flight), and its base URL.
+pub async fn hook_receiver(delay: Duration) -> (String, Received) {
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let record = {
+        let received = received.clone();
+        move |headers: axum::http::HeaderMap| {
+            let event = headers.get("x-fhirmesh-event-id").and_then(|v| v.to_str().ok()).unwrap_or("no event id");
+            *received.lock().expect("received").entry(event.to_owned()).or_default() += 1;
+            async move {
+                tokio::time::sleep(delay).await;
+                axum::http::StatusCode::OK
+            }
+        }
+    };
+    tokio::spawn(async move { axum::serve(listener, axum::Router::new().fallback(record)).await });
+    (base, received)
+}
 
 /// A `fhirmesh` child process and the address it announced.
 pub struct Process {
