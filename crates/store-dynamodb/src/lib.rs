@@ -62,9 +62,9 @@ pub struct DynamoConfig {
     /// How often [`ChangeLog::wait_for_changes`] wakes up when this process committed nothing
     /// (other processes' commits are only seen by polling).
     pub poll_interval: Duration,
-    /// How long a large (staged) commit may stay pending before anyone may abort it, plus 10 ms
-    /// per write: change-log readers wait for a pending commit at most this long when its
-    /// writer dies.
+    /// How long a large (staged) commit may stay pending after its writer's last renewal before
+    /// anyone may abort it: change-log readers wait for a pending commit at most this long when
+    /// its writer dies (a live writer renews it while it stages).
     pub txn_timeout: Duration,
 }
 

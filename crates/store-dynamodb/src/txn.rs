@@ -32,6 +32,8 @@ const TRANSACT_MAX_ITEMS: usize = 100;
 /// `BatchWriteItem` takes 25 items (and 16 MB: 25 items of at most 400 KB fit).
 /// Item writes a transaction has in flight at once while moving or releasing its pointers.
 const CONCURRENCY: usize = 16;
+/// Version items written between two renewals of a staged transaction's deadline.
+const VERSIONS_PER_RENEWAL: usize = 250;
 /// Final states remembered; past that the cache starts over (a miss costs one read).
 const CACHE_LIMIT: usize = 100_000;
 /// Attempts at one lock chunk that keeps meeting other transactions' races.
@@ -160,7 +162,7 @@ impl DynamoStore {
             };
             // Abort decides: if the commit point was passed after all (an unanswered request),
             // the abort finds the transaction committed.
-            match self.abort_txn(&txn).await {
+            match self.abort_txn(&txn, None).await {
                 Ok(TxnState::Committed) => {
                     self.finish_committed(&txn).await;
                     self.signal_commit();
@@ -217,7 +219,8 @@ impl DynamoStore {
             .collect();
 
         // 1. The record and manifest: from here on anyone can finish or abort the transaction.
-        let deadline_ms = now_millis() + self.txn_timeout(writes.len()).as_millis() as u64;
+        //    Its deadline is renewed as staging goes on (`keep_alive` before each request).
+        let mut deadline_ms = now_millis() + self.inner.config.txn_timeout.as_millis() as u64;
         self.write_record(txn, deadline_ms, first, last, &manifest).await?;
 
         // 2. The change items, marked with the transaction: the change log shows them once it
@@ -232,6 +235,7 @@ impl DynamoStore {
             })
             .collect();
         for chunk in changes.chunks(TRANSACT_MAX_ITEMS) {
+            self.keep_alive(txn, &mut deadline_ms).await?;
             let items = chunk
                 .iter()
                 .map(|item| put_if_absent(&self.inner.config.table, item.clone()))
@@ -250,6 +254,7 @@ impl DynamoStore {
 
         // 3. Lock every pointer, checking the expected versions.
         for chunk in order.chunks(TRANSACT_MAX_ITEMS) {
+            self.keep_alive(txn, &mut deadline_ms).await?;
             self.lock_chunk(txn, writes, &pks, chunk).await?;
         }
 
@@ -263,9 +268,53 @@ impl DynamoStore {
                 item.insert("txn".into(), s(txn));
                 item
             })
-            .collect();
-        self.batch_put(versions).await?;
+            .collect::<Vec<_>>();
+        for chunk in versions.chunks(VERSIONS_PER_RENEWAL) {
+            self.keep_alive(txn, &mut deadline_ms).await?;
+            self.batch_put(chunk.to_vec()).await?;
+        }
+        // The commit point must land before the deadline too.
+        self.keep_alive(txn, &mut deadline_ms).await?;
         Ok(())
+    }
+
+    /// Renews `txn`'s deadline (to `txn_timeout` from now) once less than half of it is left: a
+    /// writer still staging is alive, however long a large transaction takes on a slow or
+    /// throttled backend, while one that died is aborted `txn_timeout` after its last sign of
+    /// life. Retry when a reader aborted it at its deadline meanwhile.
+    async fn keep_alive(&self, txn: &str, deadline_ms: &mut u64) -> Result<(), Staging> {
+        let timeout = self.inner.config.txn_timeout.as_millis() as u64;
+        let now = now_millis();
+        if now + timeout / 2 < *deadline_ms {
+            return Ok(());
+        }
+        let renewed = now + timeout;
+        let update = self
+            .inner
+            .client
+            .update_item()
+            .table_name(&self.inner.config.table)
+            .set_key(Some(key(txn_pk(txn), RECORD_SK.into())))
+            .update_expression("SET #deadline = :renewed")
+            // Unless a reader aborted it: its abort is conditioned on the deadline it saw.
+            .condition_expression("#state = :pending AND #deadline = :deadline")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_names("#deadline", "deadline")
+            .expression_attribute_values(":renewed", n(renewed))
+            .expression_attribute_values(":pending", s(PENDING))
+            .expression_attribute_values(":deadline", n(*deadline_ms))
+            .send()
+            .await;
+        match update {
+            Ok(_) => {
+                *deadline_ms = renewed;
+                Ok(())
+            }
+            Err(err) if conditional_failed(&err) => {
+                Err(Staging::Retry("aborted at its deadline while it was staged".into()))
+            }
+            Err(err) => Err(Staging::Failed(sdk_error("renew a staged transaction", err))),
+        }
     }
 
     /// The commit point of a staged transaction, then the pointers move (not needed for the
@@ -300,15 +349,6 @@ impl DynamoStore {
         }
         self.remember(txn, TxnState::Committed);
         Ok(())
-    }
-
-    /// How long a transaction of `writes` writes may stay pending before anyone may abort it.
-    /// Staging writes four items per resource in batches: 10 ms a write was less than a slow
-    /// backend takes (moto under load staged 1,434 writes in about 47 s against a 44 s deadline,
-    /// and every retry was aborted the same way), so allow 50 ms a write. A writer that renews
-    /// its deadline while it stages would not need the margin: not done yet.
-    fn txn_timeout(&self, writes: usize) -> Duration {
-        self.inner.config.txn_timeout + Duration::from_millis(50 * writes as u64)
     }
 
     async fn write_record(
@@ -439,28 +479,35 @@ impl DynamoStore {
         match self.txn_state(txn).await? {
             TxnState::Pending { deadline_ms } if now_millis() > deadline_ms => {
                 tracing::warn!(%txn, "aborting a staged transaction that passed its deadline (its writer stopped)");
-                self.abort_txn(txn).await
+                self.abort_txn(txn, Some(deadline_ms)).await
             }
             state => Ok(state),
         }
     }
 
-    /// Aborts `txn` unless it committed; returns its final state. The caller that aborts it
-    /// cleans up (releases its locks, deletes its staged versions, voids its unstaged sequences).
-    pub(crate) async fn abort_txn(&self, txn: &str) -> Result<TxnState, StoreError> {
-        let aborted = self
+    /// Aborts `txn` unless it committed — or, for a reader that found it past its deadline
+    /// (`expired`: the deadline it saw), unless its writer renewed that deadline since; returns
+    /// its state then (pending when renewed). The caller that aborts it cleans up (releases its
+    /// locks, deletes its staged versions, voids its unstaged sequences).
+    pub(crate) async fn abort_txn(&self, txn: &str, expired: Option<u64>) -> Result<TxnState, StoreError> {
+        let mut abort = self
             .inner
             .client
             .update_item()
             .table_name(&self.inner.config.table)
             .set_key(Some(key(txn_pk(txn), RECORD_SK.into())))
             .update_expression("SET #state = :aborted")
-            .condition_expression("#state = :pending")
             .expression_attribute_names("#state", "state")
             .expression_attribute_values(":aborted", s(ABORTED))
-            .expression_attribute_values(":pending", s(PENDING))
-            .send()
-            .await;
+            .expression_attribute_values(":pending", s(PENDING));
+        abort = match expired {
+            None => abort.condition_expression("#state = :pending"),
+            Some(deadline) => abort
+                .condition_expression("#state = :pending AND #deadline = :deadline")
+                .expression_attribute_names("#deadline", "deadline")
+                .expression_attribute_values(":deadline", n(deadline)),
+        };
+        let aborted = abort.send().await;
         match aborted {
             Ok(_) => {
                 self.remember(txn, TxnState::Aborted);
@@ -470,7 +517,7 @@ impl DynamoStore {
                 Ok(TxnState::Aborted)
             }
             Err(err) if conditional_failed(&err) => {
-                // Final already (or the record is missing, which `txn_state` reports).
+                // Final already, or renewed (or the record is missing, which `txn_state` reports).
                 self.txn_state(txn).await
             }
             Err(err) => Err(sdk_error("abort a staged transaction", err)),
@@ -878,6 +925,77 @@ mod tests {
         assert!(matches!(stale, Err(StoreError::Conflict { actual: Some(1), .. })), "{stale:?}");
         let stale = store.commit(&t, vec![write("b", Expected::Version(1), 2, "stale")]).await;
         assert!(matches!(stale, Err(StoreError::Conflict { actual: Some(2), .. })), "{stale:?}");
+    }
+
+    /// The deadline a pending `txn` has now.
+    async fn deadline_of(store: &DynamoStore, txn: &str) -> u64 {
+        match store.txn_state(txn).await.expect("state") {
+            TxnState::Pending { deadline_ms } => deadline_ms,
+            other => panic!("{txn} is {other:?}, not pending"),
+        }
+    }
+
+    async fn sleep_until(epoch_ms: u64) {
+        tokio::time::sleep(Duration::from_millis(epoch_ms.saturating_sub(now_millis()))).await;
+    }
+
+    #[tokio::test]
+    async fn a_writer_renews_its_deadline_and_a_reader_that_saw_the_old_one_cannot_abort() {
+        let timeout = Duration::from_secs(2);
+        let store = moto_store(timeout).await;
+        let txn = abandoned(&store, false).await;
+        let first = deadline_of(&store, &txn).await;
+
+        // More than half the timeout left: nothing to renew.
+        let mut deadline = first;
+        assert!(store.keep_alive(&txn, &mut deadline).await.is_ok());
+        assert_eq!((deadline, deadline_of(&store, &txn).await), (first, first));
+
+        // Less than half left: renewed to a full timeout from now.
+        sleep_until(first - timeout.as_millis() as u64 / 4).await;
+        let renewed_at = now_millis();
+        assert!(store.keep_alive(&txn, &mut deadline).await.is_ok());
+        assert!(deadline >= renewed_at + timeout.as_millis() as u64, "renewed to {deadline}");
+        assert_eq!(deadline_of(&store, &txn).await, deadline);
+
+        // A reader that saw the first deadline pass cannot abort it: the renewal won.
+        sleep_until(first + 1).await;
+        assert!(now_millis() < deadline, "the checks above took longer than the timeout");
+        assert_eq!(store.abort_txn(&txn, Some(first)).await, Ok(TxnState::Pending { deadline_ms: deadline }));
+        assert_eq!(store.settle(&txn).await, Ok(TxnState::Pending { deadline_ms: deadline }));
+
+        // Past the renewed deadline a reader aborts it, and the writer learns it at its next
+        // renewal: it starts again.
+        sleep_until(deadline + 1).await;
+        assert_eq!(store.settle(&txn).await, Ok(TxnState::Aborted));
+        assert!(matches!(store.keep_alive(&txn, &mut deadline).await, Err(Staging::Retry(_))));
+    }
+
+    #[tokio::test]
+    async fn a_large_commit_lands_while_readers_poll_the_change_log() {
+        // A timeout shorter than staging 400 writes takes (about 4 s on an idle moto, far more
+        // under load), renewed while they are staged; readers meanwhile settle every pending
+        // transaction they meet (aborting those past their deadline). Without renewals every
+        // attempt is aborted. Half the timeout (1 s) is what one request may take.
+        let store = moto_store(Duration::from_secs(2)).await;
+        let t = tenant();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = tokio::spawn({
+            let (store, done) = (store.clone(), done.clone());
+            async move {
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = store.changes_after(0, 1_000).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        let writes: Vec<VersionWrite> = (0..400).map(|i| write(&format!("w{i}"), Expected::Absent, 1, "big")).collect();
+        let receipt = store.commit(&t, writes).await.expect("the commit lands");
+        done.store(true, std::sync::atomic::Ordering::Release);
+        reader.await.expect("reader");
+        assert_eq!(receipt.last_sequence - receipt.first_sequence + 1, 400);
+        let changes = store.changes_after(0, 1_000).await.expect("changes");
+        assert_eq!(changes.len(), 400, "every write of the commit, once");
     }
 
     /// Records what a relay publishes.
