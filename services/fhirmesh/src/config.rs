@@ -35,6 +35,16 @@ pub struct Config {
     pub ops: OpsSection,
     pub grpc: GrpcSection,
     pub telemetry: TelemetrySection,
+    pub ig: IgSection,
+}
+
+/// Implementation Guide packages (`fhirmesh ig install|list|remove`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IgSection {
+    /// Where installed packages are kept (`{name}#{version}.tgz`), loaded at start; unset:
+    /// `{storage.data_dir}/ig`.
+    pub dir: Option<PathBuf>,
 }
 
 /// OpenTelemetry traces.
@@ -84,6 +94,13 @@ impl Default for GrpcSection {
             tls_client_auth: true,
             tls_server_name: None,
         }
+    }
+}
+
+impl Config {
+    /// Where IG packages are installed: `ig.dir`, else `{storage.data_dir}/ig`.
+    pub fn ig_dir(&self) -> PathBuf {
+        self.ig.dir.clone().unwrap_or_else(|| self.storage.data_dir.join("ig"))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod buses;
 pub mod config;
+pub mod ig;
 mod metered;
 pub mod provision;
 pub mod reindex;

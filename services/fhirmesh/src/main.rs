@@ -47,6 +47,36 @@ enum Command {
     /// Bulk Data export from a FHIR server (this one or any other): kick-off, progress, and every
     /// NDJSON file downloaded with the manifest.
     Export(fhirmesh::tools::ExportArgs),
+    /// Implementation Guide packages (FHIR NPM .tgz) the server loads at start [config: ig.dir;
+    /// default {storage.data_dir}/ig].
+    Ig(IgArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct IgArgs {
+    /// Directory for the embedded database, under which packages are kept by default
+    /// [config: storage.data_dir; default ./data].
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: IgCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum IgCommand {
+    /// Install packages (.tgz files), replacing installed versions of the same packages; checked
+    /// first: valid packages, R4, dependencies installed, no conflicting canonical URLs.
+    Install {
+        #[arg(required = true, value_name = "PACKAGE.tgz")]
+        files: Vec<PathBuf>,
+    },
+    /// List the installed packages.
+    List,
+    /// Remove packages (`name` or `name#version`) that no other installed package needs.
+    Remove {
+        #[arg(required = true, value_name = "NAME")]
+        packages: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +164,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => return exit(fhirmesh::tools::run_bench(args)),
         Command::Load(args) => return exit(fhirmesh::tools::run_load(args)),
         Command::Export(args) => return exit(fhirmesh::tools::run_export(args)),
+        Command::Ig(args) => return exit(run_ig(cli.config.as_deref(), args)),
     };
     let config = match Config::load(cli.config.as_deref(), Config::env(), &args.overrides()) {
         Ok(config) => config,
@@ -152,6 +183,19 @@ fn main() -> std::process::ExitCode {
         Action::Serve => serve::run(config, args.target),
     };
     exit(outcome)
+}
+
+fn run_ig(file: Option<&std::path::Path>, args: &IgArgs) -> anyhow::Result<()> {
+    let mut overrides = Overrides::default();
+    if let Some(dir) = &args.data_dir {
+        overrides.storage.insert("data_dir".to_owned(), dir.display().to_string().into());
+    }
+    let config = Config::load(file, Config::env(), &overrides)?;
+    match &args.command {
+        IgCommand::Install { files } => fhirmesh::ig::install(&config, files),
+        IgCommand::List => fhirmesh::ig::list(&config),
+        IgCommand::Remove { packages } => fhirmesh::ig::remove(&config, packages),
+    }
 }
 
 fn exit(outcome: anyhow::Result<()>) -> std::process::ExitCode {

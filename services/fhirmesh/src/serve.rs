@@ -254,6 +254,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// picks a free port; read the bound ones from [`Running`]).
 pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     fhirmesh_fhir::validate::warm_up();
+    // Packages that cannot be read or do not fit together stop the start, every reason listed.
+    // Loaded and reported; not yet applied to search, validation or the CapabilityStatement.
+    crate::ig::load(config)?;
     let (shutdown, rx) = watch::channel(false);
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     let mut http_addr = None;

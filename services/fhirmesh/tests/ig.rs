@@ -1,0 +1,128 @@
+//! `fhirmesh ig install|list|remove` and packages at start, on the real binary.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use fhirmesh_ig::testing::{manifest, tgz};
+use serde_json::json;
+
+fn fhirmesh(data: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fhirmesh"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("fhirmesh runs")
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn search_parameter(url: &str, code: &str) -> String {
+    json!({"resourceType": "SearchParameter", "url": url, "name": code, "status": "active", "code": code,
+           "base": ["Patient"], "type": "token", "expression": "Patient.identifier"})
+    .to_string()
+}
+
+/// Writes a package to `dir` and returns its path.
+fn package(dir: &Path, name: &str, deps: &[(&str, &str)], files: &[(&str, String)]) -> PathBuf {
+    let mut all = vec![("package/package.json", manifest(name, "1.0.0", deps))];
+    all.extend(files.iter().cloned());
+    let path = dir.join(format!("{name}.tgz"));
+    std::fs::write(&path, tgz(&all)).expect("write the package");
+    path
+}
+
+fn installed(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data.join("ig"))
+        .map(|entries| entries.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn packages_are_installed_listed_and_removed_only_when_what_stays_fits_together() {
+    let (work, data) = (tempfile::tempdir().expect("work"), tempfile::tempdir().expect("data"));
+    let base = package(
+        work.path(),
+        "example.base",
+        &[],
+        &[("package/SearchParameter-a.json", search_parameter("http://x/a", "a"))],
+    );
+    let guide = package(
+        work.path(),
+        "example.guide",
+        &[("example.base", "1.0.0"), ("hl7.fhir.r4.core", "4.0.1")],
+        &[("package/SearchParameter-b.json", search_parameter("http://x/b", "b"))],
+    );
+    let data = data.path();
+
+    // A guide without its dependency is refused; nothing is installed.
+    let refused = fhirmesh(data, &["ig", "install", guide.to_str().expect("path")]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("example.guide#1.0.0: depends on example.base#1.0.0, which is not installed"),
+        "{}",
+        text(&refused)
+    );
+    assert!(installed(data).is_empty());
+
+    let done = fhirmesh(data, &["ig", "install", guide.to_str().expect("path"), base.to_str().expect("path")]);
+    assert!(done.status.success(), "{}", text(&done));
+    assert!(
+        text(&done).contains("installed example.base#1.0.0 (1 conformance resources, 0 examples)"),
+        "{}",
+        text(&done)
+    );
+    assert_eq!(installed(data), vec!["example.base#1.0.0.tgz", "example.guide#1.0.0.tgz"]);
+    let list = text(&fhirmesh(data, &["ig", "list"]));
+    assert!(list.contains("example.guide#1.0.0  FHIR 4.0.1  1 conformance resources, 0 examples  depends on example.base#1.0.0, hl7.fhir.r4.core#4.0.1"), "{list}");
+
+    // A broken package and a conflicting one are refused, naming the problem.
+    let broken = work.path().join("broken.tgz");
+    std::fs::write(&broken, b"not a package").expect("write");
+    let refused = fhirmesh(data, &["ig", "install", broken.to_str().expect("path")]);
+    assert!(!refused.status.success() && text(&refused).contains("not a gzipped tar archive"), "{}", text(&refused));
+    let rival = package(
+        work.path(),
+        "example.rival",
+        &[],
+        &[("package/SearchParameter-a.json", search_parameter("http://x/a", "other"))],
+    );
+    let refused = fhirmesh(data, &["ig", "install", rival.to_str().expect("path")]);
+    assert!(
+        text(&refused).contains("defines http://x/a, which example.base#1.0.0 defines differently"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(installed(data).len(), 2);
+
+    // The base stays while the guide needs it.
+    let refused = fhirmesh(data, &["ig", "remove", "example.base"]);
+    assert!(!refused.status.success() && text(&refused).contains("which is not installed"), "{}", text(&refused));
+    let removed = fhirmesh(data, &["ig", "remove", "example.guide#1.0.0", "example.base"]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    assert!(installed(data).is_empty());
+    assert!(text(&fhirmesh(data, &["ig", "remove", "example.base"])).contains("example.base is not installed"));
+}
+
+#[test]
+fn a_server_does_not_start_with_packages_that_do_not_fit_together() {
+    let (work, data) = (tempfile::tempdir().expect("work"), tempfile::tempdir().expect("data"));
+    let guide = package(work.path(), "example.guide", &[("example.base", "1.0.0")], &[]);
+    std::fs::create_dir_all(data.path().join("ig")).expect("ig dir");
+    // Put there by hand, around `ig install`'s checks.
+    std::fs::copy(&guide, data.path().join("ig").join("example.guide#1.0.0.tgz")).expect("copy");
+    let refused = fhirmesh(data.path(), &["serve", "--listen", "127.0.0.1:0"]);
+    assert!(!refused.status.success());
+    let said = text(&refused);
+    assert!(
+        said.contains("do not fit together") && said.contains("depends on example.base#1.0.0, which is not installed"),
+        "{said}"
+    );
+}
