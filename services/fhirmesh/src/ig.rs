@@ -56,9 +56,39 @@ fn resolve(packages: Vec<Package>, what: &str) -> anyhow::Result<IgSet> {
     IgSet::resolve(packages).map_err(|errors| anyhow::anyhow!(report(what, &errors)))
 }
 
-/// The installed packages, resolved: what a server starts with. A package that cannot be read,
-/// or a set that does not resolve, stops the start with every reason.
+/// The installed packages, resolved, with their search parameters installed in the registry
+/// (searchable, extracted on writes and by `fhirmesh reindex`, listed in the CapabilityStatement):
+/// what a server starts with. A package that cannot be read, a set that does not resolve, or a
+/// search parameter that cannot work stops the start with every reason.
 pub fn load(config: &Config) -> anyhow::Result<IgSet> {
+    let set = read_set(config)?;
+    let mut definitions = Vec::new();
+    let mut errors = Vec::new();
+    for resource in set.of_type("SearchParameter") {
+        if resource["status"] == "retired" {
+            continue;
+        }
+        match serde_json::from_value::<fhirmesh_fhir::search::SearchParamDef>(resource.clone()) {
+            Ok(definition) => definitions.push(definition),
+            Err(error) => errors.push(format!("{}: not a usable SearchParameter: {error}", resource["url"])),
+        }
+    }
+    if !definitions.is_empty() && errors.is_empty() {
+        let count = definitions.len();
+        match fhirmesh_fhir::search::params::install_extensions(definitions) {
+            Ok(()) => tracing::info!(count, "IG search parameters installed"),
+            Err(reasons) => errors.extend(reasons),
+        }
+    }
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  - {e}")).collect();
+        bail!("the IG packages' search parameters cannot be used:\n{}", lines.join("\n"));
+    }
+    Ok(set)
+}
+
+/// The installed packages, resolved and reported.
+fn read_set(config: &Config) -> anyhow::Result<IgSet> {
     let dir = config.ig_dir();
     let set = resolve(
         installed(&dir)?.into_iter().map(|i| i.package).collect(),

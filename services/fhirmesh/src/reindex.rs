@@ -17,6 +17,8 @@ const BATCH: usize = 4000;
 pub fn run(config: &Config, retire_after: Duration) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    // The IG search parameters are extracted too (installed before the registry is used).
+    crate::ig::load(config)?;
     runtime.block_on(async {
         let changes = crate::stores::open(config, &crate::stores::Aws::new(&config.aws)).await?.changes;
         let index = crate::stores::open_index(config).await?;

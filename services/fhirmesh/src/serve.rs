@@ -253,10 +253,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Starts `target`'s services on the current runtime, bound to the configured addresses (port 0
 /// picks a free port; read the bound ones from [`Running`]).
 pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
-    fhirmesh_fhir::validate::warm_up();
     // Packages that cannot be read or do not fit together stop the start, every reason listed.
-    // Loaded and reported; not yet applied to search, validation or the CapabilityStatement.
+    // Their search parameters are installed before anything uses the search registry; profiles
+    // and terminology are not applied yet.
     crate::ig::load(config)?;
+    fhirmesh_fhir::validate::warm_up();
     let (shutdown, rx) = watch::channel(false);
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
     let mut http_addr = None;

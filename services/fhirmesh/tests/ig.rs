@@ -126,3 +126,107 @@ fn a_server_does_not_start_with_packages_that_do_not_fit_together() {
         "{said}"
     );
 }
+
+const EYE_COLOUR: &str = "http://example.org/fhir/StructureDefinition/eye-colour";
+
+fn patient(colour: &str) -> String {
+    json!({"resourceType": "Patient", "extension": [{"url": EYE_COLOUR, "valueCode": colour}]}).to_string()
+}
+
+async fn create(client: &reqwest::Client, base: &str, body: String) -> String {
+    let response = client
+        .post(format!("{base}/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(body)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(response.status(), 201);
+    let created: serde_json::Value = response.json().await.expect("json");
+    created["id"].as_str().expect("id").to_owned()
+}
+
+async fn found(client: &reqwest::Client, base: &str, query: &str) -> Vec<String> {
+    let response = client.get(format!("{base}/{query}")).send().await.expect("search");
+    let status = response.status();
+    let bundle: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(status, 200, "{bundle}");
+    let mut ids: Vec<String> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["resource"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ig_search_parameter_is_searchable_for_new_writes_and_after_a_reindex_for_old_ones() {
+    let (work, data) = (tempfile::tempdir().expect("work"), tempfile::tempdir().expect("data"));
+    let client = reqwest::Client::new();
+    // Data written before the guide is installed.
+    let server = support::spawn(&["--listen", "127.0.0.1:0"], Some(data.path())).await;
+    let before = create(&client, &server.address, patient("green")).await;
+    // Indexed (with the base parameters) before the server stops.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while found(&client, &server.address, "Patient?_lastUpdated=gt2000").await != vec![before.clone()] {
+        assert!(std::time::Instant::now() < deadline, "the first Patient was never indexed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.kill_9().await;
+
+    let parameter = json!({"resourceType": "SearchParameter", "url": "http://example.org/fhir/SearchParameter/eye-colour",
+        "name": "EyeColour", "status": "active", "code": "eye-colour", "base": ["Patient"], "type": "token",
+        "expression": format!("Patient.extension.where(url = '{EYE_COLOUR}').value")});
+    let guide = package(
+        work.path(),
+        "example.eyes",
+        &[],
+        &[("package/SearchParameter-eye-colour.json", parameter.to_string())],
+    );
+    let installed = fhirmesh(data.path(), &["ig", "install", guide.to_str().expect("path")]);
+    assert!(installed.status.success(), "{}", text(&installed));
+
+    let server = support::spawn(&["--listen", "127.0.0.1:0"], Some(data.path())).await;
+    let base = server.address.clone();
+    let after = create(&client, &base, patient("green")).await;
+    create(&client, &base, patient("blue")).await;
+    // New writes are indexed; what was written before is not, until a reindex.
+    assert_eq!(found(&client, &base, "Patient?eye-colour=green").await, vec![after.clone()]);
+    let metadata: serde_json::Value =
+        client.get(format!("{base}/metadata")).send().await.expect("metadata").json().await.expect("json");
+    let patient_resource = metadata["rest"][0]["resource"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .expect("Patient")
+        .clone();
+    let listed =
+        patient_resource["searchParam"].as_array().expect("searchParam").iter().any(|p| p["name"] == "eye-colour");
+    assert!(listed, "the CapabilityStatement lists eye-colour: {patient_resource}");
+
+    let reindexed = fhirmesh(data.path(), &["reindex"]);
+    assert!(reindexed.status.success(), "{}", text(&reindexed));
+    let mut both = vec![before, after];
+    both.sort();
+    assert_eq!(found(&client, &base, "Patient?eye-colour=green").await, both);
+    server.kill_9().await;
+}
+
+#[test]
+fn a_search_parameter_the_server_cannot_evaluate_stops_the_start() {
+    let (work, data) = (tempfile::tempdir().expect("work"), tempfile::tempdir().expect("data"));
+    let parameter = json!({"resourceType": "SearchParameter", "url": "http://example.org/fhir/SearchParameter/bad",
+        "name": "Bad", "status": "active", "code": "bad", "base": ["Patient"], "type": "token",
+        "expression": "Patient.name.given.(("});
+    let guide =
+        package(work.path(), "example.bad", &[], &[("package/SearchParameter-bad.json", parameter.to_string())]);
+    let installed = fhirmesh(data.path(), &["ig", "install", guide.to_str().expect("path")]);
+    assert!(installed.status.success(), "{}", text(&installed));
+    let refused = fhirmesh(data.path(), &["serve", "--listen", "127.0.0.1:0"]);
+    assert!(!refused.status.success());
+    let said = text(&refused);
+    assert!(said.contains("http://example.org/fhir/SearchParameter/bad: on Patient: parse error"), "{said}");
+}

@@ -1,8 +1,9 @@
-//! The base R4 SearchParameters (1,375 definitions from `Bundle-searchParams.json`), looked up by
-//! resource type and code.
+//! The base R4 SearchParameters (1,375 definitions from `Bundle-searchParams.json`), and those of
+//! the Implementation Guides the process loads ([`install_extensions`]), looked up by resource
+//! type and code.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 
@@ -94,9 +95,12 @@ pub struct Registry {
 const NOT_DOMAIN_RESOURCES: [&str; 3] = ["Binary", "Bundle", "Parameters"];
 
 impl Registry {
-    fn load() -> Registry {
-        let definitions: Vec<SearchParamDef> =
+    /// The base definitions, then `extensions` (an extension with the code of a base parameter of
+    /// the same type replaces it there).
+    fn load(extensions: &[SearchParamDef]) -> Registry {
+        let mut definitions: Vec<SearchParamDef> =
             serde_json::from_str(SEARCH_PARAMS_JSON).expect("data/search_params.json is generated, valid JSON");
+        definitions.extend(extensions.iter().cloned());
         let mut by_type: HashMap<ResourceType, HashMap<String, usize>> = HashMap::new();
         let mut by_url = HashMap::new();
         for (index, def) in definitions.iter().enumerate() {
@@ -145,11 +149,49 @@ impl Registry {
     }
 }
 
-static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::load);
+static REGISTRY: OnceLock<Registry> = OnceLock::new();
+static EXTENSIONS: OnceLock<Vec<SearchParamDef>> = OnceLock::new();
+static BASE: OnceLock<Registry> = OnceLock::new();
 
-/// The base R4 search parameter registry (loaded once).
+/// The base R4 definitions alone: what extensions are checked against before they are installed.
+pub(crate) fn base_registry() -> &'static Registry {
+    BASE.get_or_init(|| Registry::load(&[]))
+}
+
+/// The search parameter registry: the base R4 definitions and the installed extensions (built on
+/// first use).
 pub fn registry() -> &'static Registry {
-    &REGISTRY
+    REGISTRY.get_or_init(|| Registry::load(EXTENSIONS.get().map_or(&[], Vec::as_slice)))
+}
+
+/// Adds `definitions` (the SearchParameters of the loaded Implementation Guides) to the registry:
+/// searchable, extracted on every write, in the CapabilityStatement. Once per process, before the
+/// registry is first used (a server installs them at start). Refuses definitions that cannot
+/// work, each reason with its canonical URL: no code, a base that is not a resource type, an
+/// expression (or a composite's component) the extractor cannot evaluate.
+pub fn install_extensions(definitions: Vec<SearchParamDef>) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    for def in &definitions {
+        if def.code.is_empty() || def.code.starts_with('_') || def.code.contains(['.', ':', '=', ' ']) {
+            errors.push(format!("{}: code {:?} cannot be a search parameter name", def.url, def.code));
+        }
+        let bases: Vec<ResourceType> = def.base.iter().filter_map(|b| ResourceType::parse(b)).collect();
+        if bases.is_empty() || bases.len() != def.base.len() {
+            errors.push(format!("{}: base {:?} names no resource type (or an unknown one)", def.url, def.base));
+        }
+        for base in bases {
+            if let Err(reason) = crate::search::extract::check(def, base, &definitions) {
+                errors.push(format!("{}: on {base}: {reason}", def.url));
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if REGISTRY.get().is_some() {
+        return Err(vec!["the search parameter registry is already in use: install extensions first".to_owned()]);
+    }
+    EXTENSIONS.set(definitions).map_err(|_| vec!["search parameter extensions are installed already".to_owned()])
 }
 
 #[cfg(test)]
@@ -158,6 +200,34 @@ mod tests {
 
     fn rt(name: &str) -> ResourceType {
         ResourceType::parse(name).expect("known type")
+    }
+
+    fn extension(code: &str, base: &str, expression: &str) -> SearchParamDef {
+        serde_json::from_value(serde_json::json!({"url": format!("http://x/{code}"), "code": code, "base": [base],
+            "type": "token", "expression": expression}))
+        .expect("definition")
+    }
+
+    #[test]
+    fn extensions_that_cannot_work_are_refused_with_their_url() {
+        // Refused before anything global changes (the registry stays the base one here).
+        let errors = install_extensions(vec![
+            extension("_mine", "Patient", "Patient.gender"),
+            extension("colour", "Nope", "Patient.gender"),
+            extension("broken", "Patient", "Patient.name.(("),
+            extension("elsewhere", "Patient", "Observation.status"),
+        ])
+        .expect_err("refused");
+        let expected = [
+            "http://x/_mine: code \"_mine\" cannot be a search parameter name",
+            "http://x/colour: base [\"Nope\"] names no resource type",
+            "http://x/broken: on Patient: parse error",
+            "http://x/elsewhere: on Patient: its expression selects nothing in this resource type",
+        ];
+        for line in expected {
+            assert!(errors.iter().any(|e| e.starts_with(line)), "missing {line:?} in {errors:#?}");
+        }
+        assert_eq!(errors.len(), expected.len(), "{errors:#?}");
     }
 
     #[test]

@@ -146,6 +146,39 @@ fn compile_param<'d>(
     Ok(Some(CompiledParam { code: &def.code, url: &def.url, kind: def.kind, targets: &def.target, body }))
 }
 
+/// Whether `def` can be extracted from resources of `resource_type`: its expression parses and
+/// compiles, a composite's components are known (in the registry or among `siblings`). A
+/// definition that extracts nothing for the type (no part of its expression applies) is an error
+/// too: it could never match.
+pub(crate) fn check(
+    def: &SearchParamDef,
+    resource_type: ResourceType,
+    siblings: &[SearchParamDef],
+) -> Result<(), String> {
+    if def.kind == ParamType::Special {
+        return Err("special parameters need code of their own".to_owned());
+    }
+    for component in &def.component {
+        let known = crate::search::params::base_registry().by_url(&component.definition).is_some()
+            || siblings.iter().any(|s| s.url == component.definition);
+        if !known {
+            return Err(format!("unknown component definition {}", component.definition));
+        }
+    }
+    if !def.component.is_empty() {
+        // Components are resolved through the registry once installed; the composite's own
+        // expression is what can be checked now.
+        let expression = def.expression.as_deref().unwrap_or_default();
+        let ast = fhirpath::parse(expression).map_err(|e| format!("parse error: {e}"))?;
+        let root: [Ty; 1] = [resource_type.as_str()];
+        return compile::compile(&ast, &root, resource_type).map(|_| ());
+    }
+    match compile_param(def, resource_type)? {
+        Some(_) => Ok(()),
+        None => Err("its expression selects nothing in this resource type".to_owned()),
+    }
+}
+
 /// Forces compilation of every parameter's extractor (otherwise done on first use).
 pub fn warm_up() {
     LazyLock::force(&COMPILED);
