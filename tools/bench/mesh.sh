@@ -12,7 +12,8 @@
 #
 # Environment (optional): PATIENTS (synthetic patients loaded, default 200), BENCH_PATIENTS
 # (1000), CONNECTIONS (32), DURATION (10s), OUT (bench-results), SCENARIOS (default
-# read,create,search-token,index-lag).
+# read,create,search-token,index-lag), TLS=1 (the gateway calls the resource service over mTLS,
+# with a CA and certificate made by openssl for the run).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,6 +26,7 @@ OUT="${OUT:-bench-results}"
 SCENARIOS="${SCENARIOS:-read,create,search-token,index-lag}"
 CARGO="${CARGO:-cargo}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+TLS="${TLS:-0}"
 
 command -v nats-server >/dev/null 2>&1 || { echo "nats-server is not installed; run \`make deps\`" >&2; exit 1; }
 "$CARGO" build --release --locked -p fhirmesh
@@ -79,6 +81,21 @@ start() {
   FOUND="$found"
 }
 
+SCHEME=http
+if [[ "$TLS" == 1 ]]; then
+  # One CA and one certificate (127.0.0.1, server and client use) for both services.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca \
+    -keyout "$WORK/ca-key.pem" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=bench -keyout "$WORK/key.pem" \
+    -out "$WORK/req.pem" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >"$WORK/ext.cnf"
+  openssl x509 -req -in "$WORK/req.pem" -CA "$WORK/ca.pem" -CAkey "$WORK/ca-key.pem" -CAcreateserial -days 1 \
+    -extfile "$WORK/ext.cnf" -out "$WORK/cert.pem" 2>/dev/null
+  export FHIRMESH_GRPC__TLS_CA_FILE="$WORK/ca.pem" FHIRMESH_GRPC__TLS_CERT_FILE="$WORK/cert.pem" \
+    FHIRMESH_GRPC__TLS_KEY_FILE="$WORK/key.pem"
+  SCHEME=https
+fi
+
 FOUND=""
 start resource "gRPC" 's/^fhirmesh: .*gRPC.* listening on \([0-9.:]*\).*$/\1/p' \
   --target resource --grpc-listen 127.0.0.1:0 --data-dir "$DATA"
@@ -86,11 +103,11 @@ GRPC="$FOUND"
 start relay "relay" 's/^fhirmesh: \(.*relay.*\)$/\1/p' --target relay --data-dir "$DATA"
 start indexer "indexer" 's/^fhirmesh: \(.*indexer.*\)$/\1/p' --target indexer --data-dir "$DATA"
 start gateway "FHIR API" 's/^fhirmesh: FHIR API listening on \(http:[^ ]*\)$/\1/p' \
-  --target gateway --listen 127.0.0.1:0 --resource-endpoint "http://$GRPC"
+  --target gateway --listen 127.0.0.1:0 --resource-endpoint "$SCHEME://$GRPC"
 URL="$FOUND"
-echo "mesh: gateway $URL → resource $GRPC; relay and indexer on nats://127.0.0.1:$NATS_PORT (work dir $WORK)"
+echo "mesh: gateway $URL → resource $SCHEME://$GRPC; relay and indexer on nats://127.0.0.1:$NATS_PORT (work dir $WORK)"
 
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)-mesh"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)-mesh$([[ "$TLS" == 1 ]] && echo -mtls || true)"
 mkdir -p "$OUT"
 "$BIN" load --url "$URL" --synthetic "$PATIENTS" --seed 1 --concurrency 2 --no-progress \
   --json "$OUT/load-$STAMP.json"
