@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+pub use tonic::transport::ClientTlsConfig;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::Ops;
@@ -251,7 +252,7 @@ impl GrpcTls {
 
 /// aws-lc-rs as the process's TLS crypto provider, unless one is installed: rustls cannot choose
 /// one itself when, as here, dependencies enable more than one.
-pub fn install_crypto_provider() {
+fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // A race with another installer is harmless: either provider is in place after it.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

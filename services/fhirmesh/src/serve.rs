@@ -372,15 +372,16 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                 _ => config.nats.ack_wait_seconds,
             };
             let heartbeat = Duration::from_secs(heartbeat).div_f64(3.0).max(Duration::from_millis(500));
-            let endpoint = config.grpc.endpoint("notifier.resource_endpoint", &config.notifier.resource_endpoint)?;
+            let endpoint = &config.notifier.resource_endpoint;
+            let upstream = Upstream::new(config, &tls, "notifier.resource_endpoint", endpoint)?;
             let service: DynResourceService = Arc::new(
-                GrpcResourceClient::connect_with(endpoint.to_owned(), tls.as_ref().map(GrpcTls::client))
+                GrpcResourceClient::connect_with(endpoint.clone(), upstream.client())
                     .with_context(|| format!("invalid notifier.resource_endpoint {endpoint}"))?
                     .with_policy(call_policy(config)),
             );
             let metrics = NotifierMetrics::new();
             register_notifier(&ops, &metrics);
-            check_grpc(&ops, "resource service", endpoint, "fhirmesh.v1.ResourceService", tls.as_ref())?;
+            upstream.check(&ops, "resource service", "fhirmesh.v1.ResourceService")?;
             let source = ChangeSource::Bus { consumer, heartbeat };
             tasks.push(spawn_notifier(config, service, source, metrics, &rx)?);
             None
@@ -429,23 +430,17 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
             if let Some(endpoint) = &config.gateway.export_endpoint
                 && config.export.enabled
             {
-                let endpoint = config.grpc.endpoint("gateway.export_endpoint", endpoint)?;
-                let client = fhirmesh_proto::GrpcExportClient::connect_with(
-                    endpoint.to_owned(),
-                    tls.as_ref().map(GrpcTls::client),
-                )
-                .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
-                check_grpc(&ops, "export service", endpoint, "fhirmesh.v1.ExportService", tls.as_ref())?;
+                let upstream = Upstream::new(config, &tls, "gateway.export_endpoint", endpoint)?;
+                let client = fhirmesh_proto::GrpcExportClient::connect_with(endpoint.clone(), upstream.client())
+                    .with_context(|| format!("invalid gateway.export_endpoint {endpoint}"))?;
+                upstream.check(&ops, "export service", "fhirmesh.v1.ExportService")?;
                 exports_api = Some(ExportApi(Arc::new(client)));
             }
             if let Some(endpoint) = &config.gateway.binary_endpoint {
-                let endpoint = config.grpc.endpoint("gateway.binary_endpoint", endpoint)?;
-                let client = fhirmesh_proto::GrpcBinaryClient::connect_with(
-                    endpoint.to_owned(),
-                    tls.as_ref().map(GrpcTls::client),
-                )
-                .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
-                check_grpc(&ops, "binary service", endpoint, "fhirmesh.v1.BinaryService", tls.as_ref())?;
+                let upstream = Upstream::new(config, &tls, "gateway.binary_endpoint", endpoint)?;
+                let client = fhirmesh_proto::GrpcBinaryClient::connect_with(endpoint.clone(), upstream.client())
+                    .with_context(|| format!("invalid gateway.binary_endpoint {endpoint}"))?;
+                upstream.check(&ops, "binary service", "fhirmesh.v1.BinaryService")?;
                 binaries_api = Some(binary_api(config, Arc::new(client)));
             }
             None
@@ -466,10 +461,11 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         let service: DynResourceService = match service {
             Some(local) => local,
             None => {
-                let endpoint = config.grpc.endpoint("gateway.resource_endpoint", &config.gateway.resource_endpoint)?;
-                check_grpc(&ops, "resource service", endpoint, "fhirmesh.v1.ResourceService", tls.as_ref())?;
+                let endpoint = &config.gateway.resource_endpoint;
+                let upstream = Upstream::new(config, &tls, "gateway.resource_endpoint", endpoint)?;
+                upstream.check(&ops, "resource service", "fhirmesh.v1.ResourceService")?;
                 Arc::new(
-                    GrpcResourceClient::connect_with(endpoint.to_owned(), tls.as_ref().map(GrpcTls::client))
+                    GrpcResourceClient::connect_with(endpoint.clone(), upstream.client())
                         .with_context(|| format!("invalid resource endpoint {endpoint}"))?
                         .with_policy(call_policy(config)),
                 )
@@ -568,11 +564,31 @@ fn check_jobs(ops: &Ops, jobs: &fhirmesh_core::export::DynJobStore) {
     });
 }
 
-/// Ready while the gRPC server at `endpoint` reports `service` SERVING (`grpc.health.v1`).
-fn check_grpc(ops: &Ops, name: &str, endpoint: &str, service: &str, tls: Option<&GrpcTls>) -> anyhow::Result<()> {
-    let probe = fhirmesh_ops::grpc::health_check_endpoint(endpoint, service, tls).map_err(anyhow::Error::msg)?;
-    ops.check(name, probe);
-    Ok(())
+/// A gRPC server this service calls: its endpoint, checked against the TLS setting, and the TLS
+/// to call it with.
+struct Upstream<'a> {
+    endpoint: &'a str,
+    tls: &'a Option<GrpcTls>,
+}
+
+impl<'a> Upstream<'a> {
+    /// `endpoint`, the value of the key `name` (`https://` exactly when `[grpc] tls_*` is set).
+    fn new(config: &Config, tls: &'a Option<GrpcTls>, name: &str, endpoint: &'a str) -> anyhow::Result<Upstream<'a>> {
+        Ok(Upstream { endpoint: config.grpc.endpoint(name, endpoint)?, tls })
+    }
+
+    /// The client side of the TLS, when on.
+    fn client(&self) -> Option<fhirmesh_ops::grpc::ClientTlsConfig> {
+        self.tls.as_ref().map(GrpcTls::client)
+    }
+
+    /// Ready while the server reports `service` SERVING (`grpc.health.v1`), as `name`.
+    fn check(&self, ops: &Ops, name: &str, service: &str) -> anyhow::Result<()> {
+        let probe = fhirmesh_ops::grpc::health_check_endpoint(self.endpoint, service, self.tls.as_ref())
+            .map_err(anyhow::Error::msg)?;
+        ops.check(name, probe);
+        Ok(())
+    }
 }
 
 /// The search index lag on `/metrics`, read from the store and the index themselves.

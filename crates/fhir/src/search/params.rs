@@ -216,6 +216,10 @@ mod tests {
             extension("colour", "Nope", "Patient.gender"),
             extension("broken", "Patient", "Patient.name.(("),
             extension("elsewhere", "Patient", "Observation.status"),
+            serde_json::from_value(serde_json::json!({"url": "http://x/pair", "code": "pair", "base": ["Patient"],
+                "type": "composite", "expression": "Patient",
+                "component": [{"definition": "http://x/nowhere", "expression": "gender"}]}))
+            .expect("composite"),
         ])
         .expect_err("refused");
         let expected = [
@@ -223,6 +227,7 @@ mod tests {
             "http://x/colour: base [\"Nope\"] names no resource type",
             "http://x/broken: on Patient: parse error",
             "http://x/elsewhere: on Patient: its expression selects nothing in this resource type",
+            "http://x/pair: on Patient: unknown component definition http://x/nowhere",
         ];
         for line in expected {
             assert!(errors.iter().any(|e| e.starts_with(line)), "missing {line:?} in {errors:#?}");

@@ -115,6 +115,16 @@ fn compile_param<'d>(
     def: &'d SearchParamDef,
     resource_type: ResourceType,
 ) -> Result<Option<CompiledParam<'d>>, String> {
+    compile_with(def, resource_type, &|url| registry().by_url(url).map(|d| d.kind))
+}
+
+/// [`compile_param`] with composite components' types looked up by `component_kind` (their
+/// canonical URL → type).
+fn compile_with<'d>(
+    def: &'d SearchParamDef,
+    resource_type: ResourceType,
+    component_kind: &dyn Fn(&str) -> Option<ParamType>,
+) -> Result<Option<CompiledParam<'d>>, String> {
     let Some(expression) = def.expression.as_deref().filter(|e| !e.trim().is_empty()) else { return Ok(None) };
     if def.kind == ParamType::Special {
         return Ok(None);
@@ -131,9 +141,7 @@ fn compile_param<'d>(
         }
         let mut components = Vec::new();
         for component in &def.component {
-            let kind = registry()
-                .by_url(&component.definition)
-                .map(|d| d.kind)
+            let kind = component_kind(&component.definition)
                 .ok_or_else(|| format!("unknown component definition {}", component.definition))?;
             let ast = fhirpath::parse(&component.expression).map_err(|e| format!("component parse error: {e}"))?;
             let (component_plan, _) = compile::compile(&ast, &types, resource_type)?;
@@ -146,10 +154,11 @@ fn compile_param<'d>(
     Ok(Some(CompiledParam { code: &def.code, url: &def.url, kind: def.kind, targets: &def.target, body }))
 }
 
-/// Whether `def` can be extracted from resources of `resource_type`: its expression parses and
-/// compiles, a composite's components are known (in the registry or among `siblings`). A
-/// definition that extracts nothing for the type (no part of its expression applies) is an error
-/// too: it could never match.
+/// Whether `def` can be extracted from resources of `resource_type`: its expression (and each
+/// composite component's) parses and compiles, and the components are known — among the base
+/// definitions or `siblings` (the registry itself is not touched: it is built once, after the
+/// extensions are installed). A definition that extracts nothing for the type (no part of its
+/// expression applies) is an error too: it could never match.
 pub(crate) fn check(
     def: &SearchParamDef,
     resource_type: ResourceType,
@@ -158,22 +167,11 @@ pub(crate) fn check(
     if def.kind == ParamType::Special {
         return Err("special parameters need code of their own".to_owned());
     }
-    for component in &def.component {
-        let known = crate::search::params::base_registry().by_url(&component.definition).is_some()
-            || siblings.iter().any(|s| s.url == component.definition);
-        if !known {
-            return Err(format!("unknown component definition {}", component.definition));
-        }
-    }
-    if !def.component.is_empty() {
-        // Components are resolved through the registry once installed; the composite's own
-        // expression is what can be checked now.
-        let expression = def.expression.as_deref().unwrap_or_default();
-        let ast = fhirpath::parse(expression).map_err(|e| format!("parse error: {e}"))?;
-        let root: [Ty; 1] = [resource_type.as_str()];
-        return compile::compile(&ast, &root, resource_type).map(|_| ());
-    }
-    match compile_param(def, resource_type)? {
+    let component_kind = |url: &str| {
+        let base = crate::search::params::base_registry().by_url(url);
+        base.or_else(|| siblings.iter().find(|s| s.url == url)).map(|d| d.kind)
+    };
+    match compile_with(def, resource_type, &component_kind)? {
         Some(_) => Ok(()),
         None => Err("its expression selects nothing in this resource type".to_owned()),
     }
