@@ -52,6 +52,32 @@ pub(crate) fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
+/// Where transaction deadlines read the time: the wall clock, or in tests a manual one that
+/// moves only when the test says, so deadline checks do not race a loaded machine.
+#[derive(Clone, Default)]
+pub(crate) struct Clock(Option<Arc<std::sync::atomic::AtomicU64>>);
+
+impl Clock {
+    pub(crate) fn now_millis(&self) -> u64 {
+        match &self.0 {
+            None => now_millis(),
+            Some(manual) => manual.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+
+    /// A clock standing at `epoch_ms` until [`Clock::advance`] moves it.
+    #[cfg(test)]
+    pub(crate) fn manual(epoch_ms: u64) -> Clock {
+        Clock(Some(Arc::new(std::sync::atomic::AtomicU64::new(epoch_ms))))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn advance(&self, by: Duration) {
+        let manual = self.0.as_ref().expect("only a manual clock moves");
+        manual.fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Tunables of [`DynamoStore`].
 #[derive(Debug, Clone)]
 pub struct DynamoConfig {
@@ -99,6 +125,8 @@ struct Inner {
     txns: Mutex<HashMap<String, bool>>,
     /// Where bodies too large for an item go (none: they are refused).
     blobs: Option<DynBlobStore>,
+    /// What transaction deadlines are set and checked against.
+    clock: Clock,
 }
 
 impl DynamoStore {
@@ -122,8 +150,17 @@ impl DynamoStore {
                 frontier: Mutex::new((0, 0)),
                 txns: Mutex::new(HashMap::new()),
                 blobs,
+                clock: Clock::default(),
             }),
         }
+    }
+
+    /// The same store with its transaction deadlines on `clock`.
+    #[cfg(test)]
+    pub(crate) fn with_clock(client: Client, config: DynamoConfig, clock: Clock) -> DynamoStore {
+        let mut store = DynamoStore::build(client, config, None);
+        Arc::get_mut(&mut store.inner).expect("just built").clock = clock;
+        store
     }
 
     /// Wakes the change-log followers of this process: every current waiter, and one permit

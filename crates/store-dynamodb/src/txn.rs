@@ -16,10 +16,10 @@ use fhirmesh_core::model::TenantId;
 use fhirmesh_core::ports::{CommitReceipt, Expected, StoreError, VersionWrite};
 use futures::stream::{self, TryStreamExt};
 
+use crate::DynamoStore;
 use crate::commit::{change_item, conflict, version_item};
 use crate::error::{build_error, sdk_error};
 use crate::items::{CURRENT_SK, Item, corrupt, get_s, get_u64, key, n, resource_pk, s, version_sk};
-use crate::{DynamoStore, now_millis};
 
 /// Partition-key prefix of a transaction's items: its record (`sk = X`) and manifest (`W#…`).
 const TXN_PREFIX: &str = "X#";
@@ -220,7 +220,7 @@ impl DynamoStore {
 
         // 1. The record and manifest: from here on anyone can finish or abort the transaction.
         //    Its deadline is renewed as staging goes on (`keep_alive` before each request).
-        let mut deadline_ms = now_millis() + self.inner.config.txn_timeout.as_millis() as u64;
+        let mut deadline_ms = self.inner.clock.now_millis() + self.inner.config.txn_timeout.as_millis() as u64;
         self.write_record(txn, deadline_ms, first, last, &manifest).await?;
 
         // 2. The change items, marked with the transaction: the change log shows them once it
@@ -284,7 +284,7 @@ impl DynamoStore {
     /// life. Retry when a reader aborted it at its deadline meanwhile.
     async fn keep_alive(&self, txn: &str, deadline_ms: &mut u64) -> Result<(), Staging> {
         let timeout = self.inner.config.txn_timeout.as_millis() as u64;
-        let now = now_millis();
+        let now = self.inner.clock.now_millis();
         if now + timeout / 2 < *deadline_ms {
             return Ok(());
         }
@@ -477,7 +477,7 @@ impl DynamoStore {
     /// must not wait forever (the change log, the stream relay) call.
     pub(crate) async fn settle(&self, txn: &str) -> Result<TxnState, StoreError> {
         match self.txn_state(txn).await? {
-            TxnState::Pending { deadline_ms } if now_millis() > deadline_ms => {
+            TxnState::Pending { deadline_ms } if self.inner.clock.now_millis() > deadline_ms => {
                 tracing::warn!(%txn, "aborting a staged transaction that passed its deadline (its writer stopped)");
                 self.abort_txn(txn, Some(deadline_ms)).await
             }
@@ -787,16 +787,26 @@ mod tests {
     use fhirmesh_core::ports::{ChangeLog, ResourceStore};
     use fhirmesh_fhir::{LogicalId, ResourceType};
 
-    use crate::{DynamoConfig, provision};
+    use crate::{Clock, DynamoConfig, provision};
 
     async fn moto_store(txn_timeout: Duration) -> DynamoStore {
+        moto_store_on(txn_timeout, Clock::default()).await
+    }
+
+    /// A store whose transaction deadlines run on a manual clock: time passes for them only
+    /// when the test advances it, however slow the machine is.
+    async fn moto_store_on(txn_timeout: Duration, clock: Clock) -> DynamoStore {
         let sdk = fhirmesh_testinfra::aws_config().await;
         let client = aws_sdk_dynamodb::Client::new(&sdk);
         let table = fhirmesh_testinfra::unique_name("txn");
         provision(&client, &table).await.expect("provision");
         let config =
             DynamoConfig { table, txn_timeout, hole_timeout: Duration::from_millis(300), ..DynamoConfig::default() };
-        DynamoStore::new(client, config)
+        DynamoStore::with_clock(client, config, clock)
+    }
+
+    fn manual_clock() -> Clock {
+        Clock::manual(crate::now_millis())
     }
 
     fn tenant() -> TenantId {
@@ -848,8 +858,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_abandoned_before_its_commit_point_is_invisible_then_aborted() {
-        // A deadline the checks below fit in even on a loaded machine (they ran past 500 ms once).
-        let store = moto_store(Duration::from_secs(3)).await;
+        let timeout = Duration::from_secs(3);
+        let clock = manual_clock();
+        let store = moto_store_on(timeout, clock.clone()).await;
         let t = tenant();
         let txn = abandoned(&store, false).await;
         assert!(matches!(store.txn_state(&txn).await, Ok(TxnState::Pending { .. })));
@@ -879,7 +890,8 @@ mod tests {
         assert_eq!(store.latest_sequence().await, Ok(2));
         assert!(matches!(store.txn_state(&txn).await, Ok(TxnState::Pending { .. })));
 
-        // A writer of a locked resource waits for the deadline, aborts the transaction, and wins.
+        // Past the deadline, a writer of a locked resource aborts the transaction and wins.
+        clock.advance(timeout + Duration::from_millis(1));
         let receipt = store.commit(&t, vec![write("a", Expected::Version(1), 2, "after")]).await.expect("write");
         assert_eq!(store.txn_state(&txn).await, Ok(TxnState::Aborted));
         let a = store.read(&t, key_of("a").0, &key_of("a").1).await.expect("read").expect("a");
@@ -935,57 +947,61 @@ mod tests {
         }
     }
 
-    async fn sleep_until(epoch_ms: u64) {
-        tokio::time::sleep(Duration::from_millis(epoch_ms.saturating_sub(now_millis()))).await;
-    }
-
     #[tokio::test]
     async fn a_writer_renews_its_deadline_and_a_reader_that_saw_the_old_one_cannot_abort() {
         let timeout = Duration::from_secs(2);
-        let store = moto_store(timeout).await;
+        let clock = manual_clock();
+        let store = moto_store_on(timeout, clock.clone()).await;
         let txn = abandoned(&store, false).await;
         let first = deadline_of(&store, &txn).await;
+        assert_eq!(first, clock.now_millis() + 2_000);
 
         // More than half the timeout left: nothing to renew.
         let mut deadline = first;
+        clock.advance(Duration::from_millis(900));
         assert!(store.keep_alive(&txn, &mut deadline).await.is_ok());
         assert_eq!((deadline, deadline_of(&store, &txn).await), (first, first));
 
         // Less than half left: renewed to a full timeout from now.
-        sleep_until(first - timeout.as_millis() as u64 / 4).await;
-        let renewed_at = now_millis();
+        clock.advance(Duration::from_millis(200));
         assert!(store.keep_alive(&txn, &mut deadline).await.is_ok());
-        assert!(deadline >= renewed_at + timeout.as_millis() as u64, "renewed to {deadline}");
+        assert_eq!(deadline, clock.now_millis() + 2_000, "renewed to a full timeout");
         assert_eq!(deadline_of(&store, &txn).await, deadline);
 
         // A reader that saw the first deadline pass cannot abort it: the renewal won.
-        sleep_until(first + 1).await;
-        assert!(now_millis() < deadline, "the checks above took longer than the timeout");
+        clock.advance(Duration::from_millis(901));
+        assert!(clock.now_millis() > first);
         assert_eq!(store.abort_txn(&txn, Some(first)).await, Ok(TxnState::Pending { deadline_ms: deadline }));
         assert_eq!(store.settle(&txn).await, Ok(TxnState::Pending { deadline_ms: deadline }));
 
         // Past the renewed deadline a reader aborts it, and the writer learns it at its next
         // renewal: it starts again.
-        sleep_until(deadline + 1).await;
+        clock.advance(Duration::from_millis(1_100));
+        assert!(clock.now_millis() > deadline);
         assert_eq!(store.settle(&txn).await, Ok(TxnState::Aborted));
         assert!(matches!(store.keep_alive(&txn, &mut deadline).await, Err(Staging::Retry(_))));
     }
 
     #[tokio::test]
     async fn a_large_commit_lands_while_readers_poll_the_change_log() {
-        // A timeout shorter than staging 400 writes takes (about 4 s on an idle moto, far more
-        // under load), renewed while they are staged; readers meanwhile settle every pending
-        // transaction they meet (aborting those past their deadline). Without renewals every
-        // attempt is aborted. Half the timeout (1 s) is what one request may take.
-        let store = moto_store(Duration::from_secs(2)).await;
+        // Staging 400 writes takes 11 renewal points; readers meanwhile settle every pending
+        // transaction they meet, aborting those past their deadline. Time on the deadlines'
+        // clock passes with the readers' polls (25 ms each, a poll reading up to 1,000 change
+        // items), so the test races requests against requests, not requests against a wall
+        // clock a loaded machine stretches. (The renewal itself, and a reader that saw an old
+        // deadline, are checked step by step in the test above.)
+        let timeout = Duration::from_secs(2);
+        let clock = manual_clock();
+        let store = moto_store_on(timeout, clock.clone()).await;
         let t = tenant();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader = tokio::spawn({
-            let (store, done) = (store.clone(), done.clone());
+            let (store, done, clock) = (store.clone(), done.clone(), clock.clone());
             async move {
                 while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    clock.advance(Duration::from_millis(25));
                     let _ = store.changes_after(0, 1_000).await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         });
@@ -1053,7 +1069,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_stream_relay_waits_at_a_pending_transaction_and_never_publishes_it_once_aborted() {
-        let store = moto_store(Duration::from_millis(800)).await;
+        let clock = manual_clock();
+        let store = moto_store_on(Duration::from_millis(800), clock.clone()).await;
         let relay = relay_of(&store).await;
         let txn = abandoned(&store, false).await;
         let recorder = Recorder::default();
@@ -1066,7 +1083,7 @@ mod tests {
         assert!(matches!(store.txn_state(&txn).await, Ok(TxnState::Pending { .. })));
 
         // Past the deadline the relay aborts it itself, skips it, and later writes flow.
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        clock.advance(Duration::from_millis(801));
         relay.run_once(&recorder).await.expect("relay round");
         assert_eq!(store.txn_state(&txn).await, Ok(TxnState::Aborted));
         store.commit(&tenant(), vec![write("a", Expected::Version(1), 2, "after")]).await.expect("write");
