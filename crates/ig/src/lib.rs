@@ -5,13 +5,17 @@
 //!
 //! [`Package::from_tgz`] reads and checks one package; [`IgSet::resolve`] puts installed packages
 //! together — every dependency present, every canonical URL defined once — into the conformance
-//! resources the server extends itself with (search parameters, profiles, value sets, …). Pure:
+//! resources the server extends itself with (search parameters, profiles, value sets, …), and
+//! [`Validator`] checks resources against the profiles among them. Pure:
 //! the bytes come from wherever the caller keeps packages (a directory, a blob store).
 
 mod package;
+pub mod profile;
 mod set;
+pub mod terminology;
 
 pub use package::{CONFORMANCE_TYPES, Package, PackageError};
+pub use profile::Validator;
 pub use set::IgSet;
 
 /// The FHIR version this server implements; a package must declare a 4.0.x version.
