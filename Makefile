@@ -50,8 +50,8 @@ bench-opensearch: ## the search and indexing scenarios with the index on OpenSea
 bench-mesh: ## read, create, search and index lag against the services as separate processes (gateway, resource, relay, indexer; NATS) → bench-results/
 	bash tools/bench/mesh.sh
 
-bench-micro: ## criterion micro-benchmarks of the hot paths (validation, extraction, query parsing, SQLite writes)
-	$(CARGO) bench -p fhirmesh-fhir -p fhirmesh-store-sqlite --locked
+bench-micro: ## criterion micro-benchmarks of the hot paths (validation, profile validation, extraction, query parsing, SQLite writes)
+	$(CARGO) bench -p fhirmesh-fhir -p fhirmesh-store-sqlite -p fhirmesh-ig --locked
 
 fmt: ## format the code
 	$(CARGO) fmt --all

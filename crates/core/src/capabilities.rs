@@ -20,6 +20,9 @@ pub struct Capabilities {
     pub security: Security,
     /// Bulk Data `$export` is served (system, Patient and Group level).
     pub bulk_export: bool,
+    /// The profiles of the loaded IG packages, by the resource type they constrain
+    /// (`supportedProfile`): resources claiming them are validated against them.
+    pub profiles: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `CapabilityStatement.rest.security`.
@@ -131,6 +134,8 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
             if !missing.is_empty() {
                 resource["documentation"] = json!(format!("Search parameters not supported: {}.", missing.join(", ")));
             }
+            let mut operations =
+                vec![json!({ "name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate" })];
             if caps.bulk_export {
                 let definition = match rt.as_str() {
                     "Patient" => Some("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"),
@@ -138,8 +143,12 @@ pub fn capability_statement(caps: &Capabilities, now: &str) -> Value {
                     _ => None,
                 };
                 if let Some(definition) = definition {
-                    resource["operation"] = json!([{ "name": "export", "definition": definition }]);
+                    operations.push(json!({ "name": "export", "definition": definition }));
                 }
+            }
+            resource["operation"] = Value::Array(operations);
+            if let Some(profiles) = caps.profiles.get(rt.as_str()).filter(|p| !p.is_empty()) {
+                resource["supportedProfile"] = json!(profiles);
             }
             resource
         })

@@ -407,6 +407,26 @@ pub trait WriteRules: Send + Sync + std::fmt::Debug {
     /// each with its FHIRPath expression). Types without rules: `Ok(())`.
     fn check(&self, resource_type: ResourceType, resource: &serde_json::Value) -> Result<(), FhirError>;
 
+    /// Everything `$validate` reports about a schema-valid `resource` under these rules:
+    /// warnings as well as errors, and, when `profile` is given, its conformance to that profile
+    /// (an issue says so when the rules know no such profile). The default reports the issues of
+    /// [`check`](WriteRules::check)'s error and knows no profiles.
+    fn validate(
+        &self,
+        resource_type: ResourceType,
+        resource: &serde_json::Value,
+        profile: Option<&str>,
+    ) -> Vec<fhirmesh_fhir::outcome::Issue> {
+        let mut issues = match self.check(resource_type, resource) {
+            Ok(()) => Vec::new(),
+            Err(error) => error.issues,
+        };
+        if let Some(profile) = profile {
+            issues.push(unknown_profile(profile));
+        }
+        issues
+    }
+
     /// The per-tenant limit `resource` counts against when it is the current version at `now`, or
     /// `None` if it counts against none (types without a limit; a Subscription that is `off`).
     /// Asked about the version being written and about the version it replaces.
@@ -448,3 +468,15 @@ pub struct TenantLimit {
 }
 
 pub type DynWriteRules = Arc<dyn WriteRules>;
+
+/// The issue `$validate` reports for a profile the server cannot validate against: an error, as
+/// the caller asked for exactly that profile.
+pub fn unknown_profile(profile: &str) -> fhirmesh_fhir::outcome::Issue {
+    fhirmesh_fhir::outcome::Issue::error(
+        fhirmesh_fhir::outcome::IssueType::NotSupported,
+        format!(
+            "profile {} is not known here (install the IG package that defines it)",
+            fhirmesh_fhir::outcome::clip(profile)
+        ),
+    )
+}

@@ -10,7 +10,7 @@ use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 
 use crate::auth::Access;
-use crate::error::FhirResult;
+use crate::error::{FhirError, FhirResult};
 use crate::model::{ResourceVersion, TenantId};
 use crate::ports::HistoryScope;
 
@@ -74,6 +74,141 @@ pub struct PatchRequest {
     pub id: LogicalId,
     pub patch: PatchDocument,
     pub if_match: Option<u64>,
+}
+
+/// What `$validate` checks a resource as (R4 Resource-validate `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValidateMode {
+    /// No mode: the resource on its own.
+    General,
+    /// As a create would.
+    Create,
+    /// As an update of the instance would (instance level only).
+    Update,
+    /// Whether the instance could be deleted (instance level only; no resource).
+    Delete,
+}
+
+impl ValidateMode {
+    pub fn parse(code: &str) -> Option<ValidateMode> {
+        match code {
+            "create" => Some(ValidateMode::Create),
+            "update" => Some(ValidateMode::Update),
+            "delete" => Some(ValidateMode::Delete),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValidateMode::General => "",
+            ValidateMode::Create => "create",
+            ValidateMode::Update => "update",
+            ValidateMode::Delete => "delete",
+        }
+    }
+}
+
+/// `POST [type]/$validate`, `POST [type]/[id]/$validate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidateRequest {
+    pub resource_type: ResourceType,
+    /// The instance, at instance level.
+    pub id: Option<LogicalId>,
+    /// The resource to check, as JSON (absent only in mode `delete`).
+    pub resource: Option<Bytes>,
+    pub mode: ValidateMode,
+    /// A profile to check the resource against, besides the ones it claims.
+    pub profile: Option<String>,
+}
+
+impl ValidateRequest {
+    /// The request an HTTP `$validate` call makes: its body is the resource itself or a
+    /// `Parameters` resource with `resource`, `mode` and `profile`; `mode` and `profile` may also
+    /// come as URL parameters (`query`).
+    pub fn from_http(
+        resource_type: ResourceType,
+        id: Option<LogicalId>,
+        body: &[u8],
+        query: &[(String, String)],
+    ) -> FhirResult<ValidateRequest> {
+        let (mut resource, mut mode, mut profile) = (None, None, None);
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            let value: serde_json::Value = serde_json::from_slice(body)
+                .map_err(|err| FhirError::invalid(format!("request body is not valid JSON: {err}")))?;
+            // A Parameters body is the operation's input, unless Parameters is what is validated
+            // and it carries no resource parameter.
+            let is_parameters = value["resourceType"] == "Parameters"
+                && (resource_type.as_str() != "Parameters"
+                    || value["parameter"].as_array().is_some_and(|p| p.iter().any(|p| p["name"] == "resource")));
+            if is_parameters {
+                for (i, parameter) in value["parameter"].as_array().into_iter().flatten().enumerate() {
+                    let at = format!("Parameters.parameter[{i}]");
+                    match parameter["name"].as_str() {
+                        Some("resource") => {
+                            let found = parameter.get("resource").filter(|r| r.is_object()).ok_or_else(|| {
+                                FhirError::invalid("the resource parameter carries no resource").at(at.clone())
+                            })?;
+                            resource = Some(Bytes::from(serde_json::to_vec(found).unwrap_or_default()));
+                        }
+                        Some("mode") => mode = Some(string_value(parameter, &["valueCode", "valueString"], &at)?),
+                        Some("profile") => {
+                            profile =
+                                Some(string_value(parameter, &["valueUri", "valueCanonical", "valueString"], &at)?)
+                        }
+                        Some(other) => {
+                            return Err(FhirError::invalid(format!(
+                                "$validate takes the parameters resource, mode and profile, not {}",
+                                fhirmesh_fhir::outcome::clip(other)
+                            ))
+                            .at(format!("{at}.name")));
+                        }
+                        None => return Err(FhirError::invalid("a parameter has no name").at(format!("{at}.name"))),
+                    }
+                }
+            } else {
+                resource = Some(Bytes::copy_from_slice(body));
+            }
+        }
+        for (name, value) in query {
+            match name.as_str() {
+                "mode" if mode.is_none() => mode = Some(value.clone()),
+                "profile" if profile.is_none() => profile = Some(value.clone()),
+                "mode" | "profile" => {
+                    return Err(FhirError::invalid(format!("{name} is given both in the URL and in the Parameters")));
+                }
+                _ => {}
+            }
+        }
+        let mode = match mode.as_deref() {
+            None => ValidateMode::General,
+            Some(code) => ValidateMode::parse(code).ok_or_else(|| {
+                FhirError::invalid(format!(
+                    "unknown $validate mode '{}': use create, update or delete",
+                    fhirmesh_fhir::outcome::clip(code)
+                ))
+            })?,
+        };
+        if matches!(mode, ValidateMode::Update | ValidateMode::Delete) && id.is_none() {
+            return Err(FhirError::invalid(format!(
+                "mode {} validates an instance: POST [type]/[id]/$validate",
+                mode.as_str()
+            )));
+        }
+        if resource.is_none() && mode != ValidateMode::Delete {
+            return Err(FhirError::invalid(
+                "no resource to validate: send it as the body or as the resource parameter",
+            ));
+        }
+        Ok(ValidateRequest { resource_type, id, resource, mode, profile })
+    }
+}
+
+fn string_value(parameter: &serde_json::Value, keys: &[&str], at: &str) -> FhirResult<String> {
+    keys.iter()
+        .find_map(|key| parameter[*key].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| FhirError::invalid(format!("expected one of {}", keys.join(", "))).at(at.to_owned()))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -293,6 +428,87 @@ pub trait ResourceService: Send + Sync + 'static {
 
     /// The search index's progress against the store (for the index-lag metric).
     async fn index_status(&self) -> FhirResult<IndexStatus>;
+
+    /// `$validate`: the issues the resource has (errors and warnings), never writing. `Ok`
+    /// whenever validation ran, whatever it found.
+    async fn validate(&self, ctx: &RequestContext, request: ValidateRequest) -> FhirResult<Vec<Issue>> {
+        let _ = (ctx, request);
+        Err(FhirError::unsupported("$validate is not available here"))
+    }
 }
 
 pub type DynResourceService = Arc<dyn ResourceService>;
+
+#[cfg(test)]
+mod validate_request_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn patient() -> ResourceType {
+        ResourceType::parse("Patient").expect("type")
+    }
+
+    fn from(body: serde_json::Value, query: &[(&str, &str)]) -> FhirResult<ValidateRequest> {
+        let query: Vec<(String, String)> = query.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        ValidateRequest::from_http(patient(), None, body.to_string().as_bytes(), &query)
+    }
+
+    #[test]
+    fn the_body_is_the_resource_or_parameters_carrying_it() {
+        let resource = json!({"resourceType": "Patient", "active": true});
+        let plain = from(resource.clone(), &[("profile", "http://p"), ("_pretty", "true")]).expect("plain");
+        assert_eq!(plain.resource.as_deref(), Some(resource.to_string().as_bytes()));
+        assert_eq!((plain.mode, plain.profile.as_deref()), (ValidateMode::General, Some("http://p")));
+
+        let parameters = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "resource", "resource": resource}, {"name": "mode", "valueCode": "create"},
+            {"name": "profile", "valueCanonical": "http://q"}]});
+        let wrapped = from(parameters, &[]).expect("parameters");
+        let sent: serde_json::Value =
+            serde_json::from_slice(wrapped.resource.as_deref().expect("resource")).expect("json");
+        assert_eq!(sent, resource);
+        assert_eq!((wrapped.mode, wrapped.profile.as_deref()), (ValidateMode::Create, Some("http://q")));
+
+        // Validating a Parameters resource itself: it is the resource unless it has a resource parameter.
+        let own = json!({"resourceType": "Parameters", "parameter": [{"name": "x", "valueString": "y"}]});
+        let request = ValidateRequest::from_http(
+            ResourceType::parse("Parameters").expect("type"),
+            None,
+            own.to_string().as_bytes(),
+            &[],
+        )
+        .expect("own");
+        assert_eq!(request.resource.as_deref(), Some(own.to_string().as_bytes()));
+    }
+
+    #[test]
+    fn what_cannot_be_validated_is_refused_saying_where() {
+        let unknown = json!({"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient"}}, {"name": "strict", "valueBoolean": true}]});
+        let error = from(unknown, &[]).expect_err("unknown parameter");
+        assert_eq!(error.issues[0].expression.as_deref(), Some("Parameters.parameter[1].name"));
+        let not_a_resource =
+            json!({"resourceType": "Parameters", "parameter": [{"name": "resource", "valueString": "x"}]});
+        assert_eq!(
+            from(not_a_resource, &[]).expect_err("no resource").issues[0].expression.as_deref(),
+            Some("Parameters.parameter[0]")
+        );
+        let twice = json!({"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient"}}, {"name": "mode", "valueCode": "create"}]});
+        assert!(from(twice, &[("mode", "create")]).expect_err("mode twice").issues[0].diagnostics.contains("both"));
+        let no_mode_value = json!({"resourceType": "Parameters", "parameter": [{"name": "mode", "valueInteger": 1}]});
+        assert!(from(no_mode_value, &[]).is_err());
+        let delete = ValidateRequest::from_http(
+            patient(),
+            Some(LogicalId::parse("a").expect("id")),
+            b"",
+            &[("mode".into(), "delete".into())],
+        )
+        .expect("delete needs no resource");
+        assert_eq!((delete.mode, delete.resource), (ValidateMode::Delete, None));
+        assert!(
+            ValidateRequest::from_http(patient(), None, b"  ", &[]).expect_err("nothing to validate").issues[0]
+                .diagnostics
+                .contains("no resource")
+        );
+    }
+}

@@ -185,7 +185,7 @@ pub fn profiled_package() -> Vec<u8> {
     let search = json!({
         "resourceType": "SearchParameter", "id": "colour", "url": format!("{b}/SearchParameter/colour"),
         "name": "colour", "status": "active", "code": "colour", "base": ["Patient"], "type": "token",
-        "expression": format!("Patient.extension('{b}/StructureDefinition/favourite-colour').value")
+        "expression": format!("Patient.extension.where(url = '{b}/StructureDefinition/favourite-colour').value")
     });
     tgz(&[
         ("package/package.json", manifest("example.fhir.profiled", "1.0.0", &[("hl7.fhir.r4.core", "4.0.1")])),

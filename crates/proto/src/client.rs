@@ -10,7 +10,7 @@ use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest,
     CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchDocument, PatchRequest,
-    SearchPage, SearchRequest, UpdateRequest, WriteResult,
+    SearchPage, SearchRequest, UpdateRequest, ValidateRequest, WriteResult,
 };
 use fhirmesh_core::{FhirError, FhirResult, RequestContext, ResourceService, ResourceVersion};
 use fhirmesh_fhir::search::query::SearchScope;
@@ -243,6 +243,33 @@ impl ResourceService for GrpcResourceClient {
         };
         let response = self.call(request, false, Some(ctx), |mut c, r| async move { c.patch(r).await }).await?;
         self.write_result(response.result)
+    }
+
+    async fn validate(
+        &self,
+        ctx: &RequestContext,
+        request: ValidateRequest,
+    ) -> FhirResult<Vec<fhirmesh_fhir::outcome::Issue>> {
+        let request = pb::ValidateRequest {
+            context: Some(context_to_wire(ctx)),
+            resource_type: request.resource_type.as_str().to_owned(),
+            id: request.id.map(LogicalId::into_string),
+            resource: request.resource,
+            mode: request.mode.as_str().to_owned(),
+            profile: request.profile,
+        };
+        // Nothing is written: safe to try again after a transport failure.
+        let response = self.call(request, true, Some(ctx), |mut c, r| async move { c.validate(r).await }).await?;
+        let outcome: serde_json::Value = self.decoded(
+            serde_json::from_slice(&response.operation_outcome)
+                .map_err(|err| WireError::Invalid { field: "operation_outcome", reason: err.to_string() }),
+        )?;
+        Ok(outcome["issue"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(fhirmesh_fhir::outcome::Issue::from_json)
+            .collect())
     }
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     BundleRequest, ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest,
-    PatchDocument, PatchRequest, SearchRequest, UpdateRequest,
+    PatchDocument, PatchRequest, SearchRequest, UpdateRequest, ValidateMode, ValidateRequest,
 };
 use fhirmesh_core::{FhirResult, RequestContext, ResourceService};
 use fhirmesh_fhir::search::query::SearchScope;
 use fhirmesh_fhir::{LogicalId, ResourceType};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{WireError, context_from_wire, id_from_wire, resource_type_from_wire};
+use crate::convert::{WireError, clip, context_from_wire, id_from_wire, resource_type_from_wire};
 use crate::pb;
 use crate::pb::resource_service_server::{ResourceService as ResourceServiceRpc, ResourceServiceServer};
 use crate::status::fhir_error_to_status;
@@ -95,6 +95,25 @@ fn patch_from_wire(req: pb::PatchRequest) -> Result<(RequestContext, PatchReques
         id: id_from_wire(&req.id)?,
         patch,
         if_match: req.if_match,
+    };
+    Ok((ctx, request))
+}
+
+fn validate_from_wire(req: pb::ValidateRequest) -> Result<(RequestContext, ValidateRequest), WireError> {
+    let ctx = context_from_wire(req.context)?;
+    let mode = match req.mode.as_str() {
+        "" => ValidateMode::General,
+        code => ValidateMode::parse(code).ok_or_else(|| WireError::Invalid {
+            field: "mode",
+            reason: format!("unknown mode '{}'", clip(code, 40)),
+        })?,
+    };
+    let request = ValidateRequest {
+        resource_type: resource_type_from_wire(&req.resource_type)?,
+        id: req.id.as_deref().map(id_from_wire).transpose()?,
+        resource: req.resource,
+        mode,
+        profile: req.profile,
     };
     Ok((ctx, request))
 }
@@ -233,6 +252,18 @@ impl ResourceServiceRpc for GrpcResourceAdapter {
                 let (ctx, request) = decode(patch_from_wire(request.into_inner()))?;
                 let result = self.0.patch(&ctx, request).await?;
                 Ok(pb::PatchResponse { result: Some(result.into()) })
+            }
+            .await,
+        )
+    }
+
+    async fn validate(&self, request: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
+        respond(
+            async {
+                let (ctx, request) = decode(validate_from_wire(request.into_inner()))?;
+                let issues = self.0.validate(&ctx, request).await?;
+                let outcome = fhirmesh_fhir::outcome::operation_outcome(&issues);
+                Ok(pb::ValidateResponse { operation_outcome: serde_json::to_vec(&outcome).unwrap_or_default().into() })
             }
             .await,
         )

@@ -191,6 +191,27 @@ impl ResourceService for FakeService {
         Ok(WriteResult { version, created, written: true })
     }
 
+    /// Echoes what it was asked as issues: one per request field, so the test sees each cross.
+    async fn validate(
+        &self,
+        _: &RequestContext,
+        request: fhirmesh_core::service::ValidateRequest,
+    ) -> FhirResult<Vec<Issue>> {
+        let mut issues = vec![Issue {
+            severity: Severity::Warning,
+            code: IssueType::Informational,
+            diagnostics: format!("mode '{}'", request.mode.as_str()),
+            expression: request.id.map(|id| format!("{}/{id}", request.resource_type)),
+        }];
+        if let Some(resource) = request.resource {
+            issues.push(Issue::error(IssueType::Value, String::from_utf8_lossy(&resource)).at("resource"));
+        }
+        if let Some(profile) = request.profile {
+            issues.push(Issue::error(IssueType::NotSupported, profile));
+        }
+        Ok(issues)
+    }
+
     async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
         let mut memory = Memory::lock(self, ctx);
         let key = (ctx.tenant.clone(), request.resource_type, request.id.clone());
@@ -693,6 +714,59 @@ async fn every_rpc_round_trips() {
 }
 
 #[tokio::test]
+async fn validate_requests_and_their_issues_round_trip() {
+    use fhirmesh_core::service::{ValidateMode, ValidateRequest};
+    let (_fake, server, client) = start_fake().await;
+    let ctx = ctx("acme");
+    let request = ValidateRequest {
+        resource_type: patient(),
+        id: Some(id("p1")),
+        resource: Some(Bytes::from_static(br#"{"resourceType":"Patient"}"#)),
+        mode: ValidateMode::Update,
+        profile: Some("http://example.org/p".into()),
+    };
+    let issues = client.validate(&ctx, request).await.expect("validated");
+    assert_eq!(
+        issues,
+        vec![
+            Issue {
+                severity: Severity::Warning,
+                code: IssueType::Informational,
+                diagnostics: "mode 'update'".into(),
+                expression: Some("Patient/p1".into()),
+            },
+            Issue::error(IssueType::Value, r#"{"resourceType":"Patient"}"#).at("resource"),
+            Issue::error(IssueType::NotSupported, "http://example.org/p"),
+        ]
+    );
+    let delete = ValidateRequest {
+        resource_type: patient(),
+        id: None,
+        resource: None,
+        mode: ValidateMode::General,
+        profile: None,
+    };
+    let issues = client.validate(&ctx, delete).await.expect("validated");
+    assert_eq!(issues.len(), 1);
+    assert_eq!((issues[0].diagnostics.as_str(), issues[0].expression.as_deref()), ("mode ''", None));
+
+    // A mode no core type knows is refused by the server.
+    let mut raw = ResourceServiceClient::connect(server.endpoint.clone()).await.expect("connect");
+    let context = Some(pb::RequestContext { tenant: "acme".into(), ..Default::default() });
+    let status = raw
+        .validate(pb::ValidateRequest {
+            context,
+            resource_type: "Patient".into(),
+            mode: "upsert".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown mode");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bundle_results_round_trip() {
     let (fake, server, client) = start_fake().await;
     let ctx = ctx("acme");
@@ -1034,6 +1108,9 @@ impl ResourceServiceRpc for Broken {
         };
         Ok(Response::new(pb::SearchResponse { entries: vec![version], ..Default::default() }))
     }
+    async fn validate(&self, _: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
+        Ok(Response::new(pb::ValidateResponse { operation_outcome: Bytes::from_static(b"not json") }))
+    }
     async fn bundle(&self, _: Request<pb::BundleRequest>) -> Result<Response<pb::BundleResponse>, Status> {
         let entries = vec![
             pb::BundleEntryResult { status: 204, ..Default::default() },
@@ -1061,6 +1138,16 @@ async fn malformed_responses_are_internal_errors_not_panics() {
     );
     let err = client.vread(&ctx, patient(), id("a"), 1).await.expect_err("unspecified operation");
     assert_eq!(err.category, ErrorCategory::Internal);
+    let validate = fhirmesh_core::service::ValidateRequest {
+        resource_type: patient(),
+        id: None,
+        resource: Some(Bytes::from_static(b"{}")),
+        mode: fhirmesh_core::service::ValidateMode::General,
+        profile: None,
+    };
+    let err = client.validate(&ctx, validate).await.expect_err("an outcome that is not JSON");
+    assert_eq!(err.category, ErrorCategory::Internal);
+    assert!(err.issues[0].diagnostics.contains("operation_outcome"), "{err}");
     let history = HistoryRequest { scope: HistoryScope::System, count: None, since: None, at: None, page_token: None };
     assert_eq!(client.history(&ctx, history).await.expect_err("bad entry").category, ErrorCategory::Internal);
     let search = SearchRequest {

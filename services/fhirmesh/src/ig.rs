@@ -197,3 +197,99 @@ pub fn remove(config: &Config, names: &[String]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The profiles of the loaded packages, ready to validate against (`None`: the packages define
+/// none). Definitions that cannot be validated against are reported and left out.
+pub fn profiles(set: &IgSet) -> Option<std::sync::Arc<fhirmesh_ig::Validator>> {
+    set.of_type("StructureDefinition").next()?;
+    let validator = fhirmesh_ig::Validator::new(set);
+    for (url, why) in validator.unusable() {
+        tracing::warn!(profile = %url, reason = %why, "IG profile not validated against");
+    }
+    Some(std::sync::Arc::new(validator))
+}
+
+/// What every write passes after schema validation: the Subscription rules, then the profiles
+/// the resource claims in `meta.profile` (their errors refuse it with 422; their warnings, such
+/// as a claimed profile that is not loaded, let it through).
+#[derive(Debug)]
+pub struct WriteRules {
+    subscriptions: fhirmesh_notify::SubscriptionWriteRules,
+    profiles: Option<std::sync::Arc<fhirmesh_ig::Validator>>,
+}
+
+impl WriteRules {
+    pub fn new(
+        subscriptions: fhirmesh_notify::SubscriptionWriteRules,
+        profiles: Option<std::sync::Arc<fhirmesh_ig::Validator>>,
+    ) -> WriteRules {
+        WriteRules { subscriptions, profiles }
+    }
+}
+
+impl fhirmesh_core::ports::WriteRules for WriteRules {
+    fn check(
+        &self,
+        resource_type: fhirmesh_fhir::ResourceType,
+        resource: &serde_json::Value,
+    ) -> Result<(), fhirmesh_core::error::FhirError> {
+        self.subscriptions.check(resource_type, resource)?;
+        let Some(profiles) = &self.profiles else { return Ok(()) };
+        let errors: Vec<fhirmesh_fhir::outcome::Issue> = profiles
+            .validate(resource)
+            .into_iter()
+            .filter(|issue| issue.severity == fhirmesh_fhir::outcome::Severity::Error)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(fhirmesh_core::error::FhirError::with_issues(
+                fhirmesh_core::error::ErrorCategory::Unprocessable,
+                errors,
+            ))
+        }
+    }
+
+    fn validate(
+        &self,
+        resource_type: fhirmesh_fhir::ResourceType,
+        resource: &serde_json::Value,
+        profile: Option<&str>,
+    ) -> Vec<fhirmesh_fhir::outcome::Issue> {
+        let mut issues = match self.subscriptions.check(resource_type, resource) {
+            Ok(()) => Vec::new(),
+            Err(error) => error.issues,
+        };
+        let Some(profiles) = &self.profiles else {
+            issues.extend(profile.map(fhirmesh_core::ports::unknown_profile));
+            return issues;
+        };
+        issues.extend(profiles.validate(resource));
+        let claimed = |url: &str| resource["meta"]["profile"].as_array().is_some_and(|c| c.iter().any(|p| p == url));
+        if let Some(url) = profile.filter(|url| !claimed(url)) {
+            match profiles.validate_against(resource, url) {
+                Ok(found) => issues.extend(found),
+                Err(_) => issues.push(fhirmesh_core::ports::unknown_profile(url)),
+            }
+        }
+        issues
+    }
+
+    fn tenant_limit(
+        &self,
+        resource_type: fhirmesh_fhir::ResourceType,
+        resource: &serde_json::Value,
+        now: time::OffsetDateTime,
+    ) -> Option<fhirmesh_core::ports::TenantLimit> {
+        self.subscriptions.tenant_limit(resource_type, resource, now)
+    }
+
+    fn check_limit(
+        &self,
+        resource_type: fhirmesh_fhir::ResourceType,
+        others: usize,
+        limit: &fhirmesh_core::ports::TenantLimit,
+    ) -> Result<(), fhirmesh_core::error::FhirError> {
+        self.subscriptions.check_limit(resource_type, others, limit)
+    }
+}

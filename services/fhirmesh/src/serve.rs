@@ -127,7 +127,17 @@ impl Running {
     }
 }
 
-fn resource_config(config: &Config) -> ResourceConfig {
+/// The profiles the CapabilityStatement lists, by resource type.
+fn supported_profiles(profiles: Option<&fhirmesh_ig::Validator>) -> std::collections::BTreeMap<String, Vec<String>> {
+    let Some(profiles) = profiles else { return Default::default() };
+    fhirmesh_fhir::ResourceType::all()
+        .iter()
+        .map(|rt| (rt.as_str().to_owned(), profiles.profiles_of(rt.as_str()).into_iter().map(str::to_owned).collect()))
+        .filter(|(_, urls): &(String, Vec<String>)| !urls.is_empty())
+        .collect()
+}
+
+fn resource_config(config: &Config, profiles: Option<Arc<fhirmesh_ig::Validator>>) -> ResourceConfig {
     // Subscriptions are validated on every write, also where this process delivers none (the
     // notifier disabled or elsewhere): what is stored is what a notifier may call. The allow-list
     // was checked by `Config::validate`; were it invalid anyway, the strict policy refuses more.
@@ -143,13 +153,14 @@ fn resource_config(config: &Config) -> ResourceConfig {
         consistency_wait: std::time::Duration::from_millis(config.resource.consistency_wait_ms),
         conditional_delete_multiple: config.resource.conditional_delete_multiple,
         max_bundle_entries: config.resource.max_bundle_entries,
-        write_rules: Some(Arc::new(subscriptions)),
+        write_rules: Some(Arc::new(crate::ig::WriteRules::new(subscriptions, profiles))),
         ..ResourceConfig::default()
     }
 }
 
 async fn gateway_config(
     config: &Config,
+    profiles: std::collections::BTreeMap<String, Vec<String>>,
     ops: Ops,
     exports: Option<ExportApi>,
     binaries: Option<BinaryApi>,
@@ -201,6 +212,7 @@ async fn gateway_config(
             conditional_delete_multiple: config.resource.conditional_delete_multiple,
             security,
             bulk_export: exports.is_some(),
+            profiles,
         },
         auth: gateway_auth,
         smart_configuration,
@@ -254,9 +266,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// picks a free port; read the bound ones from [`Running`]).
 pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     // Packages that cannot be read or do not fit together stop the start, every reason listed.
-    // Their search parameters are installed before anything uses the search registry; profiles
-    // and terminology are not applied yet.
-    crate::ig::load(config)?;
+    // Their search parameters are installed before anything uses the search registry; their
+    // profiles check the writes of resources that claim them.
+    let profiles = crate::ig::profiles(&crate::ig::load(config)?);
     fhirmesh_fhir::validate::warm_up();
     let (shutdown, rx) = watch::channel(false);
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
@@ -332,7 +344,7 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
                         stores.store.clone(),
                         stores.changes.clone(),
                         index,
-                        resource_config(config),
+                        resource_config(config, profiles.clone()),
                     ) as DynResourceService
                 });
                 if let (Target::All, Some(service)) = (target, &service)
@@ -473,8 +485,11 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         };
         let listener = bind(config.listen_addr(), "HTTP").await?;
         http_addr = Some(listener.local_addr()?);
-        let router =
-            fhirmesh_gateway::router(service, gateway_config(config, ops.clone(), exports_api, binaries_api).await?);
+        let router = fhirmesh_gateway::router(
+            service,
+            gateway_config(config, supported_profiles(profiles.as_deref()), ops.clone(), exports_api, binaries_api)
+                .await?,
+        );
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {
             fhirmesh_gateway::serve(listener, router, stopped).await.context("HTTP server failed")

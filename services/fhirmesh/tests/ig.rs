@@ -230,3 +230,98 @@ fn a_search_parameter_the_server_cannot_evaluate_stops_the_start() {
     let said = text(&refused);
     assert!(said.contains("http://example.org/fhir/SearchParameter/bad: on Patient: parse error"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_claiming_an_ig_profile_are_validated_against_it() {
+    let (work, data) = (tempfile::tempdir().expect("work"), tempfile::tempdir().expect("data"));
+    let guide = work.path().join("profiled.tgz");
+    std::fs::write(&guide, fhirmesh_ig::testing::profiled_package()).expect("write the package");
+    let installed = fhirmesh(data.path(), &["ig", "install", guide.to_str().expect("path")]);
+    assert!(installed.status.success(), "{}", text(&installed));
+    let server = support::spawn(&["--listen", "127.0.0.1:0"], Some(data.path())).await;
+    let (client, base) = (reqwest::Client::new(), server.address.clone());
+    let profile = format!("{}/StructureDefinition/strict-patient", fhirmesh_ig::testing::EXAMPLE_BASE);
+    let patient = |gender: &str| {
+        json!({"resourceType": "Patient", "meta": {"profile": [profile]},
+               "identifier": [{"system": "http://example.org/mrn", "value": "1"}], "gender": gender})
+    };
+    let post = |body: serde_json::Value| {
+        client
+            .post(format!("{base}/Patient"))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+    };
+
+    // The CapabilityStatement lists the profiles each type supports, and $validate.
+    let metadata: serde_json::Value =
+        client.get(format!("{base}/metadata")).send().await.expect("metadata").json().await.expect("json");
+    let of_type = |rt: &str| {
+        metadata["rest"][0]["resource"].as_array().expect("resources").iter().find(|r| r["type"] == rt).cloned()
+    };
+    assert_eq!(of_type("Patient").expect("Patient")["supportedProfile"], json!([profile]));
+    assert!(of_type("Encounter").expect("Encounter").get("supportedProfile").is_none());
+    assert_eq!(of_type("Patient").expect("Patient")["operation"][0]["name"], "validate");
+
+    let created = post(patient("female")).await.expect("create");
+    assert_eq!(created.status(), 201);
+    let id = created.json::<serde_json::Value>().await.expect("json")["id"].as_str().expect("id").to_owned();
+
+    // A code outside the profile's value set (but valid for the base specification).
+    let refused = post(patient("other")).await.expect("create");
+    assert_eq!(refused.status(), 422);
+    let outcome: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(outcome["issue"][0]["expression"], json!(["Patient.gender"]), "{outcome}");
+    assert!(
+        outcome["issue"][0]["diagnostics"].as_str().expect("diagnostics").contains("ValueSet/genders"),
+        "{outcome}"
+    );
+
+    // An update to the same is refused too, and the stored version stays.
+    let mut update = patient("other");
+    update["id"] = json!(id);
+    let refused = client
+        .put(format!("{base}/Patient/{id}"))
+        .header("content-type", "application/fhir+json")
+        .body(update.to_string())
+        .send()
+        .await
+        .expect("update");
+    assert_eq!(refused.status(), 422);
+    let current: serde_json::Value =
+        client.get(format!("{base}/Patient/{id}")).send().await.expect("read").json().await.expect("json");
+    assert_eq!((current["gender"].as_str(), current["meta"]["versionId"].as_str()), (Some("female"), Some("1")));
+
+    // Missing the required mrn identifier: the slice's cardinality.
+    let mut no_mrn = patient("male");
+    no_mrn["identifier"] = json!([{"system": "http://example.org/other", "value": "2"}]);
+    let refused = post(no_mrn).await.expect("create");
+    assert_eq!(refused.status(), 422);
+    let outcome: serde_json::Value = refused.json().await.expect("json");
+    assert!(outcome["issue"][0]["diagnostics"].as_str().expect("diagnostics").contains("slice 'mrn'"), "{outcome}");
+
+    // $validate checks against a profile given as a parameter, and writes nothing.
+    let unclaimed_other = json!({"resourceType": "Patient", "gender": "other"});
+    let validated: serde_json::Value = client
+        .post(format!("{base}/Patient/$validate?profile={profile}"))
+        .header("content-type", "application/fhir+json")
+        .body(unclaimed_other.to_string())
+        .send()
+        .await
+        .expect("validate")
+        .json()
+        .await
+        .expect("json");
+    let mut expressions: Vec<&str> =
+        validated["issue"].as_array().expect("issues").iter().filter_map(|i| i["expression"][0].as_str()).collect();
+    expressions.sort_unstable();
+    assert_eq!(expressions, vec!["Patient.gender", "Patient.identifier", "Patient.identifier"], "{validated}");
+
+    // Resources that claim no profile, or one that is not loaded, are not held to it.
+    let unclaimed = json!({"resourceType": "Patient", "gender": "other"});
+    assert_eq!(post(unclaimed).await.expect("create").status(), 201);
+    let unknown =
+        json!({"resourceType": "Patient", "meta": {"profile": ["http://example.org/elsewhere"]}, "gender": "other"});
+    assert_eq!(post(unknown).await.expect("create").status(), 201);
+    server.kill_9().await;
+}

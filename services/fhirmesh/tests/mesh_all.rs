@@ -159,6 +159,14 @@ async fn the_core_flows_work_through_a_mesh_of_separate_services() {
     let (_, _, history) = send(client.get(format!("{base}/Patient/{id}/_history"))).await;
     assert_eq!(history["entry"].as_array().map(Vec::len), Some(2), "{history}");
 
+    // $validate crosses to the resource service: the update as it would be, and a bad one.
+    let (status, _, outcome) =
+        send(fhir_json(client.post(format!("{base}/Patient/{id}/$validate?mode=update")), &changed)).await;
+    assert_eq!((status, &outcome["issue"][0]["severity"]), (200, &json!("information")), "{outcome}");
+    let bad = json!({"resourceType": "Patient", "birthDate": "soon"});
+    let (status, _, outcome) = send(fhir_json(client.post(format!("{base}/Patient/$validate")), &bad)).await;
+    assert_eq!((status, &outcome["issue"][0]["expression"]), (200, &json!(["Patient.birthDate"])), "{outcome}");
+
     // A second Patient, found by a search sent right after the write (its consistency token).
     let (status, token, second) = send(fhir_json(client.post(format!("{base}/Patient")), &patient)).await;
     assert_eq!(status, 201);

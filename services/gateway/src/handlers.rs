@@ -11,7 +11,7 @@ use fhirmesh_core::auth::Access;
 use fhirmesh_core::ports::HistoryScope;
 use fhirmesh_core::service::{
     BundleRequest, ConditionalDeleteRequest, ConditionalUpdateRequest, CreateRequest, DeleteRequest, HistoryRequest,
-    PatchDocument, PatchRequest, SearchRequest, UpdateRequest, WriteResult,
+    PatchDocument, PatchRequest, SearchRequest, UpdateRequest, ValidateRequest, WriteResult,
 };
 use fhirmesh_core::{ErrorCategory, FhirError, FhirResult, RequestContext};
 use fhirmesh_fhir::outcome::information;
@@ -676,6 +676,63 @@ pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
         &FhirError::new(ErrorCategory::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path())),
         false,
     )
+}
+
+/// `POST /{type}/$validate`: 200 with an OperationOutcome of every issue found (one
+/// `information` issue when there is none); an error status only when validation could not run.
+pub(crate) async fn validate_type(
+    State(gw): State<SharedGateway>,
+    Path(rtype): Path<String>,
+    prelude: Prelude,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async { validate_call(&gw, resource_type(&rtype)?, None, &prelude, &headers, body).await }.await;
+    validated(result, &prelude)
+}
+
+/// `POST /{type}/{id}/$validate` (modes `update` and `delete` validate against this instance).
+pub(crate) async fn validate_instance(
+    State(gw): State<SharedGateway>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    prelude: Prelude,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let (resource_type, id) = type_and_id(path)?;
+        validate_call(&gw, resource_type, Some(id), &prelude, &headers, body).await
+    }
+    .await;
+    validated(result, &prelude)
+}
+
+async fn validate_call(
+    gw: &SharedGateway,
+    resource_type: ResourceType,
+    id: Option<LogicalId>,
+    prelude: &Prelude,
+    headers: &HeaderMap,
+    body: Body,
+) -> FhirResult<Vec<fhirmesh_fhir::outcome::Issue>> {
+    let body = read_body(gw, headers, body).await?;
+    if !body.is_empty() {
+        negotiate::check_json_body(headers)?;
+    }
+    let request = ValidateRequest::from_http(resource_type, id, &body, &criteria(prelude))?;
+    gw.service.validate(&prelude.ctx, request).await
+}
+
+fn validated(result: FhirResult<Vec<fhirmesh_fhir::outcome::Issue>>, prelude: &Prelude) -> Response {
+    match result {
+        Ok(issues) if issues.is_empty() => {
+            json_response(StatusCode::OK, &information("no issues found: the resource is valid"), prelude.pretty)
+        }
+        Ok(issues) => {
+            json_response(StatusCode::OK, &fhirmesh_fhir::outcome::operation_outcome(&issues), prelude.pretty)
+        }
+        Err(error) => prelude.fail(error),
+    }
 }
 
 #[cfg(test)]

@@ -140,6 +140,8 @@ pub fn router(service: DynResourceService, config: GatewayConfig) -> Router {
                 .put(handlers::conditional_update)
                 .delete(handlers::conditional_delete),
         )
+        .route("/{rtype}/$validate", post(handlers::validate_type))
+        .route("/{rtype}/{id}/$validate", post(handlers::validate_instance))
         .route("/{rtype}/_search", post(handlers::search_type_post))
         .route("/{rtype}/_history", get(handlers::history_type))
         .route(

@@ -258,9 +258,18 @@ async fn bad_kick_offs_are_refused_with_what_is_wrong() {
     assert_eq!(metadata["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");
     assert_eq!(metadata["rest"][0]["operation"][0]["name"], "export", "{}", metadata["rest"][0]["operation"]);
     let group = metadata["rest"][0]["resource"].as_array().expect("resources").iter().find(|r| r["type"] == "Group");
+    let operations: Vec<(&str, &str)> = group.expect("Group")["operation"]
+        .as_array()
+        .expect("operations")
+        .iter()
+        .map(|o| (o["name"].as_str().unwrap_or_default(), o["definition"].as_str().unwrap_or_default()))
+        .collect();
     assert_eq!(
-        group.expect("Group")["operation"][0]["definition"],
-        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
+        operations,
+        vec![
+            ("validate", "http://hl7.org/fhir/OperationDefinition/Resource-validate"),
+            ("export", "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export")
+        ]
     );
     let response = server.client.get(server.url("$export")).send().await.expect("sent");
     let (status, body) = status_and_json(response).await;

@@ -754,3 +754,103 @@ async fn every_write_returns_a_consistency_token_a_search_can_wait_for() {
     assert_eq!(header(&again, "x-consistency-token"), None);
     server.stop().await;
 }
+
+/// POSTs `body` to `path` (a `$validate` URL) and returns (status, body).
+async fn post_validate(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("sent");
+    status_and_json(response).await
+}
+
+/// (severity, expression) of each issue of an OperationOutcome.
+fn issues_of(outcome: &Value) -> Vec<(String, String)> {
+    assert_eq!(outcome["resourceType"], "OperationOutcome", "{outcome}");
+    outcome["issue"]
+        .as_array()
+        .expect("issues")
+        .iter()
+        .map(|i| {
+            (
+                i["severity"].as_str().unwrap_or_default().to_owned(),
+                i["expression"][0].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn validate_reports_issues_without_writing() {
+    let server = TestServer::start().await;
+    // A valid resource: one information issue.
+    let (status, outcome) = post_validate(&server, "Patient/$validate", &patient("Valid")).await;
+    assert_eq!((status, issues_of(&outcome)), (200, vec![("information".to_owned(), String::new())]));
+
+    // An invalid one: 200 still (validation ran), the errors with their FHIRPath.
+    let invalid = json!({"resourceType": "Patient", "birthDate": "yesterday", "gender": "unknown-code"});
+    let (status, outcome) = post_validate(&server, "Patient/$validate", &invalid).await;
+    assert_eq!(status, 200, "{outcome}");
+    let mut found = issues_of(&outcome);
+    found.sort();
+    assert_eq!(
+        found,
+        vec![("error".to_owned(), "Patient.birthDate".to_owned()), ("error".to_owned(), "Patient.gender".to_owned())]
+    );
+    // Nothing was written.
+    let (_, bundle) = server.get("Patient").await;
+    assert!(bundle["entry"].as_array().is_none_or(Vec::is_empty), "{bundle}");
+
+    // The same as a Parameters resource with a mode; a type mismatch is an issue, not a failure.
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}},
+        {"name": "mode", "valueCode": "create"}]});
+    let (status, outcome) = post_validate(&server, "Patient/$validate", &parameters).await;
+    assert_eq!((status, issues_of(&outcome)), (200, vec![("error".to_owned(), "resourceType".to_owned())]));
+
+    // Update mode checks the instance: it must exist, and the id must match.
+    let (_, created) = server.create(&patient("Existing")).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let mut other_id = patient("Existing");
+    other_id["id"] = json!("someone-else");
+    let (status, outcome) = post_validate(&server, &format!("Patient/{id}/$validate?mode=update"), &other_id).await;
+    assert_eq!((status, issues_of(&outcome)), (200, vec![("error".to_owned(), "Patient.id".to_owned())]));
+    let mut same_id = patient("Existing");
+    same_id["id"] = json!(id);
+    let (status, outcome) = post_validate(&server, &format!("Patient/{id}/$validate?mode=update"), &same_id).await;
+    assert_eq!((status, issues_of(&outcome)), (200, vec![("information".to_owned(), String::new())]));
+    let (status, outcome) = post_validate(&server, "Patient/missing/$validate?mode=update", &patient("X")).await;
+    assert_eq!(status, 200);
+    assert!(outcome["issue"][0]["diagnostics"].as_str().is_some_and(|d| d.contains("does not exist")), "{outcome}");
+    let delete = json!({"resourceType": "Parameters", "parameter": [{"name": "mode", "valueCode": "delete"}]});
+    let (status, outcome) = post_validate(&server, &format!("Patient/{id}/$validate"), &delete).await;
+    assert_eq!((status, issues_of(&outcome)), (200, vec![("information".to_owned(), String::new())]));
+
+    // A profile the server does not know is an error issue: the caller asked for exactly it.
+    let (status, outcome) =
+        post_validate(&server, "Patient/$validate?profile=http://example.org/none", &patient("P")).await;
+    assert_eq!(status, 200);
+    assert_eq!(outcome["issue"][0]["code"], "not-supported", "{outcome}");
+
+    // What makes validation impossible is a 400: bad JSON, an unknown mode, update without an id.
+    let response = server
+        .client
+        .post(server.url("Patient/$validate"))
+        .header("content-type", "application/fhir+json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 400);
+    let (status, outcome) = post_validate(&server, "Patient/$validate?mode=upsert", &patient("P")).await;
+    assert_eq!(status, 400);
+    assert!(expect_outcome(&outcome).0.contains("unknown $validate mode"));
+    let (status, outcome) = post_validate(&server, "Patient/$validate?mode=update", &patient("P")).await;
+    assert_eq!(status, 400);
+    assert!(expect_outcome(&outcome).0.contains("[type]/[id]/$validate"));
+    server.stop().await;
+}

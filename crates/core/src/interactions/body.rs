@@ -74,6 +74,16 @@ pub(crate) fn prepare_blocking(
 }
 
 fn check_identity(resource: Value, resource_type: ResourceType, id: &LogicalId, id_rule: IdRule) -> FhirResult<Value> {
+    check_identity_of(resource, resource_type, Some(id), id_rule)
+}
+
+/// The checks of `resourceType` and (with [`IdRule::MustMatch`] and an `id`) of the body's id.
+pub(crate) fn check_identity_of(
+    resource: Value,
+    resource_type: ResourceType,
+    id: Option<&LogicalId>,
+    id_rule: IdRule,
+) -> FhirResult<Value> {
     let Value::Object(map) = resource else {
         return Err(FhirError::invalid("a resource must be a JSON object"));
     };
@@ -89,7 +99,7 @@ fn check_identity(resource: Value, resource_type: ResourceType, id: &LogicalId, 
             return Err(FhirError::invalid("the resource has no resourceType string").at("resourceType"));
         }
     }
-    if id_rule == IdRule::MustMatch {
+    if let (IdRule::MustMatch, Some(id)) = (id_rule, id) {
         match map.get("id") {
             Some(Value::String(found)) if found == id.as_str() => {}
             Some(Value::String(found)) => {

@@ -12,6 +12,7 @@ mod patch;
 mod read;
 mod search;
 mod update;
+mod validate;
 mod vread;
 mod write;
 
@@ -27,7 +28,7 @@ use crate::ports::{DynChangeLog, DynResourceStore, DynSearchIndex, DynWriteRules
 use crate::service::{
     BundleRequest, BundleResult, ConditionalDeleteRequest, ConditionalDeleteResult, ConditionalUpdateRequest,
     CreateRequest, DeleteRequest, DeleteResult, HistoryPage, HistoryRequest, IndexStatus, PatchRequest, RequestContext,
-    ResourceService, SearchPage, SearchRequest, UpdateRequest, WriteResult,
+    ResourceService, SearchPage, SearchRequest, UpdateRequest, ValidateRequest, WriteResult,
 };
 
 /// Behaviour switches of the resource service.
@@ -321,6 +322,14 @@ impl ResourceService for FhirResources {
 
     async fn patch(&self, ctx: &RequestContext, request: PatchRequest) -> FhirResult<WriteResult> {
         patch::patch(self, ctx, request).await
+    }
+
+    async fn validate(
+        &self,
+        ctx: &RequestContext,
+        request: ValidateRequest,
+    ) -> FhirResult<Vec<fhirmesh_fhir::outcome::Issue>> {
+        validate::validate(self, ctx, request).await
     }
 
     async fn delete(&self, ctx: &RequestContext, request: DeleteRequest) -> FhirResult<DeleteResult> {
