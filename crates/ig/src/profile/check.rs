@@ -152,7 +152,7 @@ impl<'a> Check<'a> {
         }
         if let Some(object) = item.value.as_object() {
             for child in &node.children {
-                let items = gather(object, child, &item.path);
+                let items = gather(object, child, &node.children, &item.path);
                 let location = format!("{}.{}", item.path, child.name.trim_end_matches("[x]"));
                 self.element(child, &items, &location);
             }
@@ -325,14 +325,17 @@ fn extension_profile(slice: &Node) -> Option<&str> {
 }
 
 /// The values `child` has in `parent` (an array's elements each on its own, a choice element by
-/// whichever typed name is present; a primitive that has only `_name` still counts).
-fn gather<'v>(parent: &'v Map<String, Value>, child: &Node, path: &str) -> Vec<Item<'v>> {
+/// whichever typed name is present — not a sibling element whose name only starts like it, such
+/// as `participantEffectiveDescription` beside `participantEffective[x]`; a primitive that has
+/// only `_name` still counts).
+fn gather<'v>(parent: &'v Map<String, Value>, child: &Node, siblings: &[Node], path: &str) -> Vec<Item<'v>> {
     let mut out = Vec::new();
     if child.is_choice() {
         let prefix = child.name.trim_end_matches("[x]");
         for (key, value) in parent {
             if let Some(suffix) = key.strip_prefix(prefix)
                 && starts_upper(suffix)
+                && !siblings.iter().any(|sibling| sibling.name == *key)
             {
                 push_values(&mut out, value, &format!("{path}.{key}"), Some(type_code(suffix)));
             }

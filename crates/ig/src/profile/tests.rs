@@ -325,3 +325,28 @@ fn value_sets_expand_from_listed_concepts_whole_code_systems_and_other_value_set
     assert!(terminology.expansion(&format!("{b}/ValueSet/filtered")).expect_err("filter").contains("filter"));
     assert!(terminology.expansion("http://example.org/none").expect_err("unknown").contains("not loaded"));
 }
+
+#[test]
+fn a_sibling_named_like_a_choice_element_is_not_one_of_its_types() {
+    // As in R4 ResearchElementDefinition: participantEffective[x] beside participantEffectiveDescription.
+    let element =
+        |id: &str, max: &str, code: &str| json!({"id": id, "path": id, "min": 0, "max": max, "type": [{"code": code}]});
+    let definition = json!({"resourceType": "StructureDefinition", "url": "http://example.org/sd/effective",
+        "kind": "resource", "type": "Basic", "snapshot": {"element": [
+            {"id": "Basic", "path": "Basic", "min": 0, "max": "*"},
+            element("Basic.effective[x]", "1", "dateTime"),
+            element("Basic.effectiveDescription", "1", "string")]}});
+    let package = crate::testing::tgz(&[
+        ("package/package.json", crate::testing::manifest("example.effective", "1.0.0", &[])),
+        ("package/StructureDefinition-effective.json", definition.to_string()),
+    ]);
+    let set = IgSet::resolve(vec![Package::from_tgz("e.tgz", &package).expect("package")]).expect("set");
+    let validator = Validator::new(&set);
+    let url = "http://example.org/sd/effective";
+    let both = json!({"resourceType": "Basic", "effectiveDateTime": "2020", "effectiveDescription": "in 2020"});
+    assert_eq!(described(&validator.validate_against(&both, url).expect("loaded")), vec![]);
+    let wrong = json!({"resourceType": "Basic", "effectiveString": "2020"});
+    let issues = validator.validate_against(&wrong, url).expect("loaded");
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].expression.as_deref(), Some("Basic.effectiveString"));
+}
