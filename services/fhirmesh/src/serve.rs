@@ -127,16 +127,6 @@ impl Running {
     }
 }
 
-/// The profiles the CapabilityStatement lists, by resource type.
-fn supported_profiles(profiles: Option<&fhirmesh_ig::Validator>) -> std::collections::BTreeMap<String, Vec<String>> {
-    let Some(profiles) = profiles else { return Default::default() };
-    fhirmesh_fhir::ResourceType::all()
-        .iter()
-        .map(|rt| (rt.as_str().to_owned(), profiles.profiles_of(rt.as_str()).into_iter().map(str::to_owned).collect()))
-        .filter(|(_, urls): &(String, Vec<String>)| !urls.is_empty())
-        .collect()
-}
-
 fn resource_config(config: &Config, profiles: Option<Arc<fhirmesh_ig::Validator>>) -> ResourceConfig {
     // Subscriptions are validated on every write, also where this process delivers none (the
     // notifier disabled or elsewhere): what is stored is what a notifier may call. The allow-list
@@ -268,7 +258,13 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
     // Packages that cannot be read or do not fit together stop the start, every reason listed.
     // Their search parameters are installed before anything uses the search registry; their
     // profiles check the writes of resources that claim them.
-    let profiles = crate::ig::profiles(&crate::ig::load(config)?);
+    let packages = crate::ig::load(config)?;
+    // Only the resource service (validating writes) and the gateway (listing them) use profiles.
+    let profiles = if matches!(target, Target::All | Target::Resource | Target::Gateway) {
+        crate::ig::profiles(&packages)
+    } else {
+        None
+    };
     fhirmesh_fhir::validate::warm_up();
     let (shutdown, rx) = watch::channel(false);
     let mut tasks: Vec<JoinHandle<anyhow::Result<()>>> = Vec::new();
@@ -487,8 +483,14 @@ pub async fn start(config: &Config, target: Target) -> anyhow::Result<Running> {
         http_addr = Some(listener.local_addr()?);
         let router = fhirmesh_gateway::router(
             service,
-            gateway_config(config, supported_profiles(profiles.as_deref()), ops.clone(), exports_api, binaries_api)
-                .await?,
+            gateway_config(
+                config,
+                profiles.as_ref().map(|p| p.profiles_by_type()).unwrap_or_default(),
+                ops.clone(),
+                exports_api,
+                binaries_api,
+            )
+            .await?,
         );
         let stopped = Running::stopped(&rx);
         tasks.push(tokio::spawn(async move {

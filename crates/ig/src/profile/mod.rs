@@ -70,12 +70,15 @@ impl Validator {
         self.profile(url).is_some()
     }
 
-    /// The canonical URLs of the profiles on `resource_type`, sorted.
-    pub fn profiles_of(&self, resource_type: &str) -> Vec<&str> {
-        let mut urls: Vec<&str> =
-            self.profiles.values().filter(|p| p.constrained == resource_type).map(|p| p.url.as_str()).collect();
-        urls.sort_unstable();
-        urls
+    /// The canonical URLs of the profiles, by the type they constrain (each list sorted): the
+    /// CapabilityStatement's `supportedProfile`.
+    pub fn profiles_by_type(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for profile in self.profiles.values() {
+            by_type.entry(profile.constrained.clone()).or_default().push(profile.url.clone());
+        }
+        by_type.values_mut().for_each(|urls| urls.sort_unstable());
+        by_type
     }
 
     pub fn terminology(&self) -> &Terminology {

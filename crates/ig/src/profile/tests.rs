@@ -265,7 +265,10 @@ fn profiles_are_matched_to_their_type_and_unknown_ones_are_a_warning() {
     assert_eq!(issues.len(), 1);
     assert_eq!((issues[0].severity, issues[0].expression.as_deref()), (Severity::Warning, Some("meta.profile[0]")));
     assert!(validator.validate_against(&claims_unknown, "http://example.org/nowhere").is_err());
-    assert_eq!(validator.profiles_of("Patient"), vec![profile("strict-patient").as_str()]);
+    let by_type = validator.profiles_by_type();
+    assert_eq!(by_type.get("Patient"), Some(&vec![profile("strict-patient")]));
+    assert_eq!(by_type.get("Observation"), Some(&vec![profile("vitals")]));
+    assert_eq!(by_type.get("Extension"), Some(&vec![profile("favourite-colour")]));
     // A versioned canonical finds the loaded version.
     assert!(validator.has_profile(&format!("{}|1.0.0", profile("vitals"))));
 }
